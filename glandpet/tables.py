@@ -1,0 +1,169 @@
+"""Explicit pyarrow schemas of every table glandpet writes, and the one writer that enforces them.
+
+Tables are tidy (one observation per row), snake_case, units in column names, and carry the
+provenance columns `pipeline_version` and `config_hash` (except the phantom's truth tables).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import __version__
+
+PROVENANCE = [
+    pa.field("pipeline_version", pa.string(), nullable=False),
+    pa.field("config_hash", pa.string(), nullable=False),
+]
+
+_KEYS = [
+    pa.field("subject_id", pa.string(), nullable=False),
+    pa.field("group", pa.string()),
+]
+
+GLAND_STATS = pa.schema(
+    _KEYS
+    + [
+        pa.field("session", pa.string(), nullable=False),
+        pa.field("tracer", pa.string()),
+        pa.field("gland", pa.string(), nullable=False),
+        pa.field("side", pa.string(), nullable=False),
+        pa.field("volume_ml", pa.float64()),
+        pa.field("suv_max", pa.float64()),
+        pa.field("suv_peak", pa.float64()),
+        pa.field("suv_mean", pa.float64()),
+        pa.field("suv_median", pa.float64()),
+        pa.field("suv_sd", pa.float64()),
+        pa.field("suv_p90", pa.float64()),
+        pa.field("total_uptake_ml", pa.float64()),
+        pa.field("suv_mean_pvc", pa.float64()),
+        pa.field("pvc_method", pa.string()),
+        pa.field("pvc_fwhm_mm", pa.float64()),
+        pa.field("n_voxels", pa.int64()),
+        pa.field("suv_type", pa.string(), nullable=False),
+    ]
+    + PROVENANCE
+)
+
+GLAND_INDEX = pa.schema(
+    _KEYS
+    + [
+        pa.field("gland", pa.string(), nullable=False),
+        pa.field("side", pa.string(), nullable=False),
+        pa.field("psma_suv_mean", pa.float64()),
+        pa.field("fapi_suv_mean", pa.float64()),
+        pa.field("psma_fapi_index", pa.float64()),
+        pa.field("index_definition", pa.string(), nullable=False),
+        pa.field("voxel_spearman_rho", pa.float64()),
+        pa.field("n_voxels", pa.int64()),
+        pa.field("suv_type", pa.string()),
+    ]
+    + PROVENANCE
+)
+
+QC = pa.schema(
+    [
+        pa.field("subject_id", pa.string(), nullable=False),
+        pa.field("session", pa.string()),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # ok | warning | failed
+        pa.field("message", pa.string()),
+        pa.field("metrics_json", pa.string()),
+    ]
+    + PROVENANCE
+)
+
+GLAND_TRUTH = pa.schema(
+    [
+        pa.field("subject_id", pa.string(), nullable=False),
+        pa.field("group", pa.string(), nullable=False),
+        pa.field("session", pa.string(), nullable=False),
+        pa.field("tracer", pa.string(), nullable=False),
+        pa.field("gland", pa.string(), nullable=False),
+        pa.field("side", pa.string(), nullable=False),
+        pa.field("true_volume_ml", pa.float64(), nullable=False),
+        pa.field("true_suv_mean", pa.float64(), nullable=False),
+        pa.field("severity", pa.float64()),
+        pa.field("fibrotic_fraction", pa.float64()),
+    ]
+)
+
+# A rigid transform as a 4x4 matrix in LPS mm (row-major, 16 values), mapping points of the
+# `from_space` to the `to_space`: x_to = M @ x_from.
+TRANSFORMS = pa.schema(
+    [
+        pa.field("subject_id", pa.string(), nullable=False),
+        pa.field("session", pa.string()),
+        pa.field("from_space", pa.string(), nullable=False),
+        pa.field("to_space", pa.string(), nullable=False),
+        pa.field("matrix_lps", pa.list_(pa.float64(), 16), nullable=False),
+        pa.field("rotation_deg", pa.float64()),
+        pa.field("translation_mm", pa.float64()),
+    ]
+)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "gland_stats": GLAND_STATS,
+    "gland_index": GLAND_INDEX,
+    "qc": QC,
+    "gland_truth": GLAND_TRUTH,
+    "transforms": TRANSFORMS,
+}
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """Stable short hash of a configuration mapping (key order does not matter)."""
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def provenance(config: Mapping[str, Any] | None = None) -> dict[str, str]:
+    return {"pipeline_version": __version__, "config_hash": config_hash(config or {})}
+
+
+def atomic_path(path: str | Path):
+    """A temporary path in the same folder as `path`; rename it onto `path` when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def to_table(rows_or_frame: Any, schema: pa.Schema) -> pa.Table:
+    """Build a table with exactly `schema` (columns in order, types cast; missing nullable columns null)."""
+    import pandas as pd
+
+    df = rows_or_frame if isinstance(rows_or_frame, pd.DataFrame) else pd.DataFrame(list(rows_or_frame))
+    cols = {}
+    n = len(df)
+    for field in schema:
+        if field.name in df.columns:
+            cols[field.name] = pa.array(df[field.name].tolist(), type=field.type, from_pandas=True)
+        elif field.nullable:
+            cols[field.name] = pa.nulls(n, type=field.type)
+        else:
+            raise ValueError(f"table lacks required column {field.name!r}")
+    return pa.table(cols, schema=schema)
+
+
+def write_table(rows_or_frame: Any, schema: pa.Schema | str, path: str | Path) -> pa.Table:
+    """Write rows (list of dicts or a DataFrame) as Parquet with an explicit schema, atomically."""
+    if isinstance(schema, str):
+        schema = SCHEMAS[schema]
+    table = to_table(rows_or_frame, schema)
+    tmp = atomic_path(path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return table
