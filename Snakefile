@@ -1,0 +1,27 @@
+# glandpet: dual-tracer (PSMA/FAPI) PET/CT -> per-gland SUV tables, index, statistics and report.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/demo.smk"
+include: "rules/ingest.smk"
+include: "rules/suv.smk"
+include: "rules/register.smk"
+include: "rules/segment.smk"
+include: "rules/measure.smk"
+include: "rules/index.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        final_outputs,

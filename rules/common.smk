@@ -1,0 +1,146 @@
+# Shared paths, subject list and input functions. Every rule reads "inputs -> one call -> outputs".
+import functools
+import os
+
+import pandas as pd
+
+from glandpet.workflow import (
+    atlas_list,
+    config_digest,
+    reference_session,
+    selected_sessions,
+    subject_ids,
+)
+
+RESULTS = config["results"]
+DEMO = config["subjects"] == ""
+DEMO_DIR = f"{RESULTS}/demo"
+SUBJECT_SHEET = f"{DEMO_DIR}/subjects.tsv" if DEMO else config["subjects"]
+DICOM_ROOT = f"{DEMO_DIR}/dicom" if DEMO else config["dicom_root"]
+PHANTOM_ATLAS_DIR = (
+    f"{DEMO_DIR}/atlases" if DEMO else f"{RESULTS}/phantom-atlases/atlases"
+)
+SUBJECTS = subject_ids(config, SUBJECT_SHEET)
+ATLASES = atlas_list(config, PHANTOM_ATLAS_DIR)
+LOGS = f"{RESULTS}/logs"
+BENCH = f"{RESULTS}/benchmarks"
+SUV_DESC = f"suv{config['suv_type']}"
+
+
+wildcard_constraints:
+    subject="[A-Za-z0-9]+",
+    session="psma|fapi",
+    tracer="[A-Za-z0-9]+",
+
+
+def series_table():
+    return checkpoints.index_dicom.get().output.series
+
+
+def sessions(subject):
+    """The sessions (psma, fapi) the index selected for a subject."""
+    return selected_sessions(series_table(), subject)
+
+
+def tracer(subject, session):
+    return selected_sessions(series_table(), subject)[session]
+
+
+def ses_file(subject, session, suffix):
+    return f"{RESULTS}/sub-{subject}/ses-{session}/sub-{subject}_ses-{session}_{suffix}"
+
+
+def ct_image(w):
+    return ses_file(w.subject, w.session, "ct.nii.gz")
+
+
+def pet_image(w):
+    return ses_file(
+        w.subject, w.session, f"trc-{tracer(w.subject, w.session)}_pet.nii.gz"
+    )
+
+
+def suv_image(w):
+    return ses_file(
+        w.subject,
+        w.session,
+        f"trc-{tracer(w.subject, w.session)}_desc-{SUV_DESC}_pet.nii.gz",
+    )
+
+
+def pet_to_ct(w):
+    return ses_file(w.subject, w.session, "from-pet_to-ct_xfm.mat")
+
+
+def dseg(w):
+    return ses_file(w.subject, w.session, "space-ct_dseg.nii.gz")
+
+
+def session_transform(subject):
+    base = f"{RESULTS}/sub-{subject}/sub-{subject}_from-fapi_to-psma"
+    return {"affine": f"{base}_xfm.mat", "warp": f"{base}_xfm.nii.gz"}
+
+
+def atlas_files(w):
+    files = []
+    for a in ATLASES:
+        files += [a["ct"], a["labels"], a["label_table"]]
+    return files
+
+
+def segment_inputs(w):
+    """The reference session is segmented from the atlases; the other one gets its labels
+    through the session transform."""
+    ref = reference_session(sessions(w.subject))
+    inputs = {"ct": ct_image(w)}
+    if w.session == ref:
+        inputs["atlases"] = atlas_files(w)
+    else:
+        inputs["ref_dseg"] = ses_file(w.subject, ref, "space-ct_dseg.nii.gz")
+        inputs.update(session_transform(w.subject))
+    return inputs
+
+
+def subject_stats(subject):
+    return [
+        ses_file(subject, s, "gland_stats.parquet") for s in sorted(sessions(subject))
+    ]
+
+
+def index_inputs(w):
+    ss = sessions(w.subject)
+    inputs = {"stats": subject_stats(w.subject)}
+    if {"psma", "fapi"} <= set(ss):
+        for s in ("psma", "fapi"):
+            sw = type("W", (), {"subject": w.subject, "session": s})
+            inputs[f"{s}_suv"] = suv_image(sw)
+            inputs[f"{s}_ct"] = ct_image(sw)
+            inputs[f"{s}_xfm"] = pet_to_ct(sw)
+            inputs[f"{s}_dseg"] = dseg(sw)
+        inputs.update(session_transform(w.subject))
+    return inputs
+
+
+def all_subject_files(pattern_fn):
+    return [f for s in SUBJECTS for f in pattern_fn(s)]
+
+
+def qc_files(_w=None):
+    files = [f"{RESULTS}/tables/series.parquet"]
+    for s in SUBJECTS:
+        for ses in sessions(s):
+            files.append(ses_file(s, ses, "desc-register_qc.json"))
+            files.append(ses_file(s, ses, "desc-segment_qc.json"))
+        if {"psma", "fapi"} <= set(sessions(s)):
+            files.append(f"{RESULTS}/sub-{s}/sub-{s}_desc-align_qc.json")
+    return files
+
+
+def final_outputs(_w=None):
+    return [
+        f"{RESULTS}/tables/gland_stats.parquet",
+        f"{RESULTS}/tables/gland_index.parquet",
+        f"{RESULTS}/tables/qc.parquet",
+        f"{RESULTS}/tables/cohort_stats.parquet",
+        f"{RESULTS}/figures/.done",
+    ]

@@ -1,0 +1,45 @@
+# PET -> CT rigid registration per session; FAPI session CT -> PSMA session CT (rigid, affine, SyN).
+
+
+rule register_pet_to_ct:
+    input:
+        ct=ct_image,
+        pet=pet_image,
+    output:
+        xfm=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_from-pet_to-ct_xfm.mat",
+        qc=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_desc-register_qc.json",
+    log:
+        f"{LOGS}/register_pet_to_ct/sub-{{subject}}_ses-{{session}}.log",
+    benchmark:
+        f"{BENCH}/register_pet_to_ct/sub-{{subject}}_ses-{{session}}.tsv"
+    conda:
+        "../envs/ants.yaml"
+    threads: 2
+    resources:
+        mem_mb=3000,
+        runtime=20,
+    script:
+        "../scripts/register_pet_to_ct.py"
+
+
+rule align_sessions:
+    input:
+        psma_ct=f"{RESULTS}/sub-{{subject}}/ses-psma/sub-{{subject}}_ses-psma_ct.nii.gz",
+        fapi_ct=f"{RESULTS}/sub-{{subject}}/ses-fapi/sub-{{subject}}_ses-fapi_ct.nii.gz",
+    output:
+        affine=f"{RESULTS}/sub-{{subject}}/sub-{{subject}}_from-fapi_to-psma_xfm.mat",
+        warp=f"{RESULTS}/sub-{{subject}}/sub-{{subject}}_from-fapi_to-psma_xfm.nii.gz",
+        inverse_warp=f"{RESULTS}/sub-{{subject}}/sub-{{subject}}_from-psma_to-fapi_xfm.nii.gz",
+        qc=f"{RESULTS}/sub-{{subject}}/sub-{{subject}}_desc-align_qc.json",
+    log:
+        f"{LOGS}/align_sessions/sub-{{subject}}.log",
+    benchmark:
+        f"{BENCH}/align_sessions/sub-{{subject}}.tsv"
+    conda:
+        "../envs/ants.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../scripts/align_sessions.py"

@@ -1,0 +1,82 @@
+# Cohort tables (one pass over the per-subject files), statistics, figures and the HTML report.
+
+
+rule cohort_tables:
+    input:
+        sheet=SUBJECT_SHEET,
+        series=f"{RESULTS}/tables/series.parquet",
+        stats=lambda w: all_subject_files(subject_stats),
+        index=lambda w: [
+            f"{RESULTS}/sub-{s}/sub-{s}_gland_index.parquet" for s in SUBJECTS
+        ],
+        qc=qc_files,
+    output:
+        gland_stats=f"{RESULTS}/tables/gland_stats.parquet",
+        gland_index=f"{RESULTS}/tables/gland_index.parquet",
+        qc=f"{RESULTS}/tables/qc.parquet",
+    log:
+        f"{LOGS}/cohort_tables.log",
+    benchmark:
+        f"{BENCH}/cohort_tables.tsv"
+    conda:
+        "../envs/glandpet.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=15,
+    params:
+        config_hash=config_digest(config),
+        atlases=ATLASES,
+    script:
+        "../scripts/cohort_tables.py"
+
+
+rule cohort_statistics:
+    input:
+        sheet=SUBJECT_SHEET,
+        gland_stats=f"{RESULTS}/tables/gland_stats.parquet",
+        gland_index=f"{RESULTS}/tables/gland_index.parquet",
+    output:
+        stats=report(
+            f"{RESULTS}/tables/cohort_stats.parquet",
+            caption="../report/cohort_stats.rst",
+            category="Statistics",
+        ),
+    log:
+        f"{LOGS}/cohort_statistics.log",
+    benchmark:
+        f"{BENCH}/cohort_statistics.tsv"
+    conda:
+        "../envs/glandpet.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../scripts/cohort_statistics.py"
+
+
+rule cohort_figures:
+    input:
+        gland_stats=f"{RESULTS}/tables/gland_stats.parquet",
+        gland_index=f"{RESULTS}/tables/gland_index.parquet",
+    output:
+        done=f"{RESULTS}/figures/.done",
+        figures=report(
+            directory(f"{RESULTS}/figures/cohort"),
+            patterns=["{name}.png"],
+            caption="../report/figures.rst",
+            category="Figures",
+        ),
+    log:
+        f"{LOGS}/cohort_figures.log",
+    benchmark:
+        f"{BENCH}/cohort_figures.tsv"
+    conda:
+        "../envs/glandpet.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../scripts/cohort_figures.py"

@@ -1,0 +1,10 @@
+"""Snakemake wrapper: cohort figures (PNG and SVG)."""
+import sys
+
+sys.path.insert(0, snakemake.scriptdir + "/..")  # noqa: F821  (the package, also inside conda envs)
+from glandpet import workflow as wf  # noqa: E402
+
+sm = snakemake  # noqa: F821
+
+with wf.log_to(sm.log[0]):
+    wf.cohort_figures(sm.input, sm.output)
