@@ -1,0 +1,145 @@
+"""Read and validate the subject sheet (DESIGN.md "Subject sheet").
+
+A TSV, one row per subject: ``subject_id`` (pseudonymous; letters and digits only, because it
+becomes part of file names ``sub-<id>_...``), ``group`` (``pss`` | ``control``), and either
+``dicom_dir`` (the subject's folder under the DICOM root) or ``patient_id`` (the DICOM PatientID,
+used for matching only and never written to any output); then optional clinical columns.
+
+Every problem is a :class:`~glandpet.errors.UserError` naming the sheet, the line (the header is
+line 1) and the column.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import UserError
+from .glands import GROUPS
+
+__all__ = ["read_subject_sheet", "subject_folders", "ID_PATTERN", "NUMERIC_CLINICAL_COLUMNS"]
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9]+$")
+#: Clinical columns that must be numeric when present (empty cells are allowed: missing value).
+NUMERIC_CLINICAL_COLUMNS = ("essdai", "esspri", "usf_ml_min", "schirmer_mm", "age_years", "disease_duration_years")
+
+
+def _cell(v) -> str:
+    return "" if v is None else str(v).strip()
+
+
+def read_subject_sheet(
+    path: str | Path, dicom_root: str | Path | None = None, *, allow_empty_group: bool = False
+) -> pd.DataFrame:
+    """Read and validate a subject sheet; return it as a DataFrame (strings stripped; `group`
+    lower-cased; `dicom_dir` / `patient_id` present as columns, empty cells as None; numeric clinical
+    columns as floats).
+
+    `dicom_root`: folder that `dicom_dir` values are relative to; when given, each folder must
+    exist. With `allow_empty_group` an empty group is accepted (a sheet drafted by `glandpet init`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"subject sheet {path} not found")
+    try:
+        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_filter=False,
+                         encoding="utf-8-sig", comment=None)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"subject sheet {path} is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"subject sheet {path} is not a readable TSV: {msg}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    where = f"subject sheet {path}"
+    if len(df.columns) == 1 and "," in df.columns[0]:
+        raise UserError(f"{where}: the header has no tab; the sheet must be tab-separated (TSV), not CSV")
+    dup_cols = sorted({c for c in df.columns if list(df.columns).count(c) > 1})
+    if dup_cols:
+        raise UserError(f"{where}: column(s) {dup_cols} appear more than once in the header")
+    for col in ("subject_id", "group"):
+        if col not in df.columns:
+            raise UserError(f"{where}: missing column {col!r} (the sheet needs subject_id, group, "
+                            "and dicom_dir or patient_id)")
+    if "dicom_dir" not in df.columns and "patient_id" not in df.columns:
+        raise UserError(f"{where}: needs a column 'dicom_dir' or 'patient_id' to find each subject's DICOM")
+    if df.empty:
+        raise UserError(f"{where}: has a header but no subjects")
+    for col in ("dicom_dir", "patient_id"):
+        if col not in df.columns:
+            df[col] = ""
+    df = df.map(_cell)
+
+    root = Path(dicom_root) if dicom_root not in (None, "") else None
+    if root is not None and not root.is_dir():
+        raise UserError(f"DICOM root {root} is not a folder")
+
+    seen_ids: dict[str, int] = {}
+    seen_pid: dict[str, int] = {}
+    seen_dirs: dict[Path, tuple[int, str]] = {}
+    for i, row in enumerate(df.itertuples(index=False)):
+        line = i + 2
+        r = dict(zip(df.columns, row))
+        sid = r["subject_id"]
+        at = f"{where}, line {line}"
+        if not sid:
+            raise UserError(f"{at}, column subject_id: empty subject id")
+        if not ID_PATTERN.match(sid):
+            raise UserError(f"{at}, column subject_id: {sid!r} is not usable in file names "
+                            "(letters and digits only, e.g. 'pss001')")
+        key = sid.lower()  # ids differing only in case collide on case-insensitive file systems
+        if key in seen_ids:
+            raise UserError(f"{at}, column subject_id: duplicate subject id {sid!r} (also on line {seen_ids[key]})")
+        seen_ids[key] = line
+        at = f"{at} (subject {sid})"
+        group = r["group"].lower()
+        if not group:
+            if not allow_empty_group:
+                raise UserError(f"{at}, column group: empty group (expected one of {', '.join(GROUPS)})")
+        elif group not in GROUPS:
+            raise UserError(f"{at}, column group: unknown group {r['group']!r} (expected one of {', '.join(GROUPS)})")
+        df.iat[i, df.columns.get_loc("group")] = group
+        ddir, pid = r["dicom_dir"], r["patient_id"]
+        if ddir and pid:
+            raise UserError(f"{at}: both dicom_dir and patient_id are filled; give exactly one")
+        if not ddir and not pid:
+            raise UserError(f"{at}: neither dicom_dir nor patient_id is filled; give exactly one")
+        if pid:
+            if pid in seen_pid:
+                raise UserError(f"{at}, column patient_id: the same patient id is also on line {seen_pid[pid]}")
+            seen_pid[pid] = line
+        if ddir and root is not None:
+            folder = (root / ddir) if not Path(ddir).is_absolute() else Path(ddir)
+            if not folder.is_dir():
+                raise UserError(f"{at}, column dicom_dir: folder {ddir!r} not found under the DICOM root {root}")
+            real = folder.resolve()
+            for other, (oline, osid) in seen_dirs.items():
+                if real == other or real in other.parents or other in real.parents:
+                    raise UserError(f"{at}, column dicom_dir: folder {ddir!r} overlaps the folder of subject "
+                                    f"{osid} (line {oline}); each subject needs a folder of their own")
+            seen_dirs[real] = (line, sid)
+        for col in NUMERIC_CLINICAL_COLUMNS:
+            if col in df.columns and r[col] != "":
+                try:
+                    float(r[col].replace(",", "."))
+                except ValueError:
+                    raise UserError(f"{at}, column {col}: {r[col]!r} is not a number") from None
+
+    for col in ("group", "dicom_dir", "patient_id"):
+        df[col] = pd.Series([v if isinstance(v, str) and v else None for v in df[col]], dtype=object, index=df.index)
+    for col in NUMERIC_CLINICAL_COLUMNS:
+        if col in df.columns:
+            df[col] = pd.to_numeric(df[col].str.replace(",", ".", regex=False).replace("", None), errors="coerce")
+    return df
+
+
+def subject_folders(sheet: pd.DataFrame, dicom_root: str | Path) -> dict[str, Path]:
+    """subject_id -> absolute folder, for the rows that give a dicom_dir."""
+    root = Path(dicom_root)
+    out = {}
+    for sid, ddir in zip(sheet["subject_id"], sheet["dicom_dir"]):
+        if isinstance(ddir, str) and ddir:
+            p = Path(ddir)
+            out[sid] = (p if p.is_absolute() else root / p).resolve()
+    return out
