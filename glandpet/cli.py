@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("dicom_root")
     ix.add_argument("-o", "--output", required=True, help="series table (.parquet)")
     ix.add_argument("--subjects", default=None, help="subject sheet (TSV) giving pseudonymous ids")
+    ix.add_argument("--overrides", default=None, help="TSV (subject_id, session, series_key) choosing series by hand")
     ix.add_argument("--jobs", type=int, default=1)
     ix.set_defaults(func=_index)
 

@@ -953,8 +953,11 @@ def output_paths(series_path: str | Path) -> tuple[Path, Path, Path]:
     return p, p.with_name(f"{stem}_files.parquet"), p.with_name(f"{stem}_skipped.parquet")
 
 
-def write_index(result: IndexResult, series_path: str | Path) -> tuple[Path, Path, Path]:
+def write_index(result: IndexResult, series_path: str | Path, files_path: str | Path | None = None,
+                skipped_path: str | Path | None = None) -> tuple[Path, Path, Path]:
+    """Write the three tables (default paths: :func:`output_paths`); the series table last."""
     sp, fp, kp = output_paths(series_path)
+    fp, kp = Path(files_path or fp), Path(skipped_path or kp)
     _write(result.files, FILES_SCHEMA, fp)
     _write(result.skipped, SKIPPED_SCHEMA, kp)
     _write(result.series, SERIES_SCHEMA, sp)
