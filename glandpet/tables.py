@@ -109,7 +109,22 @@ TRANSFORMS = pa.schema(
     ]
 )
 
+# Cohort statistics in long form: one row per analysis x gland x (session | group | variable) x statistic.
+COHORT_STATS = pa.schema(
+    [
+        pa.field("analysis", pa.string(), nullable=False),
+        pa.field("gland", pa.string(), nullable=False),
+        pa.field("session", pa.string()),
+        pa.field("group", pa.string()),
+        pa.field("variable", pa.string()),
+        pa.field("statistic", pa.string(), nullable=False),
+        pa.field("value", pa.float64()),
+    ]
+    + PROVENANCE
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
+    "cohort_stats": COHORT_STATS,
     "gland_stats": GLAND_STATS,
     "gland_index": GLAND_INDEX,
     "qc": QC,

@@ -206,3 +206,238 @@ def write_nifti_like(data: Any, ref: Any, out_path: str | os.PathLike) -> None:
         for t in (tmp, tmp_nii):
             if t.exists():
                 t.unlink()
+
+
+def register_pet_to_ct(ct_path: str, pet_path: str, out_xfm: str, out_qc: str, threads: int = 1) -> None:
+    """Rigid PET->CT registration of one session, with its QC record."""
+    from .registration import register_pet_to_ct as register
+
+    set_threads(threads)
+    metrics = register(ct_path, pet_path, out_xfm, threads=threads)
+    status = "warning" if metrics.get("warning") else "ok"
+    if metrics.get("warning"):
+        log.warning("%s: %s", Path(out_xfm).name, metrics["warning"])
+    write_json({"stage": "register", "status": status, "message": metrics.get("warning"), "metrics": metrics}, out_qc)
+
+
+def align_sessions(psma_ct: str, fapi_ct: str, output: Any, threads: int = 1) -> None:
+    """FAPI session CT -> PSMA session CT; writes the affine, the warp and its inverse."""
+    from .registration import align_sessions as align
+
+    set_threads(threads)
+    prefix = str(output.affine)[: -len("_xfm.mat")]
+    metrics = align(psma_ct, fapi_ct, prefix, threads=threads)
+    write_json({"stage": "align", "status": "ok", "message": None, "metrics": metrics}, output.qc)
+
+
+def ct_to_pet_affine(xfm_path: str) -> Any:
+    """The rigid CT->PET transform of a session (ITK .mat) as a 4x4 matrix in RAS mm."""
+    import numpy as np
+
+    from .registration import transform_matrix
+
+    A, b = transform_matrix(xfm_path)
+    m_lps = np.eye(4)
+    m_lps[:3, :3], m_lps[:3, 3] = A, b
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return flip @ m_lps @ flip
+
+
+def measure_glands(inputs: Any, output: Any, subject: str, session: str, suv_type: str, pvc: Mapping[str, Any]) -> None:
+    """Per-gland statistics in the session's PET space, with partial-volume correction.
+
+    The CT-space label map is carried onto the PET grid as per-voxel label fractions, through the
+    PET->CT registration (no interpolation of label values); volumes come from the CT labels.
+    """
+    import nibabel as nib
+    import numpy as np
+    import pandas as pd
+
+    from .glands import read_label_table
+    from .measure import gland_statistics, label_fractions_on_grid, volume_ml_from_labels, voxel_sizes
+    from .pvc import background_regions, body_fraction_from_ct, gtm, rbv_region_means
+    from .tables import atomic_path
+
+    suv_img, ct_img, lab_img = nib.load(inputs.suv), nib.load(inputs.ct), nib.load(inputs.dseg)
+    suv = np.asarray(suv_img.dataobj, dtype=np.float32)
+    labels = np.asarray(lab_img.dataobj).astype(np.int16)
+    table = read_label_table(str(inputs.dseg)[: -len(".nii.gz")] + ".tsv")
+    # CT voxel -> PET world: the registration maps CT points to the PET points of the same tissue.
+    ct_in_pet = ct_to_pet_affine(inputs.xfm) @ lab_img.affine
+    values = [lab.index for lab in table]
+    fractions = label_fractions_on_grid(labels, ct_in_pet, suv.shape, suv_img.affine, values)
+    volumes = volume_ml_from_labels(labels, lab_img.affine, values)
+    rows = gland_statistics(suv, fractions, suv_img.affine, table, volumes_ml=volumes)
+
+    method = pvc.get("method", "gtm")
+    fwhm = float(pvc.get("fwhm_mm", {}).get(session, 6.5))
+    by_name = {f"{lab.gland}_{lab.side}": fractions[lab.index] for lab in table if fractions[lab.index].sum() > 0}
+    corrected: dict[str, float] = {}
+    if method != "none" and by_name:
+        ct = np.asarray(ct_img.dataobj, dtype=np.float32)
+        body = body_fraction_from_ct(ct, ct_to_pet_affine(inputs.xfm) @ ct_img.affine, suv.shape, suv_img.affine)
+        regions = dict(by_name)
+        regions.update(background_regions(by_name, body))
+        vox = voxel_sizes(suv_img.affine)
+        corrected = (gtm if method == "gtm" else rbv_region_means)(suv, regions, fwhm, vox)
+    for row in rows:
+        row.update(subject_id=subject, session=session, suv_type=suv_type, pvc_method=method,
+                   pvc_fwhm_mm=fwhm if method != "none" else None,
+                   suv_mean_pvc=corrected.get(f"{row['gland']}_{row['side']}"))
+    df = pd.DataFrame(rows)
+    tmp = atomic_path(output.stats)
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, output.stats)
+    # the label map on the PET grid (majority label per voxel), for QC and the voxel correlation
+    pet_labels = np.zeros(suv.shape, dtype=np.uint8)
+    best = np.zeros(suv.shape, dtype=np.float32)
+    for value, frac in fractions.items():
+        take = (frac >= 0.5) & (frac > best)
+        pet_labels[take], best[take] = value, frac[take]
+    write_nifti_like(pet_labels, suv_img, output.pet_dseg)
+    log.info("sub-%s ses-%s: %d glands measured (PVC %s, FWHM %.1f mm)", subject, session, len(by_name), method, fwhm)
+
+
+def gland_index(inputs: Any, out_path: str, subject: str, index_cfg: Mapping[str, Any]) -> None:
+    """Per-gland PSMA/FAPI index of one subject, and the within-gland voxel Spearman correlation
+    between PSMA and FAPI SUV on the PSMA PET grid (FAPI brought there through both PET->CT
+    registrations and the session alignment)."""
+    import pandas as pd
+
+    from .gland_index import gland_index_table
+    from .tables import atomic_path
+
+    stats = pd.concat([pd.read_parquet(p) for p in inputs.stats], ignore_index=True)
+    stats["subject_id"] = subject
+    spearman = None
+    if "psma_suv" in inputs.keys():
+        spearman = _voxel_correlations(inputs, subject)
+    definition = index_cfg.get("definition", "ratio")
+    df = gland_index_table(stats, definition, index_cfg.get("reference") or None, use_pvc=True, spearman=spearman)
+    tmp = atomic_path(out_path)
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, out_path)
+
+
+def _voxel_correlations(inputs: Any, subject: str) -> Any:
+    import nibabel as nib
+    import numpy as np
+    import pandas as pd
+
+    from .gland_index import voxel_spearman
+    from .glands import read_label_table
+    from .registration import session_paths, warp
+
+    labels = np.asarray(nib.load(inputs.psma_pet_dseg).dataobj)
+    p = session_paths(str(inputs.affine)[: -len("_xfm.mat")])
+    # PSMA PET point -> PSMA CT (inverse of CT->PET) -> FAPI CT (session) -> FAPI PET (CT->PET).
+    fapi_on_psma = warp(inputs.fapi_suv, inputs.psma_suv,
+                        [inputs.fapi_xfm, p["warp"], p["affine"], inputs.psma_xfm],
+                        invert=[False, False, False, True]).numpy()
+    psma = np.asarray(nib.load(inputs.psma_suv).dataobj, dtype=np.float32)
+    rows = []
+    for lab in read_label_table(str(inputs.psma_dseg)[: -len(".nii.gz")] + ".tsv"):
+        rho, n = voxel_spearman(psma, fapi_on_psma, labels == lab.index)
+        rows.append(dict(subject_id=subject, gland=lab.gland, side=lab.side, voxel_spearman_rho=rho, n_voxels=n))
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- cohort
+def _qc_rows(paths: list[str]) -> list[dict]:
+    import re
+
+    rows = []
+    for path in paths:
+        if not str(path).endswith(".json"):
+            continue
+        rec = json.loads(Path(path).read_text())
+        m = re.search(r"sub-([A-Za-z0-9]+)(?:_ses-(psma|fapi))?_desc-", Path(path).name)
+        rows.append(dict(subject_id=m.group(1) if m else "?", session=m.group(2) if m else None,
+                         stage=rec.get("stage", "?"), status=rec.get("status", "ok"), message=rec.get("message"),
+                         metrics_json=json.dumps(rec.get("metrics", {}), sort_keys=True, default=str)))
+    return rows
+
+
+def cohort_tables(inputs: Any, output: Any, cfg_hash: str, atlases: list[Mapping[str, str]]) -> None:
+    """Gather per-subject Parquet files into the cohort tables (one pass each), add the group from
+    the subject sheet, the tracer from the index and the provenance columns."""
+    import pandas as pd
+
+    from .cohort_stats import aggregate_tables
+    from .subjects import read_subject_sheet
+    from .tables import GLAND_INDEX, GLAND_STATS, QC, provenance, write_table
+
+    prov = {"pipeline_version": provenance()["pipeline_version"], "config_hash": cfg_hash}
+    groups = read_subject_sheet(inputs.sheet, allow_empty_group=True)[["subject_id", "group"]]
+    series = pd.read_parquet(inputs.series, columns=["subject_id", "session", "role", "selected", "tracer"])
+    tracers = series[series["selected"].fillna(False).astype(bool) & (series["role"] == "pet_ac")]
+    tracers = tracers[["subject_id", "session", "tracer"]].drop_duplicates(["subject_id", "session"])
+
+    stats = aggregate_tables(list(inputs.stats)).to_pandas()
+    stats = stats.drop(columns=[c for c in ("group", "tracer") if c in stats.columns])
+    stats = stats.merge(groups, on="subject_id", how="left").merge(tracers, on=["subject_id", "session"], how="left")
+    write_table(stats.assign(**prov), GLAND_STATS, output.gland_stats)
+
+    index = aggregate_tables(list(inputs.index)).to_pandas()
+    index = index.drop(columns=[c for c in ("group",) if c in index.columns]).merge(groups, on="subject_id", how="left")
+    write_table(index.assign(**prov), GLAND_INDEX, output.gland_index)
+
+    qc = _qc_rows(list(inputs.qc))
+    held = set()
+    from .glands import GLANDS, read_label_table
+
+    for atlas in atlases:
+        held |= {lab.gland for lab in read_label_table(atlas["label_table"])}
+    for gland in GLANDS:
+        if gland not in held:
+            qc.append(dict(subject_id="*", session=None, stage="segment", status="warning",
+                           message=f"no atlas holds the {gland} gland: it is not measured", metrics_json="{}"))
+    write_table(pd.DataFrame(qc).assign(**prov) if qc else pd.DataFrame(columns=["subject_id"]), QC, output.qc)
+    log.info("cohort tables: %d gland_stats rows, %d gland_index rows, %d qc rows", len(stats), len(index), len(qc))
+
+
+def _long(df: Any, analysis: str, id_cols: list[str]) -> Any:
+    import pandas as pd
+
+    keep = [c for c in id_cols if c in df.columns]
+    num = [c for c in df.columns if c not in keep and pd.api.types.is_numeric_dtype(df[c])]
+    out = df[keep + num].melt(id_vars=keep, value_vars=num, var_name="statistic", value_name="value")
+    out.insert(0, "analysis", analysis)
+    return out
+
+
+def cohort_statistics(inputs: Any, out_path: str) -> None:
+    """Per-gland cohort statistics as one long tidy table (analysis, gland, ..., statistic, value)."""
+    import pandas as pd
+
+    from . import cohort_stats as cs
+    from .subjects import read_subject_sheet
+    from .tables import COHORT_STATS, write_table
+
+    gs, gi = pd.read_parquet(inputs.gland_stats), pd.read_parquet(inputs.gland_index)
+    prov = gs[["pipeline_version", "config_hash"]].iloc[0].to_dict() if len(gs) else {"pipeline_version": "", "config_hash": ""}
+    parts = []
+    if gs["group"].nunique() > 1:
+        parts.append(_long(cs.compare_groups(gs).rename(columns={"value": "variable"}), "fapi_pss_vs_control",
+                           ["gland", "session", "variable"]))
+    parts.append(_long(cs.psma_fapi_correlation(gi), "psma_vs_fapi_spearman", ["gland", "group"]))
+    parts.append(_long(cs.index_by_group(gi).rename(columns={"value": "variable"}), "index_by_group",
+                       ["gland", "group", "variable"]))
+    sheet = read_subject_sheet(inputs.sheet, allow_empty_group=True)
+    clinical = [c for c in cs.CLINICAL_COLUMNS if c in sheet.columns and sheet[c].notna().any()]
+    if clinical:
+        assoc = cs.clinical_associations(gi, sheet, clinical=clinical).rename(columns={"clinical": "variable"})
+        parts.append(_long(assoc, "index_vs_clinical_spearman", ["gland", "group", "variable"]))
+    df = pd.concat(parts, ignore_index=True)
+    write_table(df.assign(**prov), COHORT_STATS, out_path)
+    log.info("cohort statistics: %d rows from %d analyses", len(df), len(parts))
+
+
+def cohort_figures(inputs: Any, output: Any) -> None:
+    """Cohort figures (PNG + SVG) into the report's figure folder."""
+    from .figures import cohort_figures as draw
+
+    out_dir = Path(output.figures)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    draw(inputs.gland_stats, inputs.gland_index, out_dir)
+    Path(output.done).write_text("")

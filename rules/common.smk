@@ -78,7 +78,11 @@ def dseg(w):
 
 def session_transform(subject):
     base = f"{RESULTS}/sub-{subject}/sub-{subject}_from-fapi_to-psma"
-    return {"affine": f"{base}_xfm.mat", "warp": f"{base}_xfm.nii.gz"}
+    return {
+        "affine": f"{base}_xfm.mat",
+        "warp": f"{base}_xfm.nii.gz",
+        "inverse_warp": f"{base}_invxfm.nii.gz",
+    }
 
 
 def atlas_files(w):
@@ -117,6 +121,7 @@ def index_inputs(w):
             inputs[f"{s}_ct"] = ct_image(sw)
             inputs[f"{s}_xfm"] = pet_to_ct(sw)
             inputs[f"{s}_dseg"] = dseg(sw)
+        inputs["psma_pet_dseg"] = ses_file(w.subject, "psma", "space-pet_dseg.nii.gz")
         inputs.update(session_transform(w.subject))
     return inputs
 

@@ -29,7 +29,7 @@ rule align_sessions:
     output:
         affine=f"{RESULTS}/sub-{{subject}}/sub-{{subject}}_from-fapi_to-psma_xfm.mat",
         warp=f"{RESULTS}/sub-{{subject}}/sub-{{subject}}_from-fapi_to-psma_xfm.nii.gz",
-        inverse_warp=f"{RESULTS}/sub-{{subject}}/sub-{{subject}}_from-psma_to-fapi_xfm.nii.gz",
+        inverse_warp=f"{RESULTS}/sub-{{subject}}/sub-{{subject}}_from-fapi_to-psma_invxfm.nii.gz",
         qc=f"{RESULTS}/sub-{{subject}}/sub-{{subject}}_desc-align_qc.json",
     log:
         f"{LOGS}/align_sessions/sub-{{subject}}.log",

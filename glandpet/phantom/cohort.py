@@ -1,0 +1,440 @@
+"""Phantom cohort orchestration: individuals, sessions, DICOM, ground truth and the atlas set.
+
+Layout written under OUTDIR::
+
+    dicom/<subject>/<YYYYMMDD>_<session>/<NN>_<description>/*     CT, PET (+ localizer, NAC PET)
+    subjects.tsv                                                   subject sheet
+    truth/gland_truth.parquet, truth/transforms.parquet
+    truth/sub-<id>/ses-<s>/sub-<id>_ses-<s>_space-ct_dseg.nii.gz   (+ _dseg.tsv)
+    atlases/atlasNN/{ct.nii.gz, labels.nii.gz, labels.tsv}
+
+Determinism: subject i draws from ``SeedSequence(seed, spawn_key=(0, i))`` and atlas j from
+``SeedSequence(seed, spawn_key=(1, j))``, so subject i is the same whatever the cohort size.
+
+Spaces of ``truth/transforms.parquet`` (4x4 LPS matrices, x_to = M @ x_from):
+``anatomy -> ct`` (the session's head pose), ``anatomy -> pet`` (pose composed with the
+PET-to-CT misalignment), ``pet -> ct`` (what a PET-to-CT registration should find) and, for
+subjects with both sessions, ``fapi_ct -> psma_ct`` (session None).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from ..glands import DEFAULT_LABELS, write_label_table
+from .model import LPS_TO_RAS, Anatomy, PatientInfo, PetInfo, StudyInfo
+
+VENDORS = ("siemens", "ge", "philips")
+
+#: Per-vendor geometry: CT (pixel mm, matrix, slice mm), PET (pixel mm, matrix, slice mm).
+_GEOMETRY = {
+    "siemens": {"ct": (0.9766, 256, 3.0), "pet": (3.3, 104, 3.0)},
+    "ge": {"ct": (0.9766, 256, 2.5), "pet": (2.73, 128, 2.79)},
+    "philips": {"ct": (0.9766, 256, 2.0), "pet": (4.0, 88, 4.0)},
+}
+_DESCRIPTIONS = {
+    "siemens": {"ct": "CT HeadNeck  3.0  B30f", "pet": "PET AC HN 3i21s", "nac": "PET NAC HN", "loc": "Topogram  0.6  T20s"},
+    "ge": {"ct": "CTAC 2.5 HN STND", "pet": "PET HN QCFX", "nac": "PET HN NAC", "loc": "Scout"},
+    "philips": {"ct": "CT 2mm HN", "pet": "PET AC HN", "nac": "PET NAC HN", "loc": "Surview"},
+}
+
+_LAST = ["MUELLER", "SMITH", "GARCIA", "JANSEN", "ROSSI", "DUBOIS", "NOVAK", "KOWALSKI", "SILVA", "NIELSEN",
+         "BERG", "MARTIN", "LEROY", "HOFFMANN", "BAKER", "EVANS", "PETERS", "WAGNER", "VOGEL", "KELLER",
+         "LINDQVIST", "MORENO", "FISCHER", "OLSEN", "BRUNO", "HORVAT", "KRAUSE", "LAMBERT", "MEYER", "RICCI",
+         "SANTOS", "TANAKA", "WEBER", "ZIMMER", "ALMEIDA", "COSTA", "DIAZ", "FOURNIER", "GROSS", "HANSEN", "IVANOV"]
+_FIRST = {"F": ["ANNA", "MARIA", "ELENA", "SOPHIE", "LAURA", "CLARA", "JULIA", "EVA", "HANNA", "INES", "MARTA",
+                "NORA", "PAULA", "ROSA", "SARA", "TERESA", "VERA", "LENA", "IRIS", "GRETA"],
+          "M": ["JOHN", "PETER", "LUCAS", "MARCO", "DAVID", "JAN", "THOMAS", "PAUL", "HENRIK", "OSCAR", "LUIS",
+                "KARL", "ANDRE", "FELIX", "HUGO", "IVAN", "MAX", "NILS", "OTTO", "RUBEN"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _rotation(axis: np.ndarray, deg: float) -> np.ndarray:
+    axis = np.asarray(axis, float)
+    axis = axis / np.linalg.norm(axis)
+    a = math.radians(deg)
+    K = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + math.sin(a) * K + (1 - math.cos(a)) * K @ K
+
+
+def _rigid(rng, max_deg: float, max_mm: float, centre=(0.0, 0.0, 0.0), min_deg: float = 0.0) -> np.ndarray:
+    """Random rigid transform: rotation about `centre` by an angle in [min_deg, max_deg], translation <= max_mm."""
+    R = _rotation(rng.normal(size=3), rng.uniform(min_deg, max_deg))
+    t = rng.normal(size=3)
+    t = t / np.linalg.norm(t) * rng.uniform(0.2, 1.0) * max_mm
+    c = np.asarray(centre, float)
+    M = np.eye(4)
+    M[:3, :3] = R
+    M[:3, 3] = c - R @ c + t
+    return M
+
+
+def _angle_deg(M: np.ndarray) -> float:
+    return float(math.degrees(math.acos(float(np.clip((np.trace(M[:3, :3]) - 1) / 2, -1, 1)))))
+
+
+def _uid(rng) -> str:
+    return "2.25." + str(int.from_bytes(rng.bytes(15), "big"))
+
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", s).strip("_")
+
+
+def _write_nifti(path: Path, data: np.ndarray, affine_lps: np.ndarray) -> None:
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(data, LPS_TO_RAS @ affine_lps)
+    img.set_qform(LPS_TO_RAS @ affine_lps, code=1)
+    img.set_sform(LPS_TO_RAS @ affine_lps, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, str(path))
+
+
+def assign_groups(n: int, pss_fraction: float) -> list[str]:
+    """Deterministic, evenly spread groups; subject i's group does not depend on n (except that with
+    n >= 2 a cohort that would hold one group only gets its last subject flipped)."""
+    f = float(np.clip(pss_fraction, 0.0, 1.0))
+    g = ["pss" if math.floor((i + 1) * f + 0.5) > math.floor(i * f + 0.5) else "control" for i in range(n)]
+    if n >= 2 and len(set(g)) == 1 and 0.0 < f < 1.0:
+        g[-1] = "control" if g[-1] == "pss" else "pss"
+    return g
+
+
+def subject_id(i: int) -> str:
+    return f"S{i + 1:03d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# geometry of a session
+
+
+def ct_grid(vendor: str, pose: np.ndarray, anat: Anatomy, rng) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Axis-aligned CT grid (shape, LPS affine) covering the vertex to below the thyroid."""
+    px, n, dz = _GEOMETRY[vendor]["ct"]
+    top = anat.extra.get("vertex_z", 132.0)
+    pts = np.array([[0, 5, top + 4, 1], [60, 5, top - 20, 1], [-60, 5, top - 20, 1], [0, 0, -168, 1]], float)
+    w = (pose @ pts.T).T
+    zmax, zmin = w[:3, 2].max(), w[3, 2]
+    nz = int(math.ceil((zmax - zmin) / dz))
+    centre = (pose @ np.array([0, -12, 0, 1.0]))[:3] + np.r_[rng.uniform(-3, 3, 2), 0]
+    A = np.diag([px, px, dz, 1.0])
+    A[:3, 3] = [centre[0] - px * (n - 1) / 2, centre[1] - px * (n - 1) / 2, zmin]
+    return (n, n, nz), A
+
+
+def pet_grid(vendor: str, ct_shape, ct_affine: np.ndarray, rng) -> tuple[tuple[int, int, int], np.ndarray]:
+    px, n, dz = _GEOMETRY[vendor]["pet"]
+    z0 = ct_affine[2, 3] - rng.uniform(0, 6)
+    z1 = ct_affine[2, 3] + ct_affine[2, 2] * (ct_shape[2] - 1) + rng.uniform(0, 6)
+    nz = int(math.ceil((z1 - z0) / dz)) + 1
+    cx = ct_affine[0, 3] + ct_affine[0, 0] * (ct_shape[0] - 1) / 2
+    cy = ct_affine[1, 3] + ct_affine[1, 1] * (ct_shape[1] - 1) / 2
+    A = np.diag([px, px, dz, 1.0])
+    A[:3, 3] = [cx - px * (n - 1) / 2, cy - px * (n - 1) / 2, z0]
+    return (n, n, nz), A
+
+
+# ---------------------------------------------------------------------------------------------
+# individuals
+
+
+def _build_anatomy(rng, sex, anatomy_from, case_id):
+    if anatomy_from:
+        from .real_anatomy import build_real_anatomy
+
+        return build_real_anatomy(anatomy_from, case_id, rng)
+    from .anatomy import build_parametric_anatomy
+
+    return build_parametric_anatomy(rng, sex=sex)
+
+
+def _patient(i: int, sex: str, age: int, rng, ref_date: dt.date) -> PatientInfo:
+    last = _LAST[(i * 7 + 3) % len(_LAST)]
+    first = _FIRST[sex][(i // len(_LAST) + int(rng.integers(len(_FIRST[sex])))) % len(_FIRST[sex])]
+    if i >= len(_LAST):
+        last = f"{last}-{_LAST[(i // len(_LAST)) % len(_LAST)]}"
+    h = float(np.clip(rng.normal(1.78 if sex == "M" else 1.65, 0.07), 1.5, 2.0))
+    bmi = float(np.clip(rng.normal(25.5, 3.8), 18.5, 36))
+    w = float(np.clip(round(bmi * h * h, 1), 50, 110))
+    born = ref_date - dt.timedelta(days=int(age * 365.25 + rng.integers(0, 360)))
+    pid = f"{int(rng.integers(10, 99))}{i + 1:05d}{int(rng.integers(0, 10))}"
+    return PatientInfo(name=f"{last}^{first}", patient_id=pid, birth_date=born.strftime("%Y%m%d"), sex=sex,
+                       weight_kg=w, height_m=round(h, 2), age_years=int(age))
+
+
+def _clinical(group: str, severity: float, rng) -> dict:
+    if group == "pss":
+        s = severity
+        return {
+            "essdai": int(np.clip(round(2 + 16 * s + rng.normal(0, 3)), 0, 40)),
+            "esspri": round(float(np.clip(3.0 + 5.0 * s + rng.normal(0, 1.2), 0, 10)), 1),
+            "usf_ml_min": round(float(np.clip(0.35 * (1 - s) ** 1.5 + rng.normal(0, 0.04), 0.0, 0.6)), 2),
+            "schirmer_mm": int(np.clip(round(22 * (1 - s) ** 1.5 + rng.normal(0, 2.5)), 0, 35)),
+        }
+    return {"essdai": None, "esspri": None,
+            "usf_ml_min": round(float(np.clip(rng.normal(0.42, 0.1), 0.15, 0.8)), 2),
+            "schirmer_mm": int(np.clip(round(rng.normal(20, 6)), 10, 35))}
+
+
+# ---------------------------------------------------------------------------------------------
+# one subject
+
+
+def _render_session(anat, suv, hu_anat, ctp, tparams, pose, mis, vendor, rng, pet_kwargs):
+    from .uptake import render_ct, render_pet
+
+    ct_shape, ct_aff = ct_grid(vendor, pose, anat, rng)
+    pet_shape, pet_aff = pet_grid(vendor, ct_shape, ct_aff, rng)
+    hu = render_ct(hu_anat, anat.affine, ct_shape, ct_aff, pose, ctp["noise_sd"], rng)
+    anat_to_pet = mis @ pose
+    pet = render_pet(suv, anat.affine, pet_shape, pet_aff, anat_to_pet, tparams.psf_fwhm_mm, tparams.noise_alpha, rng,
+                     **pet_kwargs)
+    return (ct_shape, ct_aff, hu), (pet_shape, pet_aff, pet)
+
+
+def _subject_individual(i: int, group: str, seed: int, anatomy_from=None, case_id=None):
+    ss = np.random.SeedSequence(seed, spawn_key=(0, i))
+    streams = tuple(np.random.default_rng(s) for s in ss.spawn(6))
+    r_demo, r_anat = streams[0], streams[1]
+    sex = ("F" if r_demo.random() < 0.9 else "M") if group == "pss" else ("F" if r_demo.random() < 0.45 else "M")
+    age = int(np.clip(round(r_demo.normal(55, 12) if group == "pss" else r_demo.normal(63, 10)), 25, 85))
+    anat = _build_anatomy(r_anat, sex, anatomy_from, case_id)
+    return streams, sex, age, anat
+
+
+def subject_anatomy(i: int, group: str, seed: int, anatomy_from=None, case_id=None) -> Anatomy:
+    """Rebuild subject i's anatomy exactly as :func:`make_subject` builds it (gland labels included;
+    a control's tumour lesion is not)."""
+    return _subject_individual(i, group, seed, anatomy_from, case_id)[3]
+
+
+def make_subject(outdir: str | Path, i: int, group: str, seed: int, anatomy_from=None, case_id=None) -> dict:
+    """Generate subject i completely (DICOM + truth label maps); return its table rows."""
+    from .dicom_writer import write_ct_series, write_localizer, write_pet_series
+    from .uptake import (ct_hu_map, draw_ct_params, draw_fapi_compound, draw_tracer_params, plant_fibrosis,
+                         resample_labels, slice_profile, suv_map, suv_to_bqml)
+
+    t0 = time.perf_counter()
+    outdir = Path(outdir)
+    sid = subject_id(i)
+    (r_demo, r_anat, r_dis, r_psma, r_fapi, r_geo), sex, age, anat = _subject_individual(
+        i, group, seed, anatomy_from, case_id)
+    severity = float(np.clip(r_dis.beta(2.2, 2.2), 0.05, 0.98)) if group == "pss" else 0.0
+    fib = plant_fibrosis(anat, severity, r_dis) if group == "pss" else None
+    lesion = None
+    if group == "control":
+        from .anatomy import add_lesion
+
+        lesion = add_lesion(anat, r_dis)
+    base_date = dt.date(2023, 1, 9) + dt.timedelta(days=int(r_demo.integers(0, 540)))
+    patient = _patient(i, sex, age, r_demo, base_date)
+    clinical = _clinical(group, severity, r_demo)
+    ctp = draw_ct_params(r_demo, age)
+    hu_anat = slice_profile(ct_hu_map(anat, ctp, r_demo), anat.affine, _GEOMETRY[VENDORS[i % 3]]["ct"][2])
+    fapi_compound = draw_fapi_compound(r_demo)
+    sessions = ["psma", "fapi"] if group == "pss" else ["fapi"]
+    order = sessions if r_demo.random() < 0.5 else sessions[::-1]
+    day = {order[0]: 0}
+    if len(order) == 2:
+        day[order[1]] = int(r_demo.integers(2, 22))
+    scanner = VENDORS[i % 3]
+    glabels = {lab.index: lab for lab in DEFAULT_LABELS}
+    counts = np.bincount(anat.glands.ravel(), minlength=len(DEFAULT_LABELS) + 1)
+    truth_rows, xfm_rows, poses = [], [], {}
+    for sess in sessions:
+        j = 0 if sess == "psma" else 1
+        rng = r_psma if sess == "psma" else r_fapi
+        vendor = scanner if not (len(sessions) == 2 and sess == "fapi" and i % 3 == 2) else VENDORS[(i + 1) % 3]
+        tp = draw_tracer_params(sess, severity, rng, fapi_compound=fapi_compound)
+        suv, means = suv_map(anat, tp, fib, rng)
+        centre = (0.0, 0.0, -20.0)
+        pose = _rigid(r_geo, 10.0, 15.0, centre, min_deg=1.0)
+        mis = _rigid(r_geo, 1.0, 2.5, (pose @ np.r_[centre, 1.0])[:3])
+        poses[sess] = pose
+        # timing and dose
+        half = 4062.6 if tp.radionuclide == "Ga-68" else 6586.2
+        a_inj = (r_geo.uniform(100e6, 200e6) if tp.radionuclide == "Ga-68" else r_geo.uniform(200e6, 300e6))
+        inj = dt.datetime.combine(base_date + dt.timedelta(days=day[sess]), dt.time(8, 0)) + dt.timedelta(
+            minutes=int(r_geo.integers(0, 330)), seconds=int(r_geo.integers(0, 60)))
+        uptake = float(r_geo.uniform(50, 75) * 60)
+        scan = inj + dt.timedelta(seconds=round(uptake))
+        frame = float(r_geo.choice([180.0, 240.0, 300.0]))
+        study = StudyInfo(
+            study_uid=_uid(r_geo), frame_of_reference_uid=_uid(r_geo),
+            study_datetime=scan - dt.timedelta(seconds=int(r_geo.integers(150, 300))),
+            study_description={"psma": "PET-CT PSMA Kopf-Hals", "fapi": "PET-CT FAPI Kopf-Hals"}[sess]
+            if vendor == "siemens" else {"psma": "PSMA PET/CT HEAD NECK", "fapi": "FAPI PET/CT HEAD NECK"}[sess],
+            accession_number=f"A{int(r_geo.integers(1e6, 1e7))}", institution_name="Phantom University Hospital",
+            referring_physician="REFERRER^R", vendor=vendor)
+        petinfo = PetInfo(tracer=tp.tracer, radionuclide=tp.radionuclide, half_life_s=half, injected_activity_bq=float(a_inj),
+                          injection_datetime=inj, scan_start=scan, frame_duration_s=frame, psf_fwhm_mm=tp.psf_fwhm_mm)
+        (cts, cta, hu), (pets, peta, pet_suv) = _render_session(anat, suv, hu_anat, ctp, tp, pose, mis, vendor, rng, {})
+        delay = (scan - inj).total_seconds()
+        bq = suv_to_bqml(pet_suv, a_inj, patient.weight_kg, delay, half)
+        sdir = outdir / "dicom" / sid / f"{(base_date + dt.timedelta(days=day[sess])).strftime('%Y%m%d')}_{sess.upper()}"
+        desc = _DESCRIPTIONS[vendor]
+        sn = 1
+        if (i + j) % 2 == 0:
+            write_localizer(sdir / f"{sn:02d}_{_safe(desc['loc'])}", patient, study, sn, desc["loc"], hu=hu, affine_lps=cta)
+        sn = 2
+        write_ct_series(sdir / f"{sn:02d}_{_safe(desc['ct'])}", np.rint(hu).astype(np.int16), cta, patient, study, sn, desc["ct"])
+        sn = 3 if vendor != "ge" else 4
+        write_pet_series(sdir / f"{sn:02d}_{_safe(desc['pet'])}", bq, peta, patient, study, petinfo, sn, desc["pet"])
+        if (i + j) % 3 == 1:
+            from .uptake import render_pet
+
+            nac = render_pet(suv, anat.affine, pets, peta, mis @ pose, tp.psf_fwhm_mm + 0.5, tp.noise_alpha, rng, nac=True)
+            nac_info = PetInfo(**{**petinfo.__dict__, "attenuation_corrected": False})
+            write_pet_series(sdir / f"{sn + 1:02d}_{_safe(desc['nac'])}", suv_to_bqml(nac, a_inj, patient.weight_kg, delay, half),
+                             peta, patient, study, nac_info, sn + 1, desc["nac"])
+        # truth: labels in CT space, gland rows, transforms
+        lab_ct = resample_labels(anat.glands, anat.affine, cts, cta, pose)
+        tdir = outdir / "truth" / f"sub-{sid}" / f"ses-{sess}"
+        _write_nifti(tdir / f"sub-{sid}_ses-{sess}_space-ct_dseg.nii.gz", lab_ct, cta)
+        write_label_table(tdir / f"sub-{sid}_ses-{sess}_space-ct_dseg.tsv")
+        for idx, lab in glabels.items():
+            truth_rows.append({
+                "subject_id": sid, "group": group, "session": sess, "tracer": tp.tracer, "gland": lab.gland,
+                "side": lab.side, "true_volume_ml": float(counts[idx]) * anat.voxel_volume_ml,
+                "true_suv_mean": means.get(idx, float("nan")), "severity": severity,
+                "fibrotic_fraction": (fib.fraction.get(idx, 0.0) if fib is not None else 0.0),
+            })
+        anat_to_pet = mis @ pose
+        for frm, to, M in (("anatomy", "ct", pose), ("anatomy", "pet", anat_to_pet), ("pet", "ct", np.linalg.inv(mis))):
+            xfm_rows.append({"subject_id": sid, "session": sess, "from_space": frm, "to_space": to,
+                             "matrix_lps": [float(v) for v in M.ravel()], "rotation_deg": _angle_deg(M),
+                             "translation_mm": float(np.linalg.norm(M[:3, 3]))})
+    if len(sessions) == 2:
+        M = poses["psma"] @ np.linalg.inv(poses["fapi"])
+        xfm_rows.append({"subject_id": sid, "session": None, "from_space": "fapi_ct", "to_space": "psma_ct",
+                         "matrix_lps": [float(v) for v in M.ravel()], "rotation_deg": _angle_deg(M),
+                         "translation_mm": float(np.linalg.norm(M[:3, 3]))})
+    subj = {"subject_id": sid, "group": group, "dicom_dir": sid, "sex": sex, "age": age, **clinical}
+    return {"subject": subj, "truth": truth_rows, "transforms": xfm_rows, "seconds": time.perf_counter() - t0,
+            "lesion": lesion}
+
+
+def make_atlas(outdir: str | Path, j: int, seed: int, anatomy_from=None, case_id=None) -> dict:
+    """Atlas j: another individual's CT (rendered like a subject CT) + gland labels + label table."""
+    from .uptake import ct_hu_map, draw_ct_params, render_ct, resample_labels, slice_profile
+
+    t0 = time.perf_counter()
+    ss = np.random.SeedSequence(seed, spawn_key=(1, j))
+    r_demo, r_anat, r_geo = (np.random.default_rng(s) for s in ss.spawn(3))
+    sex = "F" if r_demo.random() < 0.6 else "M"
+    age = int(np.clip(round(r_demo.normal(58, 12)), 25, 85))
+    anat = _build_anatomy(r_anat, sex, anatomy_from, case_id)
+    ctp = draw_ct_params(r_demo, age)
+    vendor = VENDORS[j % 3]
+    hu_anat = slice_profile(ct_hu_map(anat, ctp, r_demo), anat.affine, _GEOMETRY[vendor]["ct"][2])
+    pose = _rigid(r_geo, 8.0, 10.0, (0.0, 0.0, -20.0))
+    cts, cta = ct_grid(vendor, pose, anat, r_geo)
+    hu = render_ct(hu_anat, anat.affine, cts, cta, pose, ctp["noise_sd"], r_geo)
+    lab = resample_labels(anat.glands, anat.affine, cts, cta, pose)
+    adir = Path(outdir) / "atlases" / f"atlas{j + 1:02d}"
+    _write_nifti(adir / "ct.nii.gz", np.clip(np.rint(hu), -1024, 3071).astype(np.int16), cta)
+    _write_nifti(adir / "labels.nii.gz", lab, cta)
+    write_label_table(adir / "labels.tsv")
+    return {"atlas": adir.name, "seconds": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------------------------------------
+# the cohort
+
+
+def _task(kind, *args):
+    if kind == "subject":
+        return kind, make_subject(*args)
+    return kind, make_atlas(*args)
+
+
+def generate_cohort(outdir, n_subjects: int, seed: int, anatomy_from=None, n_atlases: int = 3,
+                    pss_fraction: float = 0.6, jobs: int = 1, progress: bool = True) -> dict:
+    """Write a phantom cohort under ``outdir``; returns a summary dict (counts, seconds)."""
+    from ..tables import GLAND_TRUTH, TRANSFORMS, write_table
+
+    t0 = time.perf_counter()
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    groups = assign_groups(n_subjects, pss_fraction)
+    cases_s, cases_a = [None] * n_subjects, [None] * n_atlases
+    if anatomy_from:
+        from .real_anatomy import load_real_anatomies
+
+        cases = list(load_real_anatomies(anatomy_from))
+        if len(cases) < 2:
+            raise ValueError(f"{anatomy_from}: need at least 2 label-map cases, found {len(cases)}")
+        na = min(n_atlases, max(1, len(cases) // 3))
+        pool_s, pool_a = cases[: len(cases) - na], cases[len(cases) - na:]
+        cases_s = [pool_s[i % len(pool_s)] for i in range(n_subjects)]
+        cases_a = [pool_a[j % len(pool_a)] for j in range(n_atlases)]
+    tasks = [("subject", outdir, i, groups[i], seed, anatomy_from, cases_s[i]) for i in range(n_subjects)]
+    tasks += [("atlas", outdir, j, seed, anatomy_from, cases_a[j]) for j in range(n_atlases)]
+    results = []
+    tty = progress and sys.stderr.isatty()
+    if jobs > 1 and len(tasks) > 1:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as ex:
+            futs = [ex.submit(_task, *t) for t in tasks]
+            for n, f in enumerate(futs, 1):
+                results.append(f.result())
+                if tty:
+                    print(f"\rglandpet phantom: {n}/{len(tasks)} individuals", end="", file=sys.stderr, flush=True)
+    else:
+        for n, t in enumerate(tasks, 1):
+            results.append(_task(*t))
+            if tty:
+                print(f"\rglandpet phantom: {n}/{len(tasks)} individuals", end="", file=sys.stderr, flush=True)
+    subj = [r for k, r in results if k == "subject"]
+    import pandas as pd
+
+    sheet = pd.DataFrame([s["subject"] for s in subj])
+    for c in ("essdai", "schirmer_mm"):
+        sheet[c] = sheet[c].astype("Int64")
+    sheet.to_csv(outdir / "subjects.tsv", sep="\t", index=False, na_rep="")
+    (outdir / "truth").mkdir(exist_ok=True)
+    write_table([r for s in subj for r in s["truth"]], GLAND_TRUTH, outdir / "truth" / "gland_truth.parquet")
+    write_table([r for s in subj for r in s["transforms"]], TRANSFORMS, outdir / "truth" / "transforms.parquet")
+    secs = time.perf_counter() - t0
+    n_pss = sum(g == "pss" for g in groups)
+    summary = {"subjects": n_subjects, "pss": n_pss, "control": n_subjects - n_pss,
+               "sessions": sum(len({r["session"] for r in s["truth"]}) for s in subj), "atlases": n_atlases,
+               "seconds": secs, "outdir": str(outdir)}
+    if progress:
+        if tty:
+            print(file=sys.stderr)
+        print(f"glandpet phantom: {n_subjects} subjects ({n_pss} pss, {n_subjects - n_pss} control), "
+              f"{summary['sessions']} sessions, {n_atlases} atlases in {secs:.1f} s -> {outdir}", file=sys.stderr)
+    return summary
+
+
+def run_phantom(args) -> int:
+    """The `glandpet phantom` command."""
+    from ..errors import UserError
+
+    if args.subjects < 1:
+        raise UserError("--subjects must be at least 1")
+    if not 0.0 <= args.pss_fraction <= 1.0:
+        raise UserError("--pss-fraction must be between 0 and 1")
+    if args.anatomy_from and not Path(args.anatomy_from).is_dir():
+        raise UserError(f"--anatomy-from: {args.anatomy_from} is not a folder")
+    jobs = args.jobs if args.jobs and args.jobs > 0 else (os.cpu_count() or 1)
+    generate_cohort(args.outdir, args.subjects, args.seed, anatomy_from=args.anatomy_from, n_atlases=args.atlases,
+                    pss_fraction=args.pss_fraction, jobs=jobs, progress=True)
+    return 0
