@@ -1,10 +1,13 @@
 # glandpet: dual-tracer (PSMA/FAPI) PET/CT -> per-gland SUV tables, index, statistics and report.
+import os
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# Defaults beside this Snakefile; a study overrides them with --configfile.
+configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 validate(config, "config.schema.yaml")

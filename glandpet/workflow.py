@@ -441,3 +441,35 @@ def cohort_figures(inputs: Any, output: Any) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     draw(inputs.gland_stats, inputs.gland_index, out_dir)
     Path(output.done).write_text("")
+
+
+def segment_glands(inputs: Any, output: Any, session: str, atlases: list[Mapping[str, str]], fusion: str,
+                   refine_hu: Mapping[str, Any], threads: int = 1) -> None:
+    """Gland labels in one session's CT space: multi-atlas segmentation on the reference session,
+    the session transform (inverse, generic-label interpolation) for the other one."""
+    import shutil
+
+    from .glands import read_label_table, write_label_table
+
+    set_threads(threads)
+    if "atlases" in inputs.keys():
+        from .segmentation import segment_subject
+
+        metrics = segment_subject(inputs.ct, [dict(a) for a in atlases], output.dseg, output.table, fusion=fusion,
+                                  threads=threads, refine=dict(refine_hu) or None)
+        message = None
+        missing = metrics.get("glands_missing") if isinstance(metrics, dict) else None
+        if missing:
+            message = f"no atlas holds: {', '.join(missing)}"
+        write_json({"stage": "segment", "status": "warning" if message else "ok", "message": message,
+                    "metrics": metrics}, output.qc)
+        return
+    from .registration import apply_inverse_session_transform
+
+    prefix = str(inputs.affine)[: -len("_xfm.mat")]
+    apply_inverse_session_transform(inputs.ref_dseg, inputs.ct, prefix, out_path=output.dseg,
+                                    interpolation="genericLabel")
+    ref_table = str(inputs.ref_dseg)[: -len(".nii.gz")] + ".tsv"
+    write_label_table(output.table, read_label_table(ref_table))
+    write_json({"stage": "segment", "status": "ok", "message": f"labels carried from the reference session to {session}",
+                "metrics": {"method": "session_transform"}}, output.qc)
