@@ -101,12 +101,16 @@ def log_to(path: str | os.PathLike | None) -> Iterator[logging.Logger]:
             root.removeHandler(handler)
 
 
-def write_json(obj: Any, path: str | os.PathLike) -> None:
+def write_text_atomic(text: str, path: str | os.PathLike) -> None:
     from .tables import atomic_path
 
     tmp = atomic_path(path)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    write_text_atomic(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
 
 
 def set_threads(threads: int) -> None:
@@ -124,7 +128,11 @@ def demo_phantom(outdir: str, subjects: int, seed: int, atlases: int, threads: i
 
 
 def index_dicom(sheet: str, dicom_root: str, overrides: list[Mapping[str, str]], output: Any, threads: int = 1) -> None:
-    """Index the tree, select series per subject and session; write the per-subject selections."""
+    """Index the tree, select series per subject and session, and write each subject's selection
+    (`work/sub-<id>/sub-<id>_series.json`: the files of the chosen CT and PET per session).
+
+    A selection file is rewritten only when its content changes, so adding a subject to the
+    sheet re-runs the index but none of the other subjects' conversions."""
     from .series_index import index_tree, summary_text, write_index
     from .subjects import read_subject_sheet
 
@@ -132,36 +140,48 @@ def index_dicom(sheet: str, dicom_root: str, overrides: list[Mapping[str, str]],
     chosen = {(o["subject_id"], o["session"]): o["series_key"] for o in overrides or []}
     result = index_tree(dicom_root, subjects, jobs=int(threads), overrides=chosen)
     write_index(result, output.series, output.files, output.skipped)
+    work = Path(output.files).parent
+    for subject, selection in session_selections(result.series, result.files).items():
+        path = work / f"sub-{subject}" / f"sub-{subject}_series.json"
+        text = json.dumps(selection, indent=2, sort_keys=True) + "\n"
+        if not path.is_file() or path.read_text() != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(text, path)
     log.info("index of %s:\n%s", Path(dicom_root).name, summary_text(result))
 
 
-def _selected_files(series_path: str, files_path: str, dicom_root: str, subject: str, session: str, modality: str) -> list[str]:
-    import pandas as pd
-
-    from .errors import UserError
-
-    series = pd.read_parquet(series_path)
-    rows = series[(series["subject_id"] == subject) & series["selected"].fillna(False).astype(bool)]
-    pet = rows[(rows["role"] == "pet_ac") & (rows["session"] == session)]
-    if len(pet) != 1:
-        raise UserError(f"sub-{subject} ses-{session}: expected one selected PET series, found {len(pet)}")
-    key = pet.iloc[0]["series_key"] if modality == "pet" else pet.iloc[0]["paired_ct_key"]
-    if key is None or (isinstance(key, float)):
-        raise UserError(f"sub-{subject} ses-{session}: the PET series has no CT (no series shares its frame of reference or study)")
-    files = pd.read_parquet(files_path, filters=[("series_key", "==", key)])
-    if files.empty:
-        raise UserError(f"sub-{subject} ses-{session}: no files listed for series {key}")
-    return [str(Path(dicom_root) / p) for p in files.iloc[0]["paths"]]
+def session_selections(series: Any, files: Any) -> dict[str, dict[str, Any]]:
+    """{subject: {session: {tracer, tracer_slug, pet_key, ct_key, pet_files, ct_files}}} of the
+    selected series (file paths relative to the DICOM root, in slice order)."""
+    paths = dict(zip(files["series_key"], files["paths"]))
+    sel = series[series["selected"].fillna(False).astype(bool) & (series["role"] == "pet_ac")]
+    out: dict[str, dict[str, Any]] = {}
+    for row in sel.itertuples():
+        ct_key = row.paired_ct_key if isinstance(row.paired_ct_key, str) else None
+        out.setdefault(row.subject_id, {})[row.session] = {
+            "tracer": row.tracer, "tracer_slug": row.tracer_slug, "pet_key": row.series_key, "ct_key": ct_key,
+            "pet_files": list(paths.get(row.series_key, [])), "ct_files": list(paths.get(ct_key, [])) if ct_key else [],
+        }
+    for subject in series["subject_id"].unique():
+        out.setdefault(subject, {})
+    return out
 
 
-def convert_session(series_path: str, files_path: str, dicom_root: str, subject: str, session: str,
-                    modality: str, output: Any) -> None:
+def convert_session(selection_path: str, dicom_root: str, subject: str, session: str, modality: str,
+                    output: Any) -> None:
     """Convert the selected CT or PET series of one session to NIfTI (PET in Bq/mL + sidecar)."""
     from .convert import convert_series
+    from .errors import UserError
 
-    files = _selected_files(series_path, files_path, dicom_root, subject, session, modality)
+    selection = json.loads(Path(selection_path).read_text()).get(session)
+    if not selection:
+        raise UserError(f"sub-{subject} ses-{session}: the index selected no PET series for this session")
+    files = selection[f"{modality}_files"]
+    if not files:
+        raise UserError(f"sub-{subject} ses-{session}: the PET series has no CT (no CT shares its frame of "
+                        f"reference or study)" if modality == "ct" else f"sub-{subject} ses-{session}: no PET files")
     out = output.ct if modality == "ct" else output.image
-    sidecar = convert_series(files, out, suv="none")
+    sidecar = convert_series([str(Path(dicom_root) / f) for f in files], out, suv="none")
     log.info("sub-%s ses-%s %s: %d files -> %s (%s)", subject, session, modality, len(files), out, sidecar.get("Units"))
 
 
@@ -455,10 +475,11 @@ def segment_glands(inputs: Any, output: Any, session: str, atlases: list[Mapping
     if "atlases" in inputs.keys():
         from .segmentation import segment_subject
 
+        refine = {gland: {"hu": list(window)} for gland, window in (refine_hu or {}).items()} or None
         metrics = segment_subject(inputs.ct, [dict(a) for a in atlases], output.dseg, output.table, fusion=fusion,
-                                  threads=threads, refine=dict(refine_hu) or None)
+                                  threads=threads, refine=refine)
         message = None
-        missing = metrics.get("glands_missing") if isinstance(metrics, dict) else None
+        missing = metrics.get("labels_absent")
         if missing:
             message = f"no atlas holds: {', '.join(missing)}"
         write_json({"stage": "segment", "status": "warning" if message else "ok", "message": message,
@@ -473,3 +494,17 @@ def segment_glands(inputs: Any, output: Any, session: str, atlases: list[Mapping
     write_label_table(output.table, read_label_table(ref_table))
     write_json({"stage": "segment", "status": "ok", "message": f"labels carried from the reference session to {session}",
                 "metrics": {"method": "session_transform"}}, output.qc)
+
+
+def qc_montage(inputs: Any, out_png: str, subject: str) -> None:
+    """Per-subject QC montage on the reference session's CT."""
+    from .figures import qc_montage as draw
+    from .glands import read_label_table
+
+    keys = set(inputs.keys())
+    pets = {s: inputs[f"{s}_suv"] for s in ("psma", "fapi") if f"{s}_suv" in keys}
+    xfms = {s: inputs[f"{s}_xfm"] for s in ("psma", "fapi") if f"{s}_xfm" in keys}
+    warp = str(inputs.affine)[: -len("_xfm.mat")] if "affine" in keys else None
+    labels = read_label_table(str(inputs.dseg)[: -len(".nii.gz")] + ".tsv")
+    draw(inputs.ct, pets, inputs.dseg, out_png, title=f"sub-{subject}", pet_to_ct_xfms=xfms,
+         session_warp=warp, labels=labels)

@@ -37,6 +37,12 @@ def series_table():
     return checkpoints.index_dicom.get().output.series
 
 
+def subject_selection(w):
+    """The subject's selected series (written by the index checkpoint, rewritten only on change)."""
+    series_table()
+    return f"{RESULTS}/work/sub-{w.subject}/sub-{w.subject}_series.json"
+
+
 def sessions(subject):
     """The sessions (psma, fapi) the index selected for a subject."""
     return selected_sessions(series_table(), subject)
@@ -126,6 +132,20 @@ def index_inputs(w):
     return inputs
 
 
+def montage_inputs(w):
+    ss = sessions(w.subject)
+    ref = reference_session(ss)
+    rw = type("W", (), {"subject": w.subject, "session": ref})
+    inputs = {"ct": ct_image(rw), "dseg": dseg(rw)}
+    for s in ss:
+        sw = type("W", (), {"subject": w.subject, "session": s})
+        inputs[f"{s}_suv"] = suv_image(sw)
+        inputs[f"{s}_xfm"] = pet_to_ct(sw)
+    if {"psma", "fapi"} <= set(ss):
+        inputs.update(session_transform(w.subject))
+    return inputs
+
+
 def all_subject_files(pattern_fn):
     return [f for s in SUBJECTS for f in pattern_fn(s)]
 
@@ -148,4 +168,4 @@ def final_outputs(_w=None):
         f"{RESULTS}/tables/qc.parquet",
         f"{RESULTS}/tables/cohort_stats.parquet",
         f"{RESULTS}/figures/.done",
-    ]
+    ] + [f"{RESULTS}/figures/qc/sub-{s}_qc.png" for s in SUBJECTS]

@@ -27,8 +27,7 @@ checkpoint index_dicom:
 
 rule convert_ct:
     input:
-        series=f"{RESULTS}/tables/series.parquet",
-        files=f"{RESULTS}/work/series_files.parquet",
+        selection=subject_selection,
     output:
         ct=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_ct.nii.gz",
     log:
@@ -50,8 +49,7 @@ rule convert_ct:
 
 rule convert_pet:
     input:
-        series=f"{RESULTS}/tables/series.parquet",
-        files=f"{RESULTS}/work/series_files.parquet",
+        selection=subject_selection,
     output:
         image=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_trc-{{tracer}}_pet.nii.gz",
         sidecar=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_trc-{{tracer}}_pet.json",

@@ -9,6 +9,6 @@ sm = snakemake  # noqa: F821
 
 with wf.log_to(sm.log[0]):
     wf.convert_session(
-        sm.input.series, sm.input.files, sm.params.dicom_root, sm.wildcards.subject, sm.wildcards.session,
-        sm.params.modality, sm.output,
+        sm.input.selection, sm.params.dicom_root, sm.wildcards.subject, sm.wildcards.session, sm.params.modality,
+        sm.output,
     )

@@ -373,9 +373,9 @@ def generate_cohort(outdir, n_subjects: int, seed: int, anatomy_from=None, n_atl
     groups = assign_groups(n_subjects, pss_fraction)
     cases_s, cases_a = [None] * n_subjects, [None] * n_atlases
     if anatomy_from:
-        from .real_anatomy import load_real_anatomies
+        from .real_anatomy import list_real_cases
 
-        cases = list(load_real_anatomies(anatomy_from))
+        cases = list(list_real_cases(anatomy_from))
         if len(cases) < 2:
             raise ValueError(f"{anatomy_from}: need at least 2 label-map cases, found {len(cases)}")
         na = min(n_atlases, max(1, len(cases) // 3))

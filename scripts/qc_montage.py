@@ -1,0 +1,11 @@
+"""Snakemake wrapper: per-subject QC montage (CT + gland contours, fused PET, MIP)."""
+
+import sys
+
+sys.path.insert(0, snakemake.scriptdir + "/..")  # noqa: F821  (the package, also inside conda envs)
+from glandpet import workflow as wf  # noqa: E402
+
+sm = snakemake  # noqa: F821
+
+with wf.log_to(sm.log[0]):
+    wf.qc_montage(sm.input, sm.output.png, sm.wildcards.subject)
