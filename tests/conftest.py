@@ -15,3 +15,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA} is absent (a user's clone): test needs it")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def small_cohort(tmp_path_factory) -> Path:
+    """A 2-subject phantom cohort (one pSS with two sessions, one control), one atlas; shared by
+    the ingest tests."""
+    from glandpet.phantom.cohort import generate_cohort
+
+    out = tmp_path_factory.mktemp("cohort")
+    generate_cohort(out, 2, seed=5, n_atlases=1, progress=False)
+    return out
