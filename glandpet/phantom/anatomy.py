@@ -705,8 +705,13 @@ def build_parametric_anatomy(rng: np.random.Generator, sex: str | None = None) -
 
 def add_lesion(anat: Anatomy, rng: np.random.Generator) -> dict:
     """Plant a FAPI-avid solid-tumour lesion (a nodal metastasis in neck level II/III, or a
-    tongue-base primary) as Tissue.TUMOUR, away from the glands. Returns its description."""
-    g = anat.affine
+    tongue-base primary) as Tissue.TUMOUR, away from the glands. Returns its description.
+
+    Parametric anatomies place it at fixed positions of the parametric frame; anatomies that
+    carry their own landmarks (``anat.extra["frame"]``, e.g. the real-label individuals, whose
+    frame is the scan's world) place it relative to those landmarks, in soft tissue."""
+    if "frame" in anat.extra:
+        return _add_lesion_landmarks(anat, rng)
     kind = "node" if rng.random() < 0.7 else "tongue_base"
     s = 1.0 if rng.random() < 0.5 else -1.0
     if kind == "node":
@@ -715,18 +720,96 @@ def add_lesion(anat: Anatomy, rng: np.random.Generator) -> dict:
     else:
         c = np.array([s * rng.uniform(3, 10), rng.uniform(-34, -26), rng.uniform(-70, -60)])
         r = rng.uniform(7, 12)
-    # in voxel indices (axis-aligned anatomy grid)
-    inv = np.linalg.inv(g)
-    ci = inv[:3, :3] @ c + inv[:3, 3]
-    h = float(abs(g[0, 0]))
-    ri = r / h
-    lo = np.maximum(np.floor(ci - ri - 3).astype(int), 0)
-    hi = np.minimum(np.ceil(ci + ri + 3).astype(int), anat.tissue.shape)
-    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
-    I, J, K = np.ogrid[sl]
-    warp_rng = rng.normal(0, 0.12, 3)
-    d2 = ((I - ci[0]) / (ri * (1 + warp_rng[0]))) ** 2 + ((J - ci[1]) / (ri * (1 + warp_rng[1]))) ** 2 + ((K - ci[2]) / (ri * (1 + warp_rng[2]))) ** 2
+    m, sl, _ = _lesion_mask(anat, c, r, rng.normal(0, 0.12, 3))
     t = anat.tissue[sl]
-    m = (d2 <= 1.0) & (anat.glands[sl] == 0) & _SOFT_OK[t] & (t != Tissue.AIRWAY)
     t[m] = Tissue.TUMOUR
     return {"kind": kind, "center_mm": c.tolist(), "radius_mm": float(r), "n_voxels": int(m.sum())}
+
+
+def _lesion_mask(anat: Anatomy, c: np.ndarray, r: float, warp: np.ndarray, margin: float = 3.0):
+    """Voxels of a warped ball (centre c, radius r mm, per-axis radius factors 1 + warp) that may
+    become tumour (soft tissue, no gland, no airway), the box slices, and the ball's own voxel
+    count. Works on any axis-aligned grid (anisotropic voxels included)."""
+    g = anat.affine
+    inv = np.linalg.inv(g)
+    ci = inv[:3, :3] @ c + inv[:3, 3]
+    h = np.sqrt((g[:3, :3] ** 2).sum(axis=0))  # voxel size per axis (mm)
+    ri = r / h
+    lo = np.maximum(np.floor(ci - ri - margin).astype(int), 0)
+    hi = np.minimum(np.ceil(ci + ri + margin).astype(int), anat.tissue.shape)
+    sl = tuple(slice(a, max(a, b)) for a, b in zip(lo, hi))
+    I, J, K = np.ogrid[sl]
+    d2 = ((I - ci[0]) / (ri[0] * (1 + warp[0]))) ** 2 + ((J - ci[1]) / (ri[1] * (1 + warp[1]))) ** 2 + (
+        (K - ci[2]) / (ri[2] * (1 + warp[2]))) ** 2
+    t = anat.tissue[sl]
+    ball = d2 <= 1.0
+    m = ball & (anat.glands[sl] == 0) & _SOFT_OK[t] & (t != Tissue.AIRWAY)
+    return m, sl, int(ball.sum())
+
+
+def _add_lesion_landmarks(anat: Anatomy, rng: np.random.Generator, tries: int = 12) -> dict:
+    """A lesion placed from the anatomy's own landmarks (``extra["frame"]``, anatomy-frame mm):
+
+    * node: level II/III, lateral to the internal jugular vein (which runs ~30 mm lateral to the
+      spinal canal at the front of the vertebral bodies), from 10 mm below to 6 mm above the
+      bottom of the submandibular gland (about the hyoid level);
+    * tongue base: a random tongue voxel in the posterior third of the tongue, 2-12 mm off the
+      midline.
+
+    A draw is kept when at least 60 % of the ball is soft tissue (no bone, air, vessel, gland)
+    and the ball stays >= 5 mm from every gland; otherwise another draw (deterministic for the
+    rng); after ``tries`` draws the best one is kept."""
+    fr = anat.extra["frame"]
+    g = anat.affine
+    inv = np.linalg.inv(g)
+    h = np.sqrt((g[:3, :3] ** 2).sum(axis=0))
+    kind = "node" if rng.random() < 0.7 else "tongue_base"
+    s = 1.0 if rng.random() < 0.5 else -1.0
+    side = "left" if s > 0 else "right"
+    tongue = None
+    best = None
+    for _ in range(tries):
+        if kind == "node":
+            z = fr["smg_bottom_z"][side] + rng.uniform(-10.0, 6.0)
+            k = int(np.clip(round(inv[2, 2] * z + inv[2, 3]), 0, anat.tissue.shape[2] - 1))
+            cx, cy = fr["canal_x"][k], fr["canal_y"][k]
+            vb_front = cy - fr["canal_r"] - fr["vb_ap"]
+            c = np.array([cx + s * rng.uniform(36.0, 44.0), vb_front + rng.uniform(2.0, 12.0), z])
+            r = rng.uniform(6, 11)
+        else:
+            if tongue is None:
+                idx = np.argwhere(anat.tissue == Tissue.TONGUE)
+                w = idx @ g[:3, :3].T + g[:3, 3]
+                back = w[:, 1] >= np.quantile(w[:, 1], 2 / 3) if len(w) else np.zeros(0, bool)
+                tongue = w[back]
+            off = (tongue[:, 0] - fr["mid_x"]) * s if len(tongue) else np.zeros(0)
+            cand = tongue[(off >= 2.0) & (off <= 12.0)] if len(tongue) else tongue
+            if len(cand) == 0:  # no tongue synthesised: fall back to a node
+                kind = "node"
+                continue
+            c = cand[int(rng.integers(len(cand)))].astype(float)
+            r = rng.uniform(7, 12)
+        warp = rng.normal(0, 0.12, 3)
+        m, sl, n_ball = _lesion_mask(anat, c, r, warp)
+        frac = m.sum() / max(n_ball, 1)
+        # distance to the glands: no gland voxel within r + 5 mm of the centre (per-axis mm)
+        ci = inv[:3, :3] @ c + inv[:3, 3]
+        reach = (r * 1.15 + 5.0) / h
+        lo = np.maximum(np.floor(ci - reach).astype(int), 0)
+        hi = np.minimum(np.ceil(ci + reach).astype(int) + 1, anat.tissue.shape)
+        gsl = tuple(slice(a, max(a, b)) for a, b in zip(lo, hi))
+        gi = np.argwhere(anat.glands[gsl] > 0)
+        if len(gi):
+            dmm = np.sqrt(((((gi + lo) - ci) * h) ** 2).sum(axis=1)).min() - r * (1 + float(np.abs(warp).max()))
+        else:
+            dmm = np.inf
+        score = frac + (0.5 if dmm >= 5.0 else 0.0)
+        if best is None or score > best[0]:
+            best = (score, kind, c, r, m, sl, frac, dmm)
+        if frac >= 0.6 and dmm >= 5.0:
+            break
+    _, kind, c, r, m, sl, frac, dmm = best
+    t = anat.tissue[sl]
+    t[m] = Tissue.TUMOUR
+    return {"kind": kind, "center_mm": [float(v) for v in c], "radius_mm": float(r), "n_voxels": int(m.sum()),
+            "soft_fraction": float(frac), "gland_clearance_mm": float(dmm)}

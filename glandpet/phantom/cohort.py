@@ -11,6 +11,11 @@ Layout written under OUTDIR::
 Determinism: subject i draws from ``SeedSequence(seed, spawn_key=(0, i))`` and atlas j from
 ``SeedSequence(seed, spawn_key=(1, j))``, so subject i is the same whatever the cohort size.
 
+With ``anatomy_from`` (real label maps) the subjects take usable cases from the start of the sorted
+case list and the atlases from its end (:func:`assign_real_cases`, which reads only those cases);
+such an anatomy's frame is the label map's own LPS world (not head-centred): poses rotate about
+its own head centre (:func:`head_centre`), and its CT grid is fitted to its body and glands.
+
 Spaces of ``truth/transforms.parquet`` (4x4 LPS matrices, x_to = M @ x_from):
 ``anatomy -> ct`` (the session's head pose), ``anatomy -> pet`` (pose composed with the
 PET-to-CT misalignment), ``pet -> ct`` (what a PET-to-CT registration should find) and, for
@@ -31,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..glands import DEFAULT_LABELS, write_label_table
-from .model import LPS_TO_RAS, Anatomy, PatientInfo, PetInfo, StudyInfo
+from .model import LPS_TO_RAS, Anatomy, PatientInfo, PetInfo, StudyInfo, Tissue
 
 VENDORS = ("siemens", "ge", "philips")
 
@@ -122,8 +127,76 @@ def subject_id(i: int) -> str:
 # geometry of a session
 
 
+#: Rotation centre of the session poses in the parametric anatomy frame (origin between the ear
+#: canals): on the midline, 20 mm below the ear canals.
+_PARAMETRIC_HEAD_CENTRE = (0.0, 0.0, -20.0)
+
+
+def head_centre(anat: Anatomy) -> tuple[float, float, float]:
+    """The point of the anatomy frame that the session poses rotate about: the parametric
+    frame's fixed centre, or the individual's own (``extra["frame"]["head_centre"]``, e.g. the
+    real-label individuals, whose frame is the scan's world, not head-centred)."""
+    fr = anat.extra.get("frame")
+    if fr and "head_centre" in fr:
+        return tuple(float(v) for v in fr["head_centre"])
+    return _PARAMETRIC_HEAD_CENTRE
+
+
+def _anatomy_points(anat: Anatomy) -> dict:
+    """World points (anatomy frame, mm) of the body (every other voxel in-plane), of the body in
+    the grid's lowest slice (where the anatomy is cut) and of what the images must show (glands,
+    a control's lesion); cached in ``extra``."""
+    key = "_ct_points"
+    cached = anat.extra.get(key)
+    if cached is not None and cached[0] == id(anat.tissue):
+        return cached[1]
+    A = anat.affine
+
+    def world(idx):
+        return idx @ A[:3, :3].T + A[:3, 3]
+
+    body = anat.tissue > 0
+    sub = np.argwhere(body[::2, ::2, :]) * np.array([2, 2, 1])
+    k_low = 0 if A[2, 2] > 0 else anat.tissue.shape[2] - 1
+    low = np.argwhere(body[:, :, k_low])
+    pts = {"body": world(sub), "bottom": world(np.c_[low, np.full(len(low), k_low)]) if len(low) else np.zeros((0, 3)),
+           "targets": world(np.argwhere((anat.glands > 0) | (anat.tissue == Tissue.TUMOUR)))}
+    anat.extra[key] = (id(anat.tissue), pts)
+    return pts
+
+
+def _ct_grid_landmarks(vendor: str, pose: np.ndarray, anat: Anatomy, rng) -> tuple[tuple[int, int, int], np.ndarray]:
+    """CT grid of an anatomy in its own frame (real-label individuals): from the vertex (+4 mm)
+    down to where the anatomy grid ends (at least 12 mm below the lowest gland or lesion), centred in-plane
+    on the body with a >= 8 mm margin; the vendor's matrix, its pixel enlarged (FOV widened) when
+    the head does not fit."""
+    px, n, dz = _GEOMETRY[vendor]["ct"]
+    P = _anatomy_points(anat)
+
+    def moved(w):
+        return w @ pose[:3, :3].T + pose[:3, 3]
+
+    body, targets = moved(P["body"]), moved(P["targets"])
+    top = float(body[:, 2].max()) + 4.0
+    g_lo = float(targets[:, 2].min()) if len(targets) else float(body[:, 2].min())
+    cut = float(moved(P["bottom"])[:, 2].max()) + 1.0 if len(P["bottom"]) else float(body[:, 2].min())
+    zmin = min(max(cut, g_lo - 40.0, float(body[:, 2].min())), g_lo - 12.0)
+    nz = int(math.ceil((top - zmin) / dz))
+    inz = body[(body[:, 2] >= zmin) & (body[:, 2] <= zmin + nz * dz)]
+    lo, hi = inz[:, :2].min(0), inz[:, :2].max(0)
+    centre = (lo + hi) / 2 + rng.uniform(-3, 3, 2)
+    half = float(np.max(np.maximum(hi - centre, centre - lo))) + 8.0 + 1.0  # + a body voxel
+    if 2 * half > px * (n - 1):
+        px = math.ceil(2 * half / (n - 1) * 1000.0) / 1000.0
+    A = np.diag([px, px, dz, 1.0])
+    A[:3, 3] = [centre[0] - px * (n - 1) / 2, centre[1] - px * (n - 1) / 2, zmin]
+    return (n, n, nz), A
+
+
 def ct_grid(vendor: str, pose: np.ndarray, anat: Anatomy, rng) -> tuple[tuple[int, int, int], np.ndarray]:
     """Axis-aligned CT grid (shape, LPS affine) covering the vertex to below the thyroid."""
+    if "frame" in anat.extra:
+        return _ct_grid_landmarks(vendor, pose, anat, rng)
     px, n, dz = _GEOMETRY[vendor]["ct"]
     top = anat.extra.get("vertex_z", 132.0)
     pts = np.array([[0, 5, top + 4, 1], [60, 5, top - 20, 1], [-60, 5, top - 20, 1], [0, 0, -168, 1]], float)
@@ -261,7 +334,7 @@ def make_subject(outdir: str | Path, i: int, group: str, seed: int, anatomy_from
         vendor = scanner if not (len(sessions) == 2 and sess == "fapi" and i % 3 == 2) else VENDORS[(i + 1) % 3]
         tp = draw_tracer_params(sess, severity, rng, fapi_compound=fapi_compound)
         suv, means = suv_map(anat, tp, fib, rng)
-        centre = (0.0, 0.0, -20.0)
+        centre = head_centre(anat)
         pose = _rigid(r_geo, 10.0, 15.0, centre, min_deg=1.0)
         mis = _rigid(r_geo, 1.0, 2.5, (pose @ np.r_[centre, 1.0])[:3])
         poses[sess] = pose
@@ -341,7 +414,7 @@ def make_atlas(outdir: str | Path, j: int, seed: int, anatomy_from=None, case_id
     ctp = draw_ct_params(r_demo, age)
     vendor = VENDORS[j % 3]
     hu_anat = slice_profile(ct_hu_map(anat, ctp, r_demo), anat.affine, _GEOMETRY[vendor]["ct"][2])
-    pose = _rigid(r_geo, 8.0, 10.0, (0.0, 0.0, -20.0))
+    pose = _rigid(r_geo, 8.0, 10.0, head_centre(anat))
     cts, cta = ct_grid(vendor, pose, anat, r_geo)
     hu = render_ct(hu_anat, anat.affine, cts, cta, pose, ctp["noise_sd"], r_geo)
     lab = resample_labels(anat.glands, anat.affine, cts, cta, pose)
@@ -362,6 +435,25 @@ def _task(kind, *args):
     return kind, make_atlas(*args)
 
 
+def assign_real_cases(anatomy_from, n_subjects: int, n_atlases: int) -> tuple[list[str], list[str]]:
+    """Label-map cases for the subjects and the atlases (disjoint: the atlases are other
+    individuals). Subjects take usable cases from the start of the sorted case list, atlases
+    from its end (about a third of the cases at most); a case is checked only when it is about
+    to be taken and skipped if unusable, so a small cohort reads a few cases, not all of them.
+    When there are fewer usable cases than subjects (or atlases), the cases are reused in turn."""
+    from .real_anatomy import _case_dirs, select_real_cases
+
+    n_total = len(_case_dirs(anatomy_from))
+    na = min(n_atlases, max(1, n_total // 3)) if n_atlases > 0 else 0
+    ns = min(n_subjects, max(n_total - na, 0))
+    first, last = select_real_cases(anatomy_from, ns, na)
+    if not first or (n_atlases > 0 and not last):
+        raise ValueError(f"{anatomy_from}: need at least {2 if n_atlases > 0 else 1} usable label-map cases "
+                         f"(every gland, brain, mandible, spinal canal and orbits labelled), found "
+                         f"{len(first) + len(last)}")
+    return [first[i % len(first)] for i in range(n_subjects)], [last[j % len(last)] for j in range(n_atlases)]
+
+
 def generate_cohort(outdir, n_subjects: int, seed: int, anatomy_from=None, n_atlases: int = 3,
                     pss_fraction: float = 0.6, jobs: int = 1, progress: bool = True) -> dict:
     """Write a phantom cohort under ``outdir``; returns a summary dict (counts, seconds)."""
@@ -373,15 +465,7 @@ def generate_cohort(outdir, n_subjects: int, seed: int, anatomy_from=None, n_atl
     groups = assign_groups(n_subjects, pss_fraction)
     cases_s, cases_a = [None] * n_subjects, [None] * n_atlases
     if anatomy_from:
-        from .real_anatomy import list_real_cases
-
-        cases = list(list_real_cases(anatomy_from))
-        if len(cases) < 2:
-            raise ValueError(f"{anatomy_from}: need at least 2 label-map cases, found {len(cases)}")
-        na = min(n_atlases, max(1, len(cases) // 3))
-        pool_s, pool_a = cases[: len(cases) - na], cases[len(cases) - na:]
-        cases_s = [pool_s[i % len(pool_s)] for i in range(n_subjects)]
-        cases_a = [pool_a[j % len(pool_a)] for j in range(n_atlases)]
+        cases_s, cases_a = assign_real_cases(anatomy_from, n_subjects, n_atlases)
     tasks = [("subject", outdir, i, groups[i], seed, anatomy_from, cases_s[i]) for i in range(n_subjects)]
     tasks += [("atlas", outdir, j, seed, anatomy_from, cases_a[j]) for j in range(n_atlases)]
     results = []

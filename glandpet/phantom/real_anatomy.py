@@ -42,6 +42,8 @@ __all__ = [
     "CONTEXT_FILES",
     "ANNOTATORS",
     "list_real_cases",
+    "is_usable_case",
+    "select_real_cases",
     "build_real_anatomy",
     "load_annotator_pair",
     "load_case_labels",
@@ -188,21 +190,54 @@ def _annotator_order(annotator: str) -> list[str]:
     return [annotator] + [a for a in ANNOTATORS if a != annotator]
 
 
+def _usable(dirs: dict[str, Path], order: list[str]) -> bool:
+    for name in (*GLAND_FILES, *REQUIRED_CONTEXT):
+        if not any((p := _label_path(dirs, a, name)) is not None and _nonempty(p) for a in order):
+            return False
+    return True
+
+
+def is_usable_case(labels_dir: str | Path, case_id: str, annotator: str = "oncologist") -> bool:
+    """True when one case can be built (see :func:`list_real_cases`); checks that case's files only."""
+    dirs = _case_dirs(labels_dir).get(case_id)
+    return dirs is not None and _usable(dirs, _annotator_order(annotator))
+
+
 def list_real_cases(labels_dir: str | Path, annotator: str = "oncologist") -> list[str]:
     """Case ids that can be built: every gland label and every required context label
     (brain, mandible, spinal canal, orbits) exists and is non-empty for the preferred annotator
-    or, label by label, for the other one. Sorted."""
+    or, label by label, for the other one. Sorted.
+
+    This reads every case's label files (tens of seconds for the whole TCIA set): to pick a few
+    cases use :func:`select_real_cases`, which checks only the cases it takes."""
     order = _annotator_order(annotator)
-    usable = []
-    for case, dirs in _case_dirs(labels_dir).items():
-        ok = True
-        for name in (*GLAND_FILES, *REQUIRED_CONTEXT):
-            if not any((p := _label_path(dirs, a, name)) is not None and _nonempty(p) for a in order):
-                ok = False
-                break
-        if ok:
-            usable.append(case)
-    return sorted(usable)
+    return sorted(case for case, dirs in _case_dirs(labels_dir).items() if _usable(dirs, order))
+
+
+def select_real_cases(labels_dir: str | Path, n_first: int, n_last: int = 0,
+                      annotator: str = "oncologist") -> tuple[list[str], list[str]]:
+    """Up to ``n_first`` usable cases from the start of the sorted case list and up to ``n_last``
+    other usable cases from its end (disjoint), checking cases one by one in that order and
+    skipping the unusable ones, so that only the cases taken (and the ones skipped) are read.
+    Deterministic: the result depends only on the case names and their files. Returns
+    ``(first, last)``, ``first`` in ascending and ``last`` in descending name order; ``first``
+    stops where ``last`` begins, so both may be shorter than asked when too few cases are usable."""
+    order = _annotator_order(annotator)
+    cases = _case_dirs(labels_dir)
+    names = sorted(cases)
+    last: list[str] = []
+    lo = 0  # names[:lo] were checked from the front; names[hi:] from the back
+    hi = len(names)
+    while len(last) < n_last and hi > lo:
+        hi -= 1
+        if _usable(cases[names[hi]], order):
+            last.append(names[hi])
+    first: list[str] = []
+    while len(first) < n_first and lo < hi:
+        if _usable(cases[names[lo]], order):
+            first.append(names[lo])
+        lo += 1
+    return first, last
 
 
 def load_case_labels(
@@ -462,7 +497,9 @@ class _Builder:
         lows = [zrange(m) for m in low_parts]
         bottom_i = min(l[0] for l in lows) if zsign > 0 else max(l[1] for l in lows)
         margin_top = int(np.ceil(14.0 / sp[2]))  # skull + scalp above the brain
-        margin_bot = int(np.ceil(30.0 / sp[2]))  # hyoid and a margin below the glands
+        # hyoid and a margin below the glands, enough that a session's head tilt (poses up to
+        # ~10 degrees) does not bring the oblique cut of the grid into the CT's lowest slices
+        margin_bot = int(np.ceil(45.0 / sp[2]))
         if zsign > 0:
             k0, k1 = max(bottom_i - margin_bot, 0), min(top_i + margin_top, anyshape[2] - 1)
         else:
@@ -662,7 +699,30 @@ class _Builder:
             for lab_g in ("parotid", "submandibular", "sublingual", "lacrimal", "tubarial")
             for lab_s in ("left", "right")
         }
+        self.info["frame"] = self._frame()
         return Anatomy(tissue=T, glands=glands, affine=self.affine.copy(), source="real")
+
+    def _frame(self) -> dict:
+        """Landmarks of this individual in its anatomy frame (the NRRD's LPS world, mm) that the
+        cohort needs: the head centre (the analogue of the parametric frame's (0, 0, -20): on the
+        midline, at the ear canals' y, 20 mm below them), used as the rotation centre of the
+        session poses, and the neck landmarks that place a control's lesion."""
+        L = self.L
+        return {
+            "head_centre": [float(L["mid_x"]), float(L["cochlea_y"]), float(L["cochlea_z"] - 20.0)],
+            "mid_x": float(L["mid_x"]),
+            "cochlea_z": float(L["cochlea_z"]),
+            "crest_z": float(L["crest_z"]),
+            "palate_z": float(L["palate_z"]),
+            "mand_bottom_z": float(L["mand_bottom_z"]),
+            "smg_bottom_z": {"left": float(L["smg_lo"]["Lt"][2]), "right": float(L["smg_lo"]["Rt"][2])},
+            "parotid_bottom_z": {"left": float(L["par_lo"]["Lt"][2]), "right": float(L["par_lo"]["Rt"][2])},
+            "canal_r": float(L["canal_r"]),
+            "vb_ap": float(L["vb_ap"]),
+            # spinal canal centre per slice k of the anatomy grid (x, y in mm)
+            "canal_x": [float(v) for v in L["canal_x"]],
+            "canal_y": [float(v) for v in L["canal_y"]],
+        }
 
     # ------------------------------------------------------------------------------------------
     def _landmarks(self):
@@ -736,11 +796,14 @@ class _Builder:
             s: np.array([L["mid_x"] + (pc[s][0] - L["mid_x"]) * 0.6, pc[s][1] - 5, L["par_hi"][s][2] + 5])
             for s in ("Lt", "Rt")
         }
-        coch_z = []
+        coch_z, coch_y = [], []
         for s in ("Lt", "Rt"):
             m = self.mask(f"Cochlea-{s}")
-            coch_z.append(_centroid(m, g)[2] if m.any() else L["cochlea_est"][s][2])
+            c = _centroid(m, g) if m.any() else L["cochlea_est"][s]
+            coch_z.append(c[2])
+            coch_y.append(c[1])
         L["cochlea_z"] = float(np.mean(coch_z))
+        L["cochlea_y"] = float(np.mean(coch_y))
         # skull base over the nasopharynx: ~10 mm below the cochleae (petrous level)
         L["skull_base_z"] = float(max(L["canal_top_z"] + 10.0, L["cochlea_z"] - 10.0))
         # the vertebral body's anterior surface and the posterior pharyngeal wall, per slice

@@ -119,6 +119,12 @@ class Fibrosis:
     fapi_gain: float  # FAPI x (1 + fapi_gain * w)
 
 
+def _spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel size (mm) per array axis of an axis-aligned grid (the phantom grids are; the real
+    anatomy's voxels are anisotropic, e.g. 1 x 1 x 2.5 mm)."""
+    return np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0))
+
+
 def _gland_boxes(anat: Anatomy) -> dict:
     key = "_gland_boxes"
     if key in anat.extra and anat.extra.get("_gland_boxes_id") == id(anat.glands):
@@ -135,7 +141,9 @@ def _gland_boxes(anat: Anatomy) -> dict:
 
 def plant_fibrosis(anat: Anatomy, severity: float, rng: np.random.Generator) -> Fibrosis:
     """Plant a few smooth fibrotic blobs in each major gland, covering more with higher severity."""
-    h = float(abs(anat.affine[0, 0]))
+    sp = _spacing(anat.affine)
+    h = float(sp[0])
+    f = sp / h  # voxel size per axis in units of the first axis' (1, 1, 1 on isotropic grids)
     weights, frac = {}, {}
     sev = float(np.clip(severity, 0, 1))
     if sev <= 0:
@@ -149,7 +157,7 @@ def plant_fibrosis(anat: Anatomy, severity: float, rng: np.random.Generator) -> 
         idx = np.argwhere(m)
         target = float(np.clip(0.08 + 0.35 * sev + rng.normal(0, 0.05), 0.03, 0.6))
         nz = int(np.clip(1 + round(3 * sev * rng.uniform(0.6, 1.4)), 1, 5))
-        vol = len(idx) * h ** 3
+        vol = len(idx) * float(np.prod(sp))
         r_mm = (target * vol / nz * 3 / (4 * math.pi)) ** (1 / 3)
         r_mm = float(np.clip(r_mm, 2.5, 12.0))
         w = np.zeros(m.shape, np.float32)
@@ -157,7 +165,7 @@ def plant_fibrosis(anat: Anatomy, severity: float, rng: np.random.Generator) -> 
         for _ in range(nz):
             c = idx[rng.integers(len(idx))]
             rr = r_mm / h * rng.uniform(0.75, 1.25)
-            d2 = (I - c[0]) ** 2 + (J - c[1]) ** 2 + (K - c[2]) ** 2
+            d2 = ((I - c[0]) * f[0]) ** 2 + ((J - c[1]) * f[1]) ** 2 + ((K - c[2]) * f[2]) ** 2
             # smooth plateau: 1 inside ~rr, falling off over ~0.5 rr
             w = np.maximum(w, np.exp(-((np.maximum(d2 / rr ** 2, 0.0)) ** 2) * 0.7).astype(np.float32))
         w *= m
@@ -168,10 +176,12 @@ def plant_fibrosis(anat: Anatomy, severity: float, rng: np.random.Generator) -> 
     return Fibrosis(weights, frac, psma_drop=float(rng.uniform(0.55, 0.8)), fapi_gain=float(rng.uniform(2.0, 3.5)))
 
 
-def _smooth_field(shape, rng, corr_vox: float) -> np.ndarray:
-    """Zero-mean unit-SD smooth random field (coarse noise, blurred, upsampled linearly)."""
-    step = max(corr_vox / 2.0, 1.0)
-    cs = tuple(max(int(math.ceil(n / step)) + 3, 4) for n in shape)
+def _smooth_field(shape, rng, corr_vox) -> np.ndarray:
+    """Zero-mean unit-SD smooth random field (coarse noise, blurred, upsampled linearly);
+    ``corr_vox``: correlation length in voxels, one number or one per axis."""
+    corr = np.broadcast_to(np.asarray(corr_vox, float), (len(shape),))
+    steps = [max(float(c) / 2.0, 1.0) for c in corr]
+    cs = tuple(max(int(math.ceil(n / step)) + 3, 4) for n, step in zip(shape, steps))
     f = ndimage.gaussian_filter(rng.standard_normal(cs).astype(np.float32), 1.0, mode="wrap")
     f /= f.std() + 1e-6
     zoom = [(c - 1) / max(n - 1, 1) for c, n in zip(cs, shape)]
@@ -191,10 +201,10 @@ def suv_map(anat: Anatomy, params: TracerParams, fib: Fibrosis | None, rng: np.r
     """
     suv = params.tissue_suv[anat.tissue]
     means = {}
-    h = float(abs(anat.affine[0, 0]))
+    sp = _spacing(anat.affine)
     for lab, sl in _gland_boxes(anat).items():
         m = anat.glands[sl] == lab
-        hf = _smooth_field(m.shape, rng, corr_vox=5.0 / h)
+        hf = _smooth_field(m.shape, rng, corr_vox=5.0 / sp)
         v = np.float32(params.gland_suv[lab]) * (1.0 + np.float32(heterogeneity) * hf)
         if fib is not None and lab in fib.weights:
             w = fib.weights[lab][1]
@@ -212,12 +222,14 @@ def suv_map(anat: Anatomy, params: TracerParams, fib: Fibrosis | None, rng: np.r
 # rendering
 
 
-def _block_mean(a: np.ndarray, k: int) -> np.ndarray:
-    if k == 1:
+def _block_mean(a: np.ndarray, k) -> np.ndarray:
+    """Mean over blocks of k voxels (one number, or one per axis)."""
+    k = tuple(int(v) for v in np.broadcast_to(np.asarray(k), (3,)))
+    if k == (1, 1, 1):
         return a
-    s = tuple((n // k) * k for n in a.shape)
+    s = tuple((n // kk) * kk for n, kk in zip(a.shape, k))
     a = a[: s[0], : s[1], : s[2]]
-    return a.reshape(s[0] // k, k, s[1] // k, k, s[2] // k, k).mean(axis=(1, 3, 5), dtype=np.float32)
+    return a.reshape(s[0] // k[0], k[0], s[1] // k[1], k[1], s[2] // k[2], k[2]).mean(axis=(1, 3, 5), dtype=np.float32)
 
 
 def _resample(src: np.ndarray, src_affine: np.ndarray, dst_shape, dst_affine: np.ndarray, world_dst_to_src: np.ndarray,
@@ -234,18 +246,18 @@ def render_pet(suv: np.ndarray, anat_affine: np.ndarray, pet_shape, pet_affine: 
                nac: bool = False) -> np.ndarray:
     """SUV image on the PET grid: pre-average to 2 mm, Gaussian PSF, sample on a fine grid covering
     the body, average down to the PET voxels, then noise with variance proportional to the mean."""
-    h = float(abs(anat_affine[0, 0]))
-    k0 = max(1, int(round(2.0 / h)))
+    sp = _spacing(anat_affine)
+    k0 = np.array([max(1, int(round(2.0 / h))) for h in sp])  # per axis: anisotropic anatomy grids
     coarse = _block_mean(suv, k0)
     caff = anat_affine.copy()
-    caff[:3, :3] = anat_affine[:3, :3] * k0
-    caff[:3, 3] = anat_affine[:3, 3] + anat_affine[:3, :3] @ np.full(3, (k0 - 1) / 2.0)
-    hc = h * k0
+    caff[:3, :3] = anat_affine[:3, :3] * k0[None, :]
+    caff[:3, 3] = anat_affine[:3, 3] + anat_affine[:3, :3] @ ((k0 - 1) / 2.0)
+    hc = sp * k0
     pet_vox = np.abs(np.diag(pet_affine)[:3])
     kf = [max(1, int(math.floor(v / 1.6))) for v in pet_vox]
     # PSF variance left after the pre-averaging (box) and the linear interpolation
     sig2 = (psf_fwhm_mm / 2.3548) ** 2 - hc ** 2 / 12.0 - hc ** 2 / 6.0 * 0.5
-    sig = math.sqrt(max(sig2, 0.25))
+    sig = np.sqrt(np.maximum(sig2, 0.25))
     blurred = ndimage.gaussian_filter(coarse, sig / hc, mode="constant", truncate=3.0)
     # the fine grid: PET voxels subdivided by kf, only over the box that holds the body
     corners = np.array([[i, j, k, 1.0] for i in (0, suv.shape[0]) for j in (0, suv.shape[1]) for k in (0, suv.shape[2])])
@@ -304,11 +316,12 @@ def draw_ct_params(rng: np.random.Generator, age: float = 50.0) -> dict:
 def ct_hu_map(anat: Anatomy, ct: dict, rng: np.random.Generator) -> np.ndarray:
     """Noise-free HU on the anatomy grid (with fat/gland texture), before pose, blur and noise."""
     hu = ct["lut"][anat.tissue]
+    sp = _spacing(anat.affine)
     # fat and marrow texture, parotid lobulation (fatty septa)
     for lab, sl in _gland_boxes(anat).items():
         m = anat.glands[sl] == lab
         gname = next(L.gland for L in DEFAULT_LABELS if L.index == lab)
-        tex = _smooth_field(m.shape, rng, corr_vox=3.0) * np.float32(12.0 if gname == "parotid" else 4.0)
+        tex = _smooth_field(m.shape, rng, corr_vox=3.0 / sp) * np.float32(12.0 if gname == "parotid" else 4.0)
         v = np.float32(ct["gland_hu"][lab]) + tex
         sub = hu[sl]
         sub[m] = v[m]
