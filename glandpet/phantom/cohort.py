@@ -378,6 +378,8 @@ def make_subject(outdir: str | Path, i: int, group: str, seed: int, anatomy_from
         lab_ct = resample_labels(anat.glands, anat.affine, cts, cta, pose)
         tdir = outdir / "truth" / f"sub-{sid}" / f"ses-{sess}"
         _write_nifti(tdir / f"sub-{sid}_ses-{sess}_space-ct_dseg.nii.gz", lab_ct, cta)
+        # the SUVbw image the PET DICOM encodes (after blur and noise), on the PET grid
+        _write_nifti(tdir / f"sub-{sid}_ses-{sess}_desc-suvbw_pet.nii.gz", pet_suv.astype(np.float32), peta)
         write_label_table(tdir / f"sub-{sid}_ses-{sess}_space-ct_dseg.tsv")
         for idx, lab in glabels.items():
             truth_rows.append({
