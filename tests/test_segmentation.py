@@ -1,0 +1,149 @@
+"""Multi-atlas segmentation: vote rules, gland subsets, label integrity, PET grid, volumes.
+
+Uses the analytic head phantom of test_registration (3-4 mm grids)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from glandpet import segmentation as S
+from glandpet.glands import DEFAULT_LABELS, Label, write_label_table
+from test_registration import CT_SHAPE, CT_SP, PET_SHAPE, PET_SP, grid, render, rigid, save
+
+
+def dice(a, b):
+    return 2 * (a & b).sum() / max(1, a.sum() + b.sum())
+
+
+# ------------------------------------------------------------------ vote rules (unit)
+def test_majority_vote_strict_majority_and_ties():
+    a = np.array([1, 1, 1, 0, 1, 0])
+    b = np.array([1, 1, 0, 0, 0, 2])
+    c = np.array([1, 0, 0, 0, 2, 2])
+    out = S.majority_vote([a, b, c], [{1, 2}] * 3, [1, 2])
+    assert out.tolist() == [1, 1, 0, 0, 0, 2]
+    # two atlases: 1-1 tie; without weights the voxel stays background
+    out2 = S.majority_vote([a, b], [{1, 2}] * 2, [1, 2])
+    assert out2.tolist() == [1, 1, 0, 0, 0, 0]
+    # ties broken by the atlases' local similarity for that label
+    w = [{1: 0.9, 2: 0.9}, {1: 0.5, 2: 0.5}]
+    out3 = S.majority_vote([a, b], [{1, 2}] * 2, [1, 2], weights=w)
+    assert out3.tolist() == [1, 1, 1, 0, 1, 0]
+    w = [{1: 0.5, 2: 0.5}, {1: 0.9, 2: 0.9}]
+    out4 = S.majority_vote([a, b], [{1, 2}] * 2, [1, 2], weights=w)
+    assert out4.tolist() == [1, 1, 0, 0, 0, 2]
+
+
+def test_majority_vote_union_of_gland_subsets():
+    """An atlas that lacks a gland neither votes for nor against it."""
+    a = np.array([1, 7, 7, 0])
+    b = np.array([1, 0, 0, 0])
+    c = np.array([0, 0, 7, 0])
+    out = S.majority_vote([a, b, c], [{1, 7}, {1}, {1, 7}], [1, 7])
+    # label 7: holders a and c -> voxel 1: 1/2 tie -> background; voxel 2: 2/2
+    assert out.tolist() == [1, 0, 7, 0]
+    out = S.majority_vote([a, b], [{1, 7}, {1}], [1, 7])
+    assert out.tolist() == [1, 7, 7, 0]  # a is the only holder of 7
+
+
+def test_select_atlases_drops_low_outlier():
+    assert sorted(S.select_atlases({"a": 0.90, "b": 0.88, "c": 0.40})) == ["a", "b"]
+    assert sorted(S.select_atlases({"a": 0.90, "b": 0.88, "c": 0.87})) == ["a", "b", "c"]
+    assert sorted(S.select_atlases({"a": 0.9, "b": 0.2})) == ["a", "b"]  # two: no outlier test
+
+
+def test_relabel_to_default():
+    table = [Label(10, "parotid", "right"), Label(20, "lacrimal", "left")]
+    arr = np.array([0, 10, 20, 30])
+    assert S.relabel_to_default(arr, table).tolist() == [0, 2, 7, 0]
+
+
+def test_refine_labels_hu_window():
+    ct = np.full((30, 30, 30), 50.0)
+    ct[8:22, 8:22, 8:22] = 10.0  # the true gland
+    dseg = np.zeros(ct.shape, np.uint8)
+    dseg[10:24, 10:24, 10:24] = 1  # shifted atlas label
+    out, info = S.refine_labels(dseg, ct, (1.0, 1.0, 1.0), {"parotid": {"hu": [-20, 30], "dilate_mm": 3,
+                                                                        "smooth_mm": 0}})
+    truth = ct == 10.0
+    assert dice(out == 1, truth) > dice(dseg == 1, truth)
+    assert not info["parotid_left"]["rejected"]
+
+
+# ------------------------------------------------------------------ end to end on small phantoms
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    d = tmp_path_factory.mktemp("seg")
+    subj = save(*render(CT_SHAPE, CT_SP, rigid((3, -2, 2), (4, -3, 5)), seed=5), d / "subj_ct.nii.gz")
+    truth, aff = render(CT_SHAPE, CT_SP, rigid((3, -2, 2), (4, -3, 5)), what="lab")
+    atlases = []
+    for j, (ang, tr) in enumerate([((0, 0, 0), (0, 0, 0)), ((-4, 3, 0), (-5, 6, -3)), ((2, 2, -3), (3, 3, 3))]):
+        M = rigid(ang, tr)
+        ct = save(*render(CT_SHAPE, CT_SP, M, seed=10 + j), d / f"a{j}_ct.nii.gz")
+        lab, laff = render(CT_SHAPE, CT_SP, M, what="lab")
+        if j == 1:  # this atlas has its own numbering and lacks the lacrimal glands
+            lab2 = np.zeros_like(lab)
+            for v, new in ((1, 11), (2, 12), (3, 13), (4, 14)):
+                lab2[lab == v] = new
+            lab = lab2
+            table = [Label(11, "parotid", "left"), Label(12, "parotid", "right"),
+                     Label(13, "submandibular", "left"), Label(14, "submandibular", "right")]
+        else:
+            lab[np.isin(lab, (7, 8))] = lab[np.isin(lab, (7, 8))] if j == 0 else 0
+            table = [x for x in DEFAULT_LABELS if x.gland in ("parotid", "submandibular")
+                     or (j == 0 and x.gland == "lacrimal")]
+        write_label_table(d / f"a{j}.tsv", table)
+        atlases.append({"name": f"a{j}", "ct": ct, "labels": save(lab, laff, d / f"a{j}_lab.nii.gz"),
+                        "label_table": str(d / f"a{j}.tsv")})
+    return d, subj, truth, atlases
+
+
+@pytest.mark.parametrize("fusion", ["majority", "jlf"])
+def test_segment_subject_small(cohort, fusion):
+    d, subj, truth, atlases = cohort
+    out = d / f"dseg_{fusion}.nii.gz"
+    tsv = d / f"dseg_{fusion}.tsv"
+    m = S.segment_subject(subj, atlases, out, tsv, fusion=fusion, threads=2, spacing_mm=3.0,
+                          region_spacing_mm=3.0)
+    seg = np.asarray(nib.load(str(out)).dataobj)
+    assert seg.shape == truth.shape
+    assert set(np.unique(seg).tolist()) <= {0, 1, 2, 3, 4, 7, 8}
+    for v in (1, 2):
+        assert dice(seg == v, truth == v) > 0.75, (v, dice(seg == v, truth == v))
+    # union of the atlases' glands: lacrimal comes from atlas a0 alone
+    with open(tsv) as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    assert [(r["gland"], r["side"]) for r in rows] == [
+        ("parotid", "left"), ("parotid", "right"), ("submandibular", "left"), ("submandibular", "right"),
+        ("lacrimal", "left"), ("lacrimal", "right")]
+    assert set(m["labels_absent"]) == {"sublingual_left", "sublingual_right", "tubarial_left", "tubarial_right"}
+    assert (seg == 7).sum() > 0
+    vols = S.gland_volumes_ml(out)
+    assert set(vols) == {"parotid_left", "parotid_right", "submandibular_left", "submandibular_right",
+                         "lacrimal_left", "lacrimal_right"}
+    assert vols["parotid_left"] == pytest.approx(m["volumes_ml"]["parotid_left"])
+    # true parotid volume (ellipsoid 11 x 18 x 20 mm) ~16.6 mL
+    assert 12 < vols["parotid_left"] < 22
+
+
+def test_labels_to_pet_values_and_position(cohort, tmp_path):
+    d, subj, truth, atlases = cohort
+    lab_p = atlases[0]["labels"]
+    pet = save(*render(PET_SHAPE, PET_SP, what="pet"), tmp_path / "pet.nii.gz")
+    from glandpet.registration import translation_transform
+
+    t = np.array([3.0, -2.0, 4.0])
+    xfm = translation_transform(t, str(tmp_path / "x.mat"))
+    S.labels_to_pet(lab_p, pet, xfm, tmp_path / "lab_pet.nii.gz")
+    img = nib.load(str(tmp_path / "lab_pet.nii.gz"))
+    lp = np.asarray(img.dataobj)
+    assert lp.shape == PET_SHAPE
+    assert set(np.unique(lp).tolist()) <= {0, 1, 2, 3, 4, 7, 8}
+    aff = np.diag([-1.0, -1, 1, 1]) @ img.affine
+    c = np.argwhere(lp == 1).mean(0) @ aff[:3, :3].T + aff[:3, 3]
+    assert np.allclose(c, np.array([52, 8, -5]) + t, atol=2.0)
