@@ -933,17 +933,9 @@ def index_tree(
 # writing and the command
 
 def _write(df: pd.DataFrame, schema: pa.Schema, path: Path) -> None:
-    from .tables import atomic_path, to_table
-    import pyarrow.parquet as pq
+    from .tables import write_table
 
-    table = to_table(df, schema)
-    tmp = atomic_path(path)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_table(df, schema, path)
 
 
 def output_paths(series_path: str | Path) -> tuple[Path, Path, Path]:
