@@ -1,6 +1,9 @@
 """Benchmark: convert + SUV of the 545-slice real Siemens whole-body PET, and dcm2niix side by side.
 
-    python benchmarks/ingest.py [SERIES_DIR] [--repeat 3]
+    python benchmarks/ingest.py [SERIES_DIR] [--repeat 3] [--cohort 20 | --cohort-dir DIR]
+
+With --cohort N (or --cohort-dir), also indexes a phantom cohort and converts every selected CT and
+PET session to NIfTI (+ SUVbw), in one process, and prints the seconds, MB/s and peak RSS.
 
 Each measurement runs in a fresh subprocess (so interpreter start-up, imports and peak RSS are
 those of one real `glandpet convert` call). Prints wall seconds (median), MB/s of DICOM input,
@@ -72,11 +75,53 @@ def in_process_breakdown(series: Path, out: Path) -> dict[str, float]:
     return {"read+pixels": t1 - t0, "suv": t2 - t1, "nifti gzip write": t3 - t2}
 
 
+def cohort_benchmark(cohort: Path) -> None:
+    """Index + convert + SUV of a whole phantom cohort, in this process."""
+    from glandpet.convert import convert_series
+    from glandpet.series_index import index_tree
+
+    dicom = cohort / "dicom"
+    mb = sum(f.stat().st_size for f in dicom.rglob("*") if f.is_file()) / 1e6
+    t0 = time.perf_counter()
+    result = index_tree(dicom, cohort / "subjects.tsv", jobs=2)
+    t_index = time.perf_counter() - t0
+    files = dict(zip(result.files["series_key"], result.files["paths"]))
+    sel = result.series[result.series["selected"] & (result.series["role"] == "pet_ac")]
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in sel.itertuples():
+            convert_series([dicom / p for p in files[r.paired_ct_key]], Path(tmp) / f"{r.subject_id}_{r.session}_ct.nii.gz")
+            convert_series([dicom / p for p in files[r.series_key]], Path(tmp) / f"{r.subject_id}_{r.session}_pet.nii.gz",
+                           suv="bw")
+    t_conv = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    n = int(result.stats.get("n_files", 0))
+    print(f"\nphantom cohort {cohort}: {result.series['subject_id'].nunique()} subjects, {len(sel)} sessions, "
+          f"{n} files, {mb:.0f} MB")
+    print(f"{'index (2 processes)':44s} {t_index:8.2f} s {mb / t_index:8.1f} MB/s")
+    print(f"{'convert CT + PET (SUVbw), all sessions':44s} {t_conv:8.2f} s {mb / t_conv:8.1f} MB/s   "
+          f"({t_conv / max(1, len(sel)):.2f} s per session)")
+    print(f"{'peak RSS of this process':44s} {rss:8.0f} MiB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("series", nargs="?", default=str(DEFAULT))
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--cohort", type=int, default=0, help="generate a phantom cohort of N subjects and time it")
+    ap.add_argument("--cohort-dir", default=None, help="an existing phantom cohort to time")
     a = ap.parse_args()
+    if a.cohort_dir or a.cohort:
+        if a.cohort_dir:
+            cohort_benchmark(Path(a.cohort_dir))
+        else:
+            from glandpet.phantom.cohort import generate_cohort
+
+            with tempfile.TemporaryDirectory() as tmp:
+                t0 = time.perf_counter()
+                generate_cohort(tmp, a.cohort, seed=0, n_atlases=1, jobs=2, progress=False)
+                print(f"phantom generation ({a.cohort} subjects, 1 atlas, 2 processes): {time.perf_counter() - t0:.1f} s")
+                cohort_benchmark(Path(tmp))
     series = Path(a.series)
     if not series.is_dir():
         raise SystemExit(f"series folder absent: {series}")
