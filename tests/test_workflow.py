@@ -129,7 +129,29 @@ def test_figures_and_montages(results):
         assert (results / "figures" / "qc" / f"sub-{sub}_qc.png").stat().st_size > 10000
 
 
-def test_no_identifier_leaves_the_dicom(results):
+def test_nothing_left_to_do(run):
+    out = snakemake(run, "-n", "--cores", "2").stdout
+    assert "Nothing to be done" in out or "nothing to be done" in out.lower()
+
+
+def test_changing_pvc_fwhm_reruns_only_measurement_and_below(run):
+    jobs = planned_jobs(run, pvc={"method": "gtm", "fwhm_mm": {"psma": 7.5, "fapi": 6.5}})
+    assert jobs.get("measure_glands", 0) >= 1
+    assert not {"convert_ct", "convert_pet", "suv_image", "register_pet_to_ct", "align_sessions",
+                "segment_glands", "demo_phantom", "index_dicom"} & set(jobs)
+
+
+def test_snakemake_report_holds_figures_statistics_and_montages(run):
+    report = run / "results" / "report.html"
+    snakemake(run, "--report", str(report))
+    html = report.read_text(errors="replace")
+    assert report.stat().st_size > 100_000
+    for needle in ("QC montages", "Figures", "Statistics", "sub-S001_qc.png", "sub-S002_qc.png", "psma_vs_fapi.png",
+                   "cohort_stats.parquet"):
+        assert needle in html, needle
+
+
+def test_no_identifier_leaves_the_dicom(results):  # last: the report exists by now
     """No PatientName/ID/BirthDate/Accession/Institution/Physician of the input DICOM appears in
     any output byte (the demo's own DICOM input folder excepted)."""
     needles = set()
@@ -151,15 +173,3 @@ def test_no_identifier_leaves_the_dicom(results):
                 data = gzip.decompress(data)
             for needle in needles:
                 assert needle not in data, f"{needle!r} found in {f}"
-
-
-def test_nothing_left_to_do(run):
-    out = snakemake(run, "-n", "--cores", "2").stdout
-    assert "Nothing to be done" in out or "nothing to be done" in out.lower()
-
-
-def test_changing_pvc_fwhm_reruns_only_measurement_and_below(run):
-    jobs = planned_jobs(run, pvc={"method": "gtm", "fwhm_mm": {"psma": 7.5, "fapi": 6.5}})
-    assert jobs.get("measure_glands", 0) >= 1
-    assert not {"convert_ct", "convert_pet", "suv_image", "register_pet_to_ct", "align_sessions",
-                "segment_glands", "demo_phantom", "index_dicom"} & set(jobs)
