@@ -92,6 +92,7 @@ GLAND_TRUTH = pa.schema(
         pa.field("true_suv_mean", pa.float64(), nullable=False),
         pa.field("severity", pa.float64()),
         pa.field("fibrotic_fraction", pa.float64()),
+        pa.field("psf_fwhm_mm", pa.float64()),  # the PSF the phantom blurred this session's PET with
     ]
 )
 

@@ -387,6 +387,7 @@ def make_subject(outdir: str | Path, i: int, group: str, seed: int, anatomy_from
                 "side": lab.side, "true_volume_ml": float(counts[idx]) * anat.voxel_volume_ml,
                 "true_suv_mean": means.get(idx, float("nan")), "severity": severity,
                 "fibrotic_fraction": (fib.fraction.get(idx, 0.0) if fib is not None else 0.0),
+                "psf_fwhm_mm": float(tp.psf_fwhm_mm),
             })
         anat_to_pet = mis @ pose
         for frm, to, M in (("anatomy", "ct", pose), ("anatomy", "pet", anat_to_pet), ("pet", "ct", np.linalg.inv(mis))):
