@@ -51,3 +51,52 @@ def pvc_errors(cohort: str | Path, fwhm_mm: float | None = None) -> pd.DataFrame
     df["raw_err_pct"] = 100 * (df["suv_mean"] - df["true_suv_mean"]) / df["true_suv_mean"]
     df["gtm_err_pct"] = 100 * (df["suv_mean_pvc"] - df["true_suv_mean"]) / df["true_suv_mean"]
     return df
+
+
+def voxel_correlations(cohort: str | Path) -> pd.DataFrame:
+    """Within-gland PSMA~FAPI voxel Spearman rho of every pSS gland, computed as the pipeline does
+    (:func:`glandpet.gland_index.voxel_spearman`, PSMA PET grid) but with the TRUE masks and the
+    true transforms, beside the gland's planted fibrotic fraction."""
+    import nibabel as nib
+    from scipy.ndimage import map_coordinates
+
+    from ..gland_index import voxel_spearman
+    from ..glands import read_label_table
+    from ..measure import label_fractions_on_grid
+
+    cohort = Path(cohort)
+    truth = pd.read_parquet(cohort / "truth" / "gland_truth.parquet")
+    xfm = pd.read_parquet(cohort / "truth" / "transforms.parquet")
+
+    def matrix(sub, ses, frm, to):
+        sel = xfm[(xfm.subject_id == sub) & (xfm.session == ses) & (xfm.from_space == frm) & (xfm.to_space == to)]
+        return np.asarray(sel.iloc[0]["matrix_lps"], float).reshape(4, 4)
+
+    rows = []
+    both = truth.groupby("subject_id")["session"].nunique()
+    for sub in both[both == 2].index:
+        t = truth[(truth.subject_id == sub) & (truth.session == "psma")]
+        d = {s: cohort / "truth" / f"sub-{sub}" / f"ses-{s}" for s in ("psma", "fapi")}
+        psma_img = nib.load(d["psma"] / f"sub-{sub}_ses-psma_desc-suvbw_pet.nii.gz")
+        fapi_img = nib.load(d["fapi"] / f"sub-{sub}_ses-fapi_desc-suvbw_pet.nii.gz")
+        # PSMA PET voxel -> PSMA PET world -> anatomy -> FAPI PET world -> FAPI PET voxel (LPS inside)
+        psma_pet_lps = FLIP @ psma_img.affine
+        fapi_pet_lps = FLIP @ fapi_img.affine
+        to_fapi_vox = (np.linalg.inv(fapi_pet_lps) @ matrix(sub, "fapi", "anatomy", "pet")
+                       @ np.linalg.inv(matrix(sub, "psma", "anatomy", "pet")) @ psma_pet_lps)
+        shape = psma_img.shape
+        ijk = np.indices(shape, dtype=np.float32).reshape(3, -1)
+        src = to_fapi_vox[:3, :3] @ ijk + to_fapi_vox[:3, 3:4]
+        fapi_on_psma = map_coordinates(np.asarray(fapi_img.dataobj, np.float32), src, order=1, cval=np.nan).reshape(shape)
+        lab_img = nib.load(d["psma"] / f"sub-{sub}_ses-psma_space-ct_dseg.nii.gz")
+        table = read_label_table(d["psma"] / f"sub-{sub}_ses-psma_space-ct_dseg.tsv")
+        ct_in_pet = FLIP @ np.linalg.inv(matrix(sub, "psma", "pet", "ct")) @ FLIP @ lab_img.affine
+        fr = label_fractions_on_grid(np.asarray(lab_img.dataobj).astype(np.int16), ct_in_pet, shape,
+                                     psma_img.affine, [lab.index for lab in table])
+        psma = np.asarray(psma_img.dataobj, np.float32)
+        for lab in table:
+            rho, n = voxel_spearman(psma, fapi_on_psma, fr[lab.index] >= 0.5)
+            planted = t[(t.gland == lab.gland) & (t.side == lab.side)]["fibrotic_fraction"]
+            rows.append(dict(subject_id=sub, gland=lab.gland, side=lab.side, voxel_spearman_rho=rho, n_voxels=n,
+                             fibrotic_fraction=float(planted.iloc[0]) if len(planted) else np.nan))
+    return pd.DataFrame(rows)
