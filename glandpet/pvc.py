@@ -211,6 +211,19 @@ def gtm(
     return out
 
 
+def _piecewise_model(pet, region_fractions, fwhm_mm, voxel_size_mm, gtm_means):
+    """The piecewise-constant image S = sum_j c_j w_j of the GTM means, its blur PSF * S, and the
+    magnitude below which PSF * S counts as zero."""
+    if gtm_means is None:
+        gtm_means = gtm(pet, region_fractions, fwhm_mm, voxel_size_mm)
+    S = np.zeros(pet.shape)
+    for n, f in region_fractions.items():
+        c = gtm_means.get(n, float("nan"))
+        if np.isfinite(c):
+            S += c * np.asarray(f, dtype=np.float64)
+    return S, blur(S, fwhm_mm, voxel_size_mm), 1e-9 * max(float(np.abs(S).max()), 1e-30)
+
+
 def rbv(
     pet: np.ndarray,
     region_fractions: Mapping[str, np.ndarray],
@@ -229,15 +242,7 @@ def rbv(
     use :func:`rbv_region_means` for per-region RBV means.
     """
     pet = np.asarray(pet, dtype=np.float64)
-    if gtm_means is None:
-        gtm_means = gtm(pet, region_fractions, fwhm_mm, voxel_size_mm)
-    S = np.zeros(pet.shape)
-    for n, f in region_fractions.items():
-        c = gtm_means.get(n, float("nan"))
-        if np.isfinite(c):
-            S += c * np.asarray(f, dtype=np.float64)
-    bS = blur(S, fwhm_mm, voxel_size_mm)
-    tiny = 1e-9 * max(float(np.abs(S).max()), 1e-30)
+    S, bS, tiny = _piecewise_model(pet, region_fractions, fwhm_mm, voxel_size_mm, gtm_means)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.where(np.abs(bS) > tiny, S / np.where(np.abs(bS) > tiny, bS, 1.0), 0.0)
     return pet * ratio
@@ -259,15 +264,7 @@ def rbv_region_means(
     observed to modelled image (noise, local non-uniformity) otherwise.
     """
     pet = np.asarray(pet, dtype=np.float64)
-    if gtm_means is None:
-        gtm_means = gtm(pet, region_fractions, fwhm_mm, voxel_size_mm)
-    S = np.zeros(pet.shape)
-    for n, f in region_fractions.items():
-        c = gtm_means.get(n, float("nan"))
-        if np.isfinite(c):
-            S += c * np.asarray(f, dtype=np.float64)
-    bS = blur(S, fwhm_mm, voxel_size_mm)
-    tiny = 1e-9 * max(float(np.abs(S).max()), 1e-30)
+    S, bS, tiny = _piecewise_model(pet, region_fractions, fwhm_mm, voxel_size_mm, gtm_means)
     good = np.isfinite(pet) & (np.abs(bS) > tiny)
     ratio = np.where(good, pet / np.where(good, bS, 1.0), 0.0)
     out = {}
