@@ -219,6 +219,24 @@ def _mann_whitney(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------------
 # cohort figures
 # ------------------------------------------------------------------------------------------------
+def _group_panels(sv: pd.DataFrame, col: str, glands: list[str], groups: list[str], rng):
+    """One panel per gland: box + strip of the subject values of `col` by group, with the
+    two-sided Mann-Whitney p and rank-biserial r where both pSS and controls have values."""
+    fig = _figure(max(6.5, 2.6 * min(len(glands), 5) + 0.6), 3.6 * int(np.ceil(len(glands) / 5)) + 0.7)
+    axes = _panel_grid(fig, len(glands))
+    for ax, gland in zip(axes, glands):
+        part = sv[sv["gland"] == gland]
+        vals = [(g, part.loc[part["group"] == g, col].to_numpy(float)) for g in groups]
+        _box_strip(ax, vals, rng)
+        ax.set_title(gland)
+        byg = dict(vals)
+        if "pss" in byg and "control" in byg and byg["pss"].size and byg["control"].size:
+            p, r = _mann_whitney(byg["pss"], byg["control"])
+            ax.text(0.02, 0.98, f"Mann\u2013Whitney {_fmt_p(p)}\nr = {r:+.2f}", transform=ax.transAxes,
+                    va="top", ha="left", fontsize=7.5, color="#333333")
+    return fig, axes
+
+
 def _fig_by_group(gs: pd.DataFrame, session: str, suv_type: str, rng):
     name = SESSION_LABEL[session]
     title = f"{name} SUVmean by group"
@@ -229,18 +247,8 @@ def _fig_by_group(gs: pd.DataFrame, session: str, suv_type: str, rng):
     groups = _groups_in(d)
     sv = _subject_means(d, "suv_mean")
     with _rc():
-        fig = _figure(max(6.5, 2.6 * min(len(glands), 5) + 0.6), 3.6 * int(np.ceil(len(glands) / 5)) + 0.7)
-        axes = _panel_grid(fig, len(glands))
-        for ax, gland in zip(axes, glands):
-            part = sv[sv["gland"] == gland]
-            vals = [(g, part.loc[part["group"] == g, "suv_mean"].to_numpy(float)) for g in groups]
-            _box_strip(ax, vals, rng)
-            ax.set_title(gland)
-            byg = dict(vals)
-            if len(groups) >= 2 and "pss" in byg and "control" in byg and byg["pss"].size and byg["control"].size:
-                p, r = _mann_whitney(byg["pss"], byg["control"])
-                ax.text(0.02, 0.98, f"Mann\u2013Whitney {_fmt_p(p)}\nr = {r:+.2f}", transform=ax.transAxes,
-                        va="top", ha="left", fontsize=7.5, color="#333333")
+        fig, axes = _group_panels(sv, "suv_mean", glands, groups, rng)
+        for ax in axes:
             ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1] * 1.12, 1e-3))
         axes[0].set_ylabel(f"{name} SUVmean {SUV_UNIT}")
         st = f" (SUV{suv_type})" if suv_type else ""
@@ -308,18 +316,8 @@ def _fig_index(gi: pd.DataFrame, rng):
     groups = _groups_in(gi)
     sv = _subject_means(gi, "psma_fapi_index")
     with _rc():
-        fig = _figure(max(6.5, 2.6 * min(len(glands), 5) + 0.6), 3.6 * int(np.ceil(len(glands) / 5)) + 0.7)
-        axes = _panel_grid(fig, len(glands))
-        for ax, gland in zip(axes, glands):
-            part = sv[sv["gland"] == gland]
-            vals = [(g, part.loc[part["group"] == g, "psma_fapi_index"].to_numpy(float)) for g in groups]
-            _box_strip(ax, vals, rng)
-            ax.set_title(gland)
-            byg = dict(vals)
-            if "pss" in byg and "control" in byg and byg["pss"].size and byg["control"].size:
-                p, r = _mann_whitney(byg["pss"], byg["control"])
-                ax.text(0.02, 0.98, f"Mann\u2013Whitney {_fmt_p(p)}\nr = {r:+.2f}", transform=ax.transAxes,
-                        va="top", ha="left", fontsize=7.5, color="#333333")
+        fig, axes = _group_panels(sv, "psma_fapi_index", glands, groups, rng)
+        for ax in axes:
             if defs and defs[0] in ("log_ratio", "z_diff"):
                 ax.axhline(0.0, color="#999999", linewidth=0.8, linestyle="--", zorder=0)
             lo, hi = ax.get_ylim()
