@@ -26,3 +26,20 @@ def small_cohort(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cohort")
     generate_cohort(out, 2, seed=5, n_atlases=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def workflow_run(tmp_path_factory) -> Path:
+    """ONE run of the demo workflow (tests/workflow_run.py: CONFIG), shared by every slow test that
+    reads its outputs. Tests that change its config must restore it (``planned_jobs`` does)."""
+    from workflow_run import snakemake, write_config
+
+    workdir = tmp_path_factory.mktemp("workflow")
+    write_config(workdir)
+    snakemake(workdir, "--cores", "2")
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def workflow_results(workflow_run) -> Path:
+    return workflow_run / "results"

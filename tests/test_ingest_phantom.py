@@ -3,7 +3,6 @@ phantom encoded, and the CT geometry equals the truth label maps' geometry (worl
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np

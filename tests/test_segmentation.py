@@ -5,7 +5,6 @@ Uses the analytic head phantom of test_registration (3-4 mm grids)."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 
 import nibabel as nib
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 
 from glandpet import segmentation as S
 from glandpet.glands import DEFAULT_LABELS, Label, write_label_table
-from test_registration import CT_SHAPE, CT_SP, PET_SHAPE, PET_SP, grid, render, rigid, save
+from test_registration import CT_SHAPE, CT_SP, PET_SHAPE, PET_SP, render, rigid, save
 
 
 def dice(a, b):
