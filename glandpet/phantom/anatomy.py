@@ -163,39 +163,25 @@ def _ell_box(c, r, R=None, margin=4.0):
     return np.asarray(c, float) - ext, np.asarray(c, float) + ext
 
 
-def _seg_dist(X, Y, Z, pts):
-    """Distance to a polyline and the interpolated arc parameter (0..len-1) of the closest point."""
+def _polyline_distance(coords, pts):
+    """Distance from each grid point to a polyline and the interpolated arc parameter (0..len-1) of
+    the closest point. ``coords`` holds one coordinate array per dimension (x, y[, z]) and ``pts``
+    the polyline's vertices with as many coordinates."""
     pts = np.asarray(pts, np.float32)
+    coords = np.broadcast_arrays(*coords)
     best = None
     tpar = None
     for i in range(len(pts) - 1):
         a, b = pts[i], pts[i + 1]
         ab = b - a
         L2 = float(ab @ ab)
-        t = ((X - a[0]) * ab[0] + (Y - a[1]) * ab[1] + (Z - a[2]) * ab[2]) / np.float32(L2)
-        t = np.clip(t, 0, 1)
-        d2 = (X - a[0] - t * ab[0]) ** 2 + (Y - a[1] - t * ab[1]) ** 2 + (Z - a[2] - t * ab[2]) ** 2
-        if best is None:
-            best, tpar = d2, t + np.float32(i)
-        else:
-            m = d2 < best
-            best = np.where(m, d2, best)
-            tpar = np.where(m, t + np.float32(i), tpar)
-    return np.sqrt(best), tpar
-
-
-def _seg_dist_xy(X, Y, pts2):
-    """Distance in the xy plane to a 2-D polyline and the arc parameter."""
-    pts2 = np.asarray(pts2, np.float32)
-    X2, Y2 = np.broadcast_arrays(X, Y)
-    best = None
-    tpar = None
-    for i in range(len(pts2) - 1):
-        a, b = pts2[i], pts2[i + 1]
-        ab = b - a
-        L2 = float(ab @ ab)
-        t = np.clip(((X2 - a[0]) * ab[0] + (Y2 - a[1]) * ab[1]) / np.float32(L2), 0, 1)
-        d2 = (X2 - a[0] - t * ab[0]) ** 2 + (Y2 - a[1] - t * ab[1]) ** 2
+        proj = (coords[0] - a[0]) * ab[0]
+        for k in range(1, len(coords)):
+            proj = proj + (coords[k] - a[k]) * ab[k]
+        t = np.clip(proj / np.float32(L2), 0, 1)
+        d2 = (coords[0] - a[0] - t * ab[0]) ** 2
+        for k in range(1, len(coords)):
+            d2 = d2 + (coords[k] - a[k] - t * ab[k]) ** 2
         if best is None:
             best, tpar = d2, t + np.float32(i)
         else:
@@ -256,7 +242,7 @@ class _Builder:
         lo, hi = pts.min(0) - rmax - 2, pts.max(0) + rmax + 2
 
         def fn(X, Y, Z):
-            d, t = _seg_dist(X, Y, Z, pts)
+            d, t = _polyline_distance((X, Y, Z), pts)
             r = np.interp(t, np.arange(len(rad)), rad).astype(np.float32) if len(rad) > 1 else np.float32(rad[0])
             return r - d
 
@@ -477,7 +463,7 @@ class _Builder:
         half = np.array([4.5, 5, 5.5, 6, 7, 7.5, 7, 6, 5.5, 5, 4.5])
 
         def mand(X, Y, Z, inset=0.0):
-            d, t = _seg_dist_xy(X, Y, arch)
+            d, t = _polyline_distance((X, Y), arch)
             ii = np.arange(len(arch))
             zt = np.interp(t, ii, ztop).astype(np.float32) - inset
             zb = np.interp(t, ii, zbot).astype(np.float32) + inset
