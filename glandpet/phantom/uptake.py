@@ -139,8 +139,16 @@ def _gland_boxes(anat: Anatomy) -> dict:
     return out
 
 
+#: Probability that a pSS gland receives focal fibrotic zones; the others are diseased only
+#: through the subject's severity (uniform PSMA drop / FAPI rise), so the truth holds glands
+#: with and without planted zones (``fibrotic_fraction`` 0) to test the voxel correlation on.
+ZONE_PROBABILITY = {"parotid": 0.65, "submandibular": 0.65, "sublingual": 0.5, "lacrimal": 0.5, "tubarial": 0.5}
+
+
 def plant_fibrosis(anat: Anatomy, severity: float, rng: np.random.Generator) -> Fibrosis:
-    """Plant a few smooth fibrotic blobs in each major gland, covering more with higher severity."""
+    """Plant a few smooth fibrotic blobs in a random part of the glands (each gland with
+    :data:`ZONE_PROBABILITY`, one draw per gland), covering more with higher severity. Glands
+    drawn without zones get ``fraction`` 0 and no weight field."""
     sp = _spacing(anat.affine)
     h = float(sp[0])
     f = sp / h  # voxel size per axis in units of the first axis' (1, 1, 1 on isotropic grids)
@@ -151,7 +159,7 @@ def plant_fibrosis(anat: Anatomy, severity: float, rng: np.random.Generator) -> 
     for lab, sl in _gland_boxes(anat).items():
         gname = next(L.gland for L in DEFAULT_LABELS if L.index == lab)
         m = anat.glands[sl] == lab
-        if gname in ("sublingual", "tubarial", "lacrimal") and rng.random() < 0.5:
+        if rng.random() >= ZONE_PROBABILITY[gname]:
             frac[lab] = 0.0
             continue
         idx = np.argwhere(m)
@@ -369,6 +377,6 @@ def resample_labels(labels: np.ndarray, anat_affine: np.ndarray, shape, affine: 
 
 
 __all__ = [
-    "TracerParams", "Fibrosis", "draw_tracer_params", "draw_fapi_compound", "plant_fibrosis", "suv_map",
+    "TracerParams", "Fibrosis", "ZONE_PROBABILITY", "draw_tracer_params", "draw_fapi_compound", "plant_fibrosis", "suv_map",
     "render_pet", "suv_to_bqml", "draw_ct_params", "ct_hu_map", "render_ct", "resample_labels", "GLANDS",
 ]

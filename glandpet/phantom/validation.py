@@ -10,10 +10,39 @@ import pandas as pd
 FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def pvc_errors(cohort: str | Path, fwhm_mm: float | None = None) -> pd.DataFrame:
+def pet_sidecars(cohort: str | Path) -> dict[tuple[str, str], dict]:
+    """What the sidecar of each phantom session's attenuation-corrected PET would record for the
+    PSF (:func:`glandpet.pvc.auto_fwhm_mm`): ``{(subject, session): {TracerRadionuclide,
+    ConvolutionKernel}}``, read from one DICOM header per series of ``cohort/dicom/<subject>``."""
+    import pydicom
+
+    from ..tracers import classify_dataset
+
+    out: dict[tuple[str, str], dict] = {}
+    for sub_dir in sorted(p for p in (Path(cohort) / "dicom").iterdir() if p.is_dir()):
+        seen = set()
+        for f in sorted(sub_dir.rglob("*")):
+            if not f.is_file() or f.parent in seen:
+                continue
+            seen.add(f.parent)
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+            except Exception:  # noqa: BLE001 - not DICOM
+                continue
+            if ds.get("Modality") != "PT" or "ATTN" not in [str(v) for v in (ds.get("CorrectedImage") or [])]:
+                continue
+            m = classify_dataset(ds)
+            if m.session:
+                out[(sub_dir.name, m.session)] = {"TracerRadionuclide": m.radionuclide,
+                                                  "ConvolutionKernel": str(ds.get("ConvolutionKernel") or "")}
+    return out
+
+
+def pvc_errors(cohort: str | Path, fwhm_mm: float | str | None = None) -> pd.DataFrame:
     """Uncorrected and GTM SUVmean of every gland against the true SUVmean, with the TRUE gland
     masks and the true PET-to-CT transform, so the figures measure the method, not the
-    segmentation. ``fwhm_mm``: the PSF given to GTM (None: the PSF the phantom blurred with).
+    segmentation. ``fwhm_mm``: the PSF given to GTM (None: the PSF the phantom blurred with;
+    ``"auto"``: :func:`glandpet.pvc.auto_fwhm_mm` of what the session's DICOM header records).
     One row per subject x session x gland x side with ``raw_err_pct`` and ``gtm_err_pct``."""
     import nibabel as nib
 
@@ -21,9 +50,12 @@ def pvc_errors(cohort: str | Path, fwhm_mm: float | None = None) -> pd.DataFrame
     from ..measure import label_fractions_on_grid, voxel_sizes
     from ..pvc import background_regions, gtm, region_means
 
+    from ..pvc import auto_fwhm_mm
+
     cohort = Path(cohort)
     truth = pd.read_parquet(cohort / "truth" / "gland_truth.parquet")
     xfm = pd.read_parquet(cohort / "truth" / "transforms.parquet")
+    sidecars = pet_sidecars(cohort) if fwhm_mm == "auto" else {}
     rows = []
     for (sub, ses), t in truth.groupby(["subject_id", "session"]):
         tdir = cohort / "truth" / f"sub-{sub}" / f"ses-{ses}"
@@ -39,14 +71,18 @@ def pvc_errors(cohort: str | Path, fwhm_mm: float | None = None) -> pd.DataFrame
         glands = {f"{lab.gland}_{lab.side}": fr[lab.index] for lab in table if fr[lab.index].sum() > 0}
         body = (suv > 0.05).astype(np.float32)
         regions = {**glands, **background_regions(glands, body)}
-        psf = float(t["psf_fwhm_mm"].iloc[0]) if fwhm_mm is None else float(fwhm_mm)
+        if fwhm_mm == "auto":
+            psf = auto_fwhm_mm(sidecars.get((sub, ses))).fwhm_mm
+        else:
+            psf = float(t["psf_fwhm_mm"].iloc[0]) if fwhm_mm is None else float(fwhm_mm)
         raw = region_means(suv, glands)
         corrected = gtm(suv, regions, psf, voxel_sizes(suv_img.affine))
         for r in t.itertuples():
             key = f"{r.gland}_{r.side}"
             if key in glands:
                 rows.append(dict(subject_id=sub, session=ses, gland=r.gland, side=r.side, true_suv_mean=r.true_suv_mean,
-                                 suv_mean=raw[key], suv_mean_pvc=corrected[key], fwhm_mm=psf))
+                                 suv_mean=raw[key], suv_mean_pvc=corrected[key], fwhm_mm=psf,
+                                 true_fwhm_mm=float(t["psf_fwhm_mm"].iloc[0])))
     df = pd.DataFrame(rows)
     df["raw_err_pct"] = 100 * (df["suv_mean"] - df["true_suv_mean"]) / df["true_suv_mean"]
     df["gtm_err_pct"] = 100 * (df["suv_mean_pvc"] - df["true_suv_mean"]) / df["true_suv_mean"]
@@ -100,3 +136,52 @@ def voxel_correlations(cohort: str | Path) -> pd.DataFrame:
             rows.append(dict(subject_id=sub, gland=lab.gland, side=lab.side, voxel_spearman_rho=rho, n_voxels=n,
                              fibrotic_fraction=float(planted.iloc[0]) if len(planted) else np.nan))
     return pd.DataFrame(rows)
+
+
+def pipeline_pvc_errors(results: str | Path, truth_dir: str | Path, pvc: dict | None = None) -> pd.DataFrame:
+    """PVC accuracy with the pipeline's OWN masks and registrations: the workflow's gland
+    statistics of every session against the phantom truth.
+
+    ``pvc`` None: the ``gland_stats`` rows as the run wrote them. Else a ``pvc`` config section
+    (e.g. ``{"method": "gtm", "fwhm_mm": {"psma": "auto", "fapi": "auto"}}``): every session is
+    measured again from the run's images (:func:`glandpet.workflow.measure_glands`, the PSF from
+    :func:`glandpet.pvc.session_fwhm_mm` of the session's PET sidecar). One row per subject x
+    session x gland x side with ``volume_err_pct``, ``raw_err_pct`` and ``pvc_err_pct``."""
+    import json
+    import tempfile
+    from types import SimpleNamespace
+
+    from ..pvc import session_fwhm_mm
+
+    results, truth_dir = Path(results), Path(truth_dir)
+    truth = pd.read_parquet(truth_dir / "gland_truth.parquet")
+    if pvc is None:
+        stats = pd.read_parquet(results / "tables" / "gland_stats.parquet")
+    else:
+        from .. import workflow
+
+        parts = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for stats_path in sorted(results.glob("sub-*/ses-*/sub-*_ses-*_gland_stats.parquet")):
+                d = stats_path.parent
+                stem = stats_path.name[: -len("_gland_stats.parquet")]
+                sub, ses = stem.split("_")[0][4:], stem.split("_")[1][4:]
+                suv = sorted(d.glob(f"{stem}_trc-*_desc-suv*_pet.nii.gz"))[0]
+                sidecar_path = Path(str(suv).split("_desc-")[0] + "_pet.json")
+                sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.exists() else None
+                fwhm = session_fwhm_mm(pvc, ses, sidecar).fwhm_mm
+                inputs = SimpleNamespace(suv=str(suv), ct=str(d / f"{stem}_ct.nii.gz"),
+                                         dseg=str(d / f"{stem}_space-ct_dseg.nii.gz"),
+                                         xfm=str(d / f"{stem}_from-pet_to-ct_xfm.mat"))
+                output = SimpleNamespace(stats=str(Path(tmp) / f"{stem}.parquet"),
+                                         pet_dseg=str(Path(tmp) / f"{stem}_dseg.nii.gz"))
+                cfg = {"method": pvc.get("method", "gtm"), "fwhm_mm": {ses: fwhm}}
+                workflow.measure_glands(inputs, output, sub, ses, "bw", cfg)
+                parts.append(pd.read_parquet(output.stats))
+        stats = pd.concat(parts, ignore_index=True)
+    keys = ["subject_id", "session", "gland", "side"]
+    df = stats.merge(truth[keys + ["true_volume_ml", "true_suv_mean", "psf_fwhm_mm"]], on=keys, how="inner")
+    df["volume_err_pct"] = 100 * (df["volume_ml"] - df["true_volume_ml"]) / df["true_volume_ml"]
+    df["raw_err_pct"] = 100 * (df["suv_mean"] - df["true_suv_mean"]) / df["true_suv_mean"]
+    df["pvc_err_pct"] = 100 * (df["suv_mean_pvc"] - df["true_suv_mean"]) / df["true_suv_mean"]
+    return df
