@@ -26,7 +26,7 @@ import numpy as np
 
 from .dicom_series import Series, load_series
 from .errors import SUVError, UserError
-from .suv import FACTOR_KEYS, SUV_CHOICES, suv_result
+from .suv import SUV_CHOICES, suv_result
 from .tables import atomic_path
 
 COMPRESSLEVEL = 1
@@ -110,6 +110,14 @@ def _pet_sidecar(series: Series, res, suv: str, applied: Any) -> dict[str, Any]:
         sc["FrameDuration"] = [float(afd) / 1000.0]
         sc["FrameTimesStart"] = [0.0]
     sc["ReconMethodName"] = _clean_str(ds.get("ReconstructionMethod"))
+    kernel = ds.get("ConvolutionKernel")
+    if kernel:
+        from .pvc import recon_filter_from_kernel
+
+        sc["ConvolutionKernel"] = kernel if isinstance(kernel, str) else "\\".join(str(k) for k in kernel)
+        filt = recon_filter_from_kernel(kernel)
+        if filt is not None:
+            sc["ReconFilterType"], sc["ReconFilterSize"] = filt[0], filt[1]
     ci = ds.get("CorrectedImage")
     if ci:
         ci = [str(x) for x in (ci if not isinstance(ci, str) else [ci])]
@@ -147,12 +155,14 @@ def _factor_array(f, n: int) -> np.ndarray:
     return a
 
 
-def convert_series(files_or_dir, out_nii, suv: str = "none") -> dict[str, Any]:
-    """Convert one series to `out_nii` (+ sidecar .json beside it); returns the sidecar dict."""
+def convert_series(files_or_dir, out_nii, suv: str = "none", *, label: str | None = None) -> dict[str, Any]:
+    """Convert one series to `out_nii` (+ sidecar .json beside it); returns the sidecar dict.
+    `label`: how error messages name the series (see :func:`glandpet.dicom_series.load_series`).
+    Each file is written under a temporary name and renamed when complete (never left half-written)."""
     out_nii = Path(out_nii)
     if suv not in ("none", *SUV_CHOICES):
         raise UserError(f"--suv {suv!r}: expected one of none, {', '.join(SUV_CHOICES)}")
-    series = load_series(files_or_dir)
+    series = load_series(files_or_dir, label=label)
     ds = series.datasets[0]
     modality = series.modality
     data = series.data

@@ -211,7 +211,7 @@ def _slices_of(ds: pydicom.Dataset, path: Path, label: str) -> list[Slice]:
     ]
 
 
-def read_instances(files: Sequence[Path], label_root: Path, headers_only: bool = False
+def read_instances(files: Sequence[Path], label_root: Path | str, headers_only: bool = False
                    ) -> tuple[list[tuple[Path, pydicom.Dataset]], list[str]]:
     """Read all DICOM image instances; skip non-DICOM and non-image objects."""
     out, notes = [], []
@@ -232,10 +232,13 @@ def read_instances(files: Sequence[Path], label_root: Path, headers_only: bool =
     return out, notes
 
 
-def load_series(files_or_dir, *, read_pixels: bool = True) -> Series:
-    """Read one series (folder or file list). See module docstring for the policy."""
+def load_series(files_or_dir, *, read_pixels: bool = True, label: str | None = None) -> Series:
+    """Read one series (folder or file list). See module docstring for the policy.
+
+    `label`: how messages name the series (the workflow passes "sub-<id> ses-<session> PET series #N
+    'description'", which has no path); default: the folder plus series number and description."""
     files, root = _list_files(files_or_dir)
-    instances, notes = read_instances(files, root, headers_only=not read_pixels)
+    instances, notes = read_instances(files, label or root, headers_only=not read_pixels)
 
     # One series only.
     by_uid: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
@@ -250,8 +253,9 @@ def load_series(files_or_dir, *, read_pixels: bool = True) -> Series:
                 f"series #{ds0.get('SeriesNumber', '?')} {ds0.get('Modality', '?')} '{desc}' "
                 f"({len(items)} files, UID ...{uid[-8:]})"
             )
-        raise UserError(f"{root}: the folder mixes {len(by_uid)} series: " + "; ".join(parts) + " — give one series per folder")
-    label = _series_label(root, instances[0][1])
+        raise UserError(f"{label or root}: the folder mixes {len(by_uid)} series: " + "; ".join(parts)
+                        + " — give one series per folder")
+    label = label or _series_label(root, instances[0][1])
 
     # De-duplicate SOP instances.
     seen: dict[str, Path] = {}

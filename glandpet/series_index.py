@@ -64,6 +64,19 @@ Per subject and session, the candidates are the ``pet_ac`` series of that tracer
   lists the problem in ``IndexResult.problems`` (used by ``glandpet init`` / ``check``).
 The CT paired with a selected PET is selected too and carries its session.
 
+Failures (``IndexResult.failures``, FAILURES_SCHEMA; never raised)
+-------------------------------------------------------------------
+Everything that would break a subject or a session and can be seen in the headers, without reading
+pixels: a subject's folder missing or empty or without DICOM images, no PET (CT without PET), no PSMA /
+FAPI tracer, an ambiguous session (``on_ambiguity="report"``), and for the selected PET and its CT: no
+CT, truncated files (file size against the pixel data length the header implies), not one regular
+volume (unequal spacing, missing slices, two instances at one position, gantry tilt: the converter's
+tolerances), a compressed transfer syntax without a decoder, a PET header that cannot give SUV (the
+rules of :mod:`glandpet.suv` on the first header) or not the requested ``suv_type``. Each row names
+the subject (``sub-<id>``), the session and the series (number and description) and the cause;
+``status`` is ``failed`` (the selected PET's ``problem`` column holds the message, and the workflow
+leaves the session out) or ``warning`` (an unused PET of an unknown tracer, skipped unreadable files).
+
 No patient name, id, birth date, accession number, institution or physician is stored: the
 series description (and any tracer text) is dropped when it contains one of them. File paths
 relative to the root are stored in the files and skipped tables (the converter needs them);
@@ -94,8 +107,8 @@ from .glands import SESSIONS
 from .tracers import classify_dataset
 
 __all__ = [
-    "IndexResult", "index_tree", "run_index", "SERIES_SCHEMA", "FILES_SCHEMA", "SKIPPED_SCHEMA",
-    "salted_key", "subject_pseudonym", "read_overrides",
+    "IndexResult", "index_tree", "run_index", "SERIES_SCHEMA", "FILES_SCHEMA", "SKIPPED_SCHEMA", "FAILURES_SCHEMA",
+    "salted_key", "subject_pseudonym", "read_overrides", "series_label", "decoder_problem",
 ]
 
 DEFAULT_SALT = "glandpet-index-v1"
@@ -141,6 +154,7 @@ SERIES_SCHEMA = pa.schema([
     pa.field("decay_correction", pa.string()),
     pa.field("corrected_image", pa.string()),
     pa.field("transfer_syntax", pa.string()),
+    pa.field("problem", pa.string()),  # why this series cannot be processed (selected PET: its session)
 ])
 
 FILES_SCHEMA = pa.schema([
@@ -148,6 +162,16 @@ FILES_SCHEMA = pa.schema([
     pa.field("subject_id", pa.string(), nullable=False),
     pa.field("n_files", pa.int32(), nullable=False),
     pa.field("paths", pa.list_(pa.string()), nullable=False),  # relative to the root, in slice order
+])
+
+# Subjects and sessions the index found unusable (or worth a warning): the workflow leaves failed
+# sessions out of its DAG and the cohort tables step copies these rows into qc.parquet.
+FAILURES_SCHEMA = pa.schema([
+    pa.field("subject_id", pa.string(), nullable=False),
+    pa.field("session", pa.string()),
+    pa.field("stage", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),  # failed | warning
+    pa.field("message", pa.string(), nullable=False),
 ])
 
 SKIPPED_SCHEMA = pa.schema([
@@ -178,6 +202,8 @@ _IDENTIFYING = [
     "PatientID", "PatientName", "PatientBirthDate", "AccessionNumber", "InstitutionName",
     "InstitutionAddress", "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName",
     "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy", "OtherPatientIDs", "OtherPatientNames",
+    "IssuerOfPatientID", "PatientBirthName", "PatientMotherBirthName", "PatientAddress", "InstitutionalDepartmentName",
+    "RequestingPhysician", "StationName", "DeviceSerialNumber",
 ]
 
 _SC_PREFIX = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture (and its multi-frame variants)
@@ -270,6 +296,25 @@ def _id_strings(get: "_Get") -> list[str]:
 
 _TAG_OF: dict[str, Any] = {}
 _TRACER_CACHE: dict[str, Any] = {}  # series UID -> TracerMatch (one classification per series and process)
+_SUV_CACHE: dict[str, tuple] = {}  # series UID -> SUV check of its first header (per process)
+
+
+def _suv_check(ds: Any) -> tuple:
+    """(error message or None, factor keys the header cannot support) of one PET header: the SUV
+    rules of :mod:`glandpet.suv` on the first instance read (per-series fields are the same in every
+    slice; per-slice times only refine the scan time)."""
+    from .errors import SUVError
+    from .suv import suv_result
+
+    try:
+        res = suv_result([ds], "PET series")
+    except SUVError as exc:
+        msg = str(exc)
+        return (msg[len("PET series: "):] if msg.startswith("PET series: ") else msg, ())
+    except Exception as exc:  # noqa: BLE001 - a malformed header is reported, not raised
+        return (f"SUV header fields cannot be read ({type(exc).__name__})", ())
+    return (None, tuple(sorted(k for k, v in res.factors.items()
+                               if v is None or (isinstance(v, list) and any(x is None for x in v)))))
 
 
 def _tag(kw: str):
@@ -357,11 +402,17 @@ def read_header(abspath: str, rel: str) -> dict:
     ts = _s(meta.get("TransferSyntaxUID")) if meta is not None else None
     rows, cols = _int(get("Rows")), _int(get("Columns"))
     nframes = _int(get("NumberOfFrames")) or 1
-    # truncation: an image must hold its pixel data
+    # truncation: an image must hold its pixel data (file size against the length the header implies;
+    # the pixels are not read). The record keeps the series UID so that the series can be refused.
+    def _trunc(detail: str) -> dict:
+        rec = _skip(rel, "truncated", detail)
+        rec.update(series_uid=series_uid, patient_id=_s(get("PatientID")))
+        return rec
+
     if rows and cols:
         remaining = size - pos
         if remaining <= 0:
-            return _skip(rel, "truncated", "no pixel data")
+            return _trunc("no pixel data")
         from pydicom.uid import UID
 
         compressed = bool(ts) and UID(ts).is_compressed
@@ -370,14 +421,14 @@ def read_header(abspath: str, rel: str) -> dict:
                 fh.seek(max(0, size - 16))
                 tail = fh.read()
             if b"\xfe\xff\xdd\xe0" not in tail:
-                return _skip(rel, "truncated", "encapsulated pixel data has no sequence delimiter")
+                return _trunc("encapsulated pixel data has no sequence delimiter")
         else:
             bits = _int(get("BitsAllocated")) or 16
             spp = _int(get("SamplesPerPixel")) or 1
             expected = rows * cols * spp * nframes * bits // 8
             header = 8 if (ts in (None, "1.2.840.10008.1.2")) else 12
             if remaining < expected + header:
-                return _skip(rel, "truncated", f"pixel data has {max(0, remaining - header)} of {expected} bytes")
+                return _trunc(f"pixel data has {max(0, remaining - header)} of {expected} bytes")
 
     def dt(date_kw: str, time_kw: str) -> str | None:
         d = _s(get(date_kw))
@@ -396,6 +447,14 @@ def read_header(abspath: str, rel: str) -> dict:
             if len(_TRACER_CACHE) > 10000:
                 _TRACER_CACHE.clear()
             _TRACER_CACHE[series_uid] = tracer
+    suv_check = None
+    if _s(get("Modality")) == "PT" and rows and cols:
+        suv_check = _SUV_CACHE.get(series_uid)
+        if suv_check is None:
+            suv_check = _suv_check(ds)
+            if len(_SUV_CACHE) > 10000:
+                _SUV_CACHE.clear()
+            _SUV_CACHE[series_uid] = suv_check
     pid = _s(get("PatientID"))
     return {
         "path": rel,
@@ -429,6 +488,7 @@ def read_header(abspath: str, rel: str) -> dict:
         "has_corrected_image": "CorrectedImage" in get,
         "transfer_syntax": ts,
         "tracer": tracer,
+        "suv_check": suv_check,
         "patient_id": pid,
         "ids": tuple(sorted(set(_id_strings(get)))),
     }
@@ -478,6 +538,9 @@ class IndexResult:
     problems: list[str] = field(default_factory=list)  # ambiguities (on_ambiguity="report")
     warnings: list[str] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)  # n_files, seconds, files_per_s
+    # one row per subject / session that cannot be processed (status failed) or needs a look
+    # (warning): FAILURES_SCHEMA columns; messages name the subject, session, series and cause
+    failures: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=FAILURES_SCHEMA.names))
 
 
 def _scrub(text: str | None, ids: Iterable[str]) -> str | None:
@@ -563,8 +626,40 @@ def _geometry(insts: list[dict]) -> dict:
             sp = float(np.median(d))
             out["slice_spacing_mm"] = round(sp, 6)
             out["slice_spacing_uniform"] = bool(np.max(np.abs(d - sp)) <= max(0.01, 0.01 * sp))
+        out["problem"] = _volume_problem(insts, normal, proj)
     out["order"] = order
     return out
+
+
+def _volume_problem(insts: list[dict], normal: np.ndarray, proj: np.ndarray) -> str | None:
+    """Why the converter (:func:`glandpet.dicom_series.load_series`) would refuse these slices as one
+    volume, from their headers only, with its tolerances and message stems; None when it would not."""
+    from .dicom_series import _ABS_TOL_MM, _REL_TOL
+
+    if len(insts) < 2:
+        return None
+    dist = np.sort(proj)
+    gaps = np.diff(dist)
+    if np.any(gaps < _ABS_TOL_MM):
+        return (f"two different instances at the same slice position ({dist[int(np.argmin(gaps))]:.3f} mm): "
+                "multiple stacks or dynamic frames")
+    step = (dist[-1] - dist[0]) / (len(dist) - 1)
+    dev = np.abs(gaps - step)
+    if np.max(dev) > _ABS_TOL_MM + _REL_TOL * step:
+        k = int(np.argmax(dev))
+        return (f"unequal slice spacing (gap {gaps[k]:.3f} mm between slices {k} and {k + 1}, median "
+                f"{np.median(gaps):.3f} mm): missing slices?")
+    order = np.argsort(proj, kind="stable")
+    pos = np.array([insts[i]["ipp"] for i in order], dtype=float)
+    offsets = pos - pos[0]
+    perp = offsets - np.outer(dist - dist[0], normal)
+    off = np.linalg.norm(perp, axis=1)
+    if np.max(off) > _ABS_TOL_MM + 1e-3 * abs(dist[-1] - dist[0]):
+        k = int(np.argmax(off))
+        angle = np.degrees(np.arctan2(off[k], abs(dist[k] - dist[0]) or 1.0))
+        return (f"slice positions are not along the slice normal (sideways drift {off[k]:.3f} mm over "
+                f"{abs(dist[k] - dist[0]):.1f} mm, about {angle:.2f} deg): gantry tilt or sheared stack")
+    return None
 
 
 def _split_key(i: dict) -> tuple:
@@ -584,6 +679,168 @@ def _ambiguity_message(subject: str, session: str, cands: list[dict]) -> str:
             f"acquisitions: {', '.join(parts)}; choose one with an override (subject_id, session, series_key)")
 
 
+def series_label(s: Mapping[str, Any]) -> str:
+    """How messages name a series (a series-table row): kind, number and the identifier-free
+    description, e.g. "PET series #4 'PET HN QCFX'"; never a UID, a path or a patient field."""
+    kind = {"ct": "CT", "pet_ac": "PET", "pet_nac": "PET (not attenuation-corrected)", "localizer": "localizer"}.get(
+        s.get("role"), s.get("modality") or "DICOM")
+    num, desc = s.get("series_number"), s.get("series_description")
+    num = f" #{int(num)}" if isinstance(num, (int, float, np.integer)) and num == num else ""
+    desc = f" '{desc}'" if isinstance(desc, str) and desc else ""
+    return f"{kind} series{num}{desc}"
+
+
+
+
+_INSTALL = {
+    "1.2.840.10008.1.2.4.80": "pyjpegls (or pylibjpeg + pylibjpeg-libjpeg)",
+    "1.2.840.10008.1.2.4.81": "pyjpegls (or pylibjpeg + pylibjpeg-libjpeg)",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg + pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.91": "pylibjpeg + pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.201": "pylibjpeg + pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.202": "pylibjpeg + pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.203": "pylibjpeg + pylibjpeg-openjpeg",
+}
+_DECODER_CACHE: dict[str, str | None] = {}
+
+
+def decoder_problem(transfer_syntax: str | None) -> str | None:
+    """None when pydicom can decode pixel data of this transfer syntax here; else the message
+    naming the syntax and what to install (or how to decompress the series)."""
+    if not transfer_syntax:
+        return None
+    if transfer_syntax in _DECODER_CACHE:
+        return _DECODER_CACHE[transfer_syntax]
+    from pydicom.uid import UID
+
+    uid = UID(transfer_syntax)
+    msg = None
+    if uid.is_compressed:
+        try:
+            from pydicom.pixels.decoders.base import get_decoder
+
+            ok = get_decoder(uid).is_available
+        except Exception:  # noqa: BLE001 - a syntax pydicom has no decoder class for
+            ok = False
+        if not ok:
+            what = _INSTALL.get(str(uid), "a pydicom pixel-data plugin (pylibjpeg with its plugins, or gdcm)")
+            msg = (f"pixel data use the compressed transfer syntax '{uid.name}' ({uid}) and no decoder for it is "
+                   f"installed: pip install {what}, or decompress the series first (gdcmconv --raw, dcmdjpeg)")
+    _DECODER_CACHE[transfer_syntax] = msg
+    return msg
+
+
+def _series_causes(s: dict, suv_type: str | None) -> list[str]:
+    causes = []
+    if s["_bad_files"]:
+        n = len(s["_bad_files"])
+        causes.append(f"{n} of its files {'is' if n == 1 else 'are'} truncated ({s['_bad_files'][0]}); re-export the series")
+    if s["_geo_problem"] and not s["_bad_files"]:  # a skipped truncated file leaves a gap: say only why
+        causes.append(s["_geo_problem"] + "; the series is not one regular volume (re-export it complete; "
+                      "tilted or irregular series are refused, not resampled)")
+    dec = decoder_problem(s["transfer_syntax"])
+    if dec:
+        causes.append(dec)
+    if s["role"] == "pet_ac" and s["_suv_check"] is not None:
+        err, nulls = s["_suv_check"]
+        if err:
+            causes.append(f"cannot give SUV: {err}")
+        elif suv_type:
+            from .suv import SUV_CHOICES
+
+            key = SUV_CHOICES.get(suv_type)
+            if key in nulls:
+                causes.append(f"cannot give SUV type '{suv_type}': the header lacks PatientSize and/or PatientSex "
+                              f"(0010,1020 / 0010,0040); choose suv_type: bw")
+    return causes
+
+
+def _failures(series_rows: list[dict], by_subject: Mapping[str, list[dict]], ambiguous: Mapping[tuple[str, str], str],
+              subjects: pd.DataFrame | None, folder_of: Mapping[str, Path], skipped: list[dict],
+              owner: Mapping[str, str], suv_type: str | None, attributed: Iterable[str] = ()) -> list[dict]:
+    """Failure / warning rows (FAILURES_SCHEMA) and the ``problem`` of each unusable selected PET."""
+    out: list[dict] = []
+
+    def add(sid: str, ses: str | None, status: str, msg: str) -> None:
+        out.append({"subject_id": sid, "session": ses, "stage": "index", "status": status, "message": msg})
+
+    for s in series_rows:
+        s["problem"] = None
+    keyed = {s["series_key"]: s for s in series_rows}
+    usable: dict[str, set[str]] = defaultdict(set)
+    for (sid, ses), msg in sorted(ambiguous.items()):
+        add(sid, ses, "failed", msg)
+    for sid, ss in sorted(by_subject.items()):
+        for p in ss:
+            if not (p["selected"] and p["role"] == "pet_ac" and p["session"]):
+                continue
+            ses = p["session"]
+            causes = [f"{series_label(p)}: {c}" for c in _series_causes(p, suv_type)]
+            if not p["paired_ct_key"]:
+                causes.append(f"{series_label(p)}: the PET series has no CT (no CT shares its frame of reference or "
+                              "study, or was acquired the same day within 3 h); export the CT of the PET/CT session")
+            else:
+                ct = keyed[p["paired_ct_key"]]
+                causes += [f"its {series_label(ct)}: {c}" for c in _series_causes(ct, None)]
+            if causes:
+                msg = f"sub-{sid} ses-{ses}: " + "; ".join(causes)
+                p["problem"] = msg
+                add(sid, ses, "failed", msg)
+            else:
+                usable[sid].add(ses)
+        for p in ss:  # PET that no session uses, because its tracer is unknown or not PSMA / FAPI
+            if p["role"] == "pet_ac" and not p["selected"] and p["tracer_session"] is None:
+                why = (f"tracer not recognised ({p['tracer_note'] or 'no tracer named'})" if not p["tracer"]
+                       else f"tracer {p['tracer']} is neither a PSMA nor a FAPI tracer")
+                add(sid, None, "warning", f"sub-{sid}: {series_label(p)} is not used: {why}; if it is the PSMA or "
+                    f"FAPI scan, name it in series_overrides (subject_id: {sid}, session, series_key: {p['series_key']})")
+    # subjects left without any usable session
+    sheet_ids = list(subjects["subject_id"]) if subjects is not None else []
+    lines = {sid: i + 2 for i, sid in enumerate(sheet_ids)}
+    n_skipped: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    in_series = set(attributed or ())
+    for k in skipped:
+        sid = owner.get(k["path"])
+        if sid is not None and k["path"] not in in_series:  # files of a refused series: its failure says it
+            n_skipped[sid][k["reason"]] += 1
+    for sid, reasons in sorted(n_skipped.items()):
+        bad = {r: n for r, n in reasons.items() if r in ("unreadable", "truncated", "empty file")}
+        if bad:
+            add(sid, None, "warning", f"sub-{sid}: " + ", ".join(f"{n} {r}" for r, n in sorted(bad.items()))
+                + " file(s) in its folder were skipped (listed in series_skipped.parquet)")
+    failed = {(r["subject_id"], r["session"]) for r in out if r["status"] == "failed"}
+    for sid in list(dict.fromkeys(sheet_ids + sorted(by_subject))):
+        if usable.get(sid):
+            continue
+        ss = by_subject.get(sid, [])
+        folder = folder_of.get(sid)
+        if folder is not None and not folder.is_dir():
+            add(sid, None, "failed", f"sub-{sid}: its dicom_dir folder (subject sheet line {lines.get(sid, '?')}) does "
+                "not exist under the DICOM root; fix dicom_dir or dicom_root")
+        elif not ss:
+            skipped_here = n_skipped.get(sid, {})
+            if folder is not None and not skipped_here:
+                why = "its dicom_dir folder holds no files"
+            elif folder is not None:
+                why = ("no DICOM image series in its dicom_dir folder (skipped files: "
+                       + ", ".join(f"{n} {r}" for r, n in sorted(skipped_here.items())) + ")")
+            else:
+                why = "no DICOM image with its patient_id under the DICOM root"
+            add(sid, None, "failed", f"sub-{sid}: {why}")
+        elif any(f[0] == sid for f in failed):
+            continue  # its sessions' failures say why
+        else:
+            pets = [p for p in ss if p["role"] == "pet_ac"]
+            found = ", ".join(series_label(x) for x in ss[:6]) + (", ..." if len(ss) > 6 else "")
+            if not pets:
+                why = f"no attenuation-corrected PET series (found: {found}); export the PET of the PET/CT session"
+            else:
+                why = ("no PET series of a PSMA or FAPI tracer (see the warnings on its PET series); name the PSMA or "
+                       "FAPI series in series_overrides")
+            add(sid, None, "failed", f"sub-{sid}: {why}")
+    return out
+
+
 def index_tree(
     root: str | Path,
     subjects: pd.DataFrame | str | Path | None = None,
@@ -593,14 +850,19 @@ def index_tree(
     overrides: Mapping[tuple[str, str], str] | None = None,
     salt: str | None = None,
     on_ambiguity: str = "error",
+    suv_type: str = "bw",
 ) -> IndexResult:
     """Index the DICOM tree under `root` (see the module docstring for every rule).
 
     `subjects`: a subject sheet (path, or DataFrame from :func:`glandpet.subjects.read_subject_sheet`);
     None: pseudonymous ids from PatientID. `overrides`: {(subject_id, session): series_key}.
     `on_ambiguity`: "error" (raise UserError) or "report" (IndexResult.problems).
+    `suv_type`: the SUV the workflow will compute; a selected PET whose header cannot give it is a
+    failure of its session (IndexResult.failures, and the series' ``problem``).
     """
     t0 = time.perf_counter()
+    _TRACER_CACHE.clear()  # per-series caches hold within one index run only (files may change between runs)
+    _SUV_CACHE.clear()
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"DICOM root {root} is not a folder")
@@ -609,7 +871,7 @@ def index_tree(
     if subjects is not None and not isinstance(subjects, pd.DataFrame):
         from .subjects import read_subject_sheet
 
-        subjects = read_subject_sheet(subjects, root)
+        subjects = read_subject_sheet(subjects, root, missing_dirs="report")
 
     # ---- which files, and whose
     folder_of: dict[str, Path] = {}
@@ -665,6 +927,10 @@ def index_tree(
     t_read = time.perf_counter() - t0
 
     skipped: list[dict] = [{"path": r["path"], "reason": r["skip"], "detail": r.get("detail")} for r in records if "skip" in r]
+    bad_files: dict[str, list[str]] = defaultdict(list)  # series UID -> details of its truncated files
+    for r in records:
+        if "skip" in r and r.get("series_uid"):
+            bad_files[r["series_uid"]].append(r.get("detail") or r["skip"])
     insts = [r for r in records if "skip" not in r]
 
     # ---- subjects
@@ -756,6 +1022,9 @@ def index_tree(
                 "has_corrected_image": first["has_corrected_image"],
                 "ci_tuple": first["corrected_image"],
                 "transfer_syntax": first["transfer_syntax"],
+                "_geo_problem": geo.get("problem") if (first["n_frames"] or 1) == 1 else None,
+                "_bad_files": bad_files.get(suid, []),
+                "_suv_check": first.get("suv_check"),
                 "tracer": tr.tracer if tr else None,
                 "tracer_slug": tr.slug if tr else None,
                 "radionuclide": tr.radionuclide if tr else None,
@@ -826,6 +1095,7 @@ def index_tree(
     # ---- session selection
     overrides = dict(overrides or {})
     problems: list[str] = []
+    ambiguous: dict[tuple[str, str], str] = {}
     keyed = {s["series_key"]: s for s in series_rows}
     for (osid, oses), okey in overrides.items():
         if oses not in SESSIONS:
@@ -872,6 +1142,7 @@ def index_tree(
             if not all(same_acq(ref, c) for c in cands[1:]):
                 msg = _ambiguity_message(sid, ses, cands)
                 problems.append(msg)
+                ambiguous[(sid, ses)] = msg
                 for c in cands:
                     c["selection_rule"] = "ambiguous: several acquisitions; needs an override"
                 continue
@@ -899,6 +1170,10 @@ def index_tree(
                 ct["selected"], ct["session"] = True, s["session"]
                 ct["selection_rule"] = f"CT of the selected {s['session']} PET {s['series_key']} ({s['pairing_rule']})"
 
+    # ---- what cannot be processed: per subject and session (the workflow leaves these out)
+    attributed = {r["path"] for r in records if "skip" in r and r.get("series_uid")}
+    failures = _failures(series_rows, by_subject, ambiguous, subjects, folder_of, skipped, owner, suv_type, attributed)
+
     # ---- warnings: identifiers in paths
     warnings: list[str] = []
     n_bad = 0
@@ -911,7 +1186,7 @@ def index_tree(
                         "stores those paths (keep it with the linkage key, not with shared results)")
 
     internal = {"ci_tuple", "desc_raw", "has_corrected_image", "tracer_session", "image_type_tuple", "iop", "start",
-                "study_uid", "frame_uid", "_ids"}
+                "study_uid", "frame_uid", "_ids", "_geo_problem", "_bad_files", "_suv_check"}
     series_df = pd.DataFrame([{k: v for k, v in s.items() if k not in internal} for s in series_rows],
                              columns=SERIES_SCHEMA.names)
     if not series_df.empty:
@@ -926,7 +1201,8 @@ def index_tree(
         end = "\n" if show else ""
         print(f"{end}indexed {n} files in {dt_total:.1f} s ({stats['files_per_s']:.0f} files/s): "
               f"{len(series_df)} series, {len(skipped_df)} skipped", file=sys.stderr)
-    return IndexResult(series_df, files_df, skipped_df, problems, warnings, stats)
+    failures_df = pd.DataFrame(failures, columns=FAILURES_SCHEMA.names)
+    return IndexResult(series_df, files_df, skipped_df, problems, warnings, stats, failures_df)
 
 
 # ------------------------------------------------------------------------------------------
@@ -946,12 +1222,16 @@ def output_paths(series_path: str | Path) -> tuple[Path, Path, Path]:
 
 
 def write_index(result: IndexResult, series_path: str | Path, files_path: str | Path | None = None,
-                skipped_path: str | Path | None = None) -> tuple[Path, Path, Path]:
-    """Write the three tables (default paths: :func:`output_paths`); the series table last."""
+                skipped_path: str | Path | None = None, failures_path: str | Path | None = None
+                ) -> tuple[Path, Path, Path]:
+    """Write the three tables (default paths: :func:`output_paths`); the series table last. With
+    `failures_path`, the failures table too (FAILURES_SCHEMA)."""
     sp, fp, kp = output_paths(series_path)
     fp, kp = Path(files_path or fp), Path(skipped_path or kp)
     _write(result.files, FILES_SCHEMA, fp)
     _write(result.skipped, SKIPPED_SCHEMA, kp)
+    if failures_path is not None:
+        _write(result.failures, FAILURES_SCHEMA, Path(failures_path))
     _write(result.series, SERIES_SCHEMA, sp)
     return sp, fp, kp
 
@@ -986,6 +1266,9 @@ def summary_text(result: IndexResult) -> str:
     lines.append("skipped files: " + (", ".join(f"{r} {int(n)}" for r, n in kr.items()) or "none"))
     for p in result.problems:
         lines.append("problem: " + p)
+    for row in result.failures.itertuples():
+        if row.message not in result.problems:
+            lines.append(f"{row.status}: {row.message}")
     for w in result.warnings:
         lines.append("warning: " + w)
     return "\n".join(lines)

@@ -31,15 +31,20 @@ def _cell(v) -> str:
 
 
 def read_subject_sheet(
-    path: str | Path, dicom_root: str | Path | None = None, *, allow_empty_group: bool = False
+    path: str | Path, dicom_root: str | Path | None = None, *, allow_empty_group: bool = False,
+    missing_dirs: str = "error",
 ) -> pd.DataFrame:
     """Read and validate a subject sheet; return it as a DataFrame (strings stripped; `group`
     lower-cased; `dicom_dir` / `patient_id` present as columns, empty cells as None; numeric clinical
     columns as floats).
 
     `dicom_root`: folder that `dicom_dir` values are relative to; when given, each folder must
-    exist. With `allow_empty_group` an empty group is accepted (a sheet drafted by `glandpet init`).
+    exist, unless `missing_dirs="report"`: then a missing folder is left for the index to report as a
+    failure of that subject only (the workflow goes on with the others). With `allow_empty_group` an
+    empty group is accepted (a sheet drafted by `glandpet init`).
     """
+    if missing_dirs not in ("error", "report"):
+        raise ValueError("missing_dirs must be 'error' or 'report'")
     path = Path(path)
     if not path.is_file():
         raise UserError(f"subject sheet {path} not found")
@@ -109,8 +114,12 @@ def read_subject_sheet(
             if pid in seen_pid:
                 raise UserError(f"{at}, column patient_id: the same patient id is also on line {seen_pid[pid]}")
             seen_pid[pid] = line
+        folder = None
         if ddir and root is not None:
             folder = (root / ddir) if not Path(ddir).is_absolute() else Path(ddir)
+            if not folder.is_dir() and missing_dirs == "report":
+                folder = None  # the index reports it as a failure of this subject
+        if folder is not None:
             if not folder.is_dir():
                 raise UserError(f"{at}, column dicom_dir: folder {ddir!r} not found under the DICOM root {root}")
             real = folder.resolve()

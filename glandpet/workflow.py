@@ -12,7 +12,7 @@ import functools
 import json
 import logging
 import os
-import sys
+import re
 import traceback
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -30,7 +30,8 @@ def subject_ids(config: Mapping[str, Any], sheet: str) -> list[str]:
         return [f"S{i:03d}" for i in range(1, int(config["demo"]["subjects"]) + 1)]
     from .subjects import read_subject_sheet
 
-    return list(read_subject_sheet(sheet, config.get("dicom_root") or None)["subject_id"])
+    # a missing subject folder fails that subject only (the index reports it; qc.parquet lists it)
+    return list(read_subject_sheet(sheet, config.get("dicom_root") or None, missing_dirs="report")["subject_id"])
 
 
 def atlas_list(config: Mapping[str, Any], phantom_atlas_dir: str) -> list[dict[str, str]]:
@@ -64,9 +65,15 @@ def reference_session(sessions: Mapping[str, str] | list[str]) -> str:
 @functools.lru_cache(maxsize=8)
 def _selected(series_path: str, mtime: float) -> dict[str, dict[str, str]]:
     import pandas as pd
+    import pyarrow.parquet as pq
 
-    df = pd.read_parquet(series_path, columns=["subject_id", "session", "role", "selected", "tracer_slug"])
-    df = df[df["selected"].fillna(False).astype(bool) & (df["role"] == "pet_ac") & df["session"].isin(SESSIONS)]
+    cols = ["subject_id", "session", "role", "selected", "tracer_slug"]
+    has_problem = "problem" in pq.read_schema(series_path).names
+    df = pd.read_parquet(series_path, columns=cols + (["problem"] if has_problem else []))
+    keep = df["selected"].fillna(False).astype(bool) & (df["role"] == "pet_ac") & df["session"].isin(SESSIONS)
+    if has_problem:
+        keep &= df["problem"].isna()  # a session the index found unusable is left out (qc.parquet says why)
+    df = df[keep]
     out: dict[str, dict[str, str]] = {}
     for sub, ses, trc in zip(df["subject_id"], df["session"], df["tracer_slug"]):
         out.setdefault(sub, {})[ses] = trc
@@ -74,8 +81,68 @@ def _selected(series_path: str, mtime: float) -> dict[str, dict[str, str]]:
 
 
 def selected_sessions(series_path: str, subject: str) -> dict[str, str]:
-    """{session: tracer slug} of the PET series the index selected for a subject."""
-    return dict(_selected(str(series_path), os.path.getmtime(series_path)).get(subject, {}))
+    """{session: tracer slug} of the PET series the index selected for a subject, without the sessions
+    the index found unusable (the series' ``problem``) and those whose job failed in an earlier run
+    (a failure record in ``<results>/work/failed/``, see :func:`failure_records`)."""
+    out = dict(_selected(str(series_path), os.path.getmtime(series_path)).get(subject, {}))
+    results = Path(series_path).parent.parent
+    for rec in failure_records(results):
+        if rec["subject_id"] == subject:
+            if rec["session"] is None:
+                return {}
+            out.pop(rec["session"], None)
+    return out
+
+
+# --------------------------------------------------------------------------- job failure records
+# A job that fails (any exception in a step run under `log_to`) leaves a record
+# `<results>/work/failed/<rule>/<log name>.json` {subject_id, session, stage, status, message}.
+# On the next run the failed subject / session is left out of the DAG (so `--keep-going` runs end in
+# complete cohort tables) and the cohort tables step copies the record into qc.parquet. Delete the
+# record (or the folder) to try the job again; a job that succeeds removes its own record.
+_LOG_NAME = re.compile(r"^sub-(?P<subject>[A-Za-z0-9]+)(?:_ses-(?P<session>psma|fapi))?(?:_|\.log$)")
+
+
+def failure_record_path(log_path: str | os.PathLike) -> Path | None:
+    """Where a per-subject job's failure record goes (None for cohort-level jobs)."""
+    log_path = Path(log_path)
+    if log_path.parent.parent.name != "logs" or not _LOG_NAME.match(log_path.name):
+        return None
+    results = log_path.parent.parent.parent
+    return results / "work" / "failed" / log_path.parent.name / (log_path.name[: -len(".log")] + ".json")
+
+
+def failure_records(results: str | os.PathLike) -> list[dict]:
+    """The job failure records under `<results>/work/failed/` (subject_id, session, stage, status, message)."""
+    folder = Path(results) / "work" / "failed"
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in sorted(folder.glob("*/*.json")):
+        try:
+            out.append(json.loads(p.read_text()))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _record_failure(log_path: str | os.PathLike, exc: BaseException) -> None:
+    path = failure_record_path(log_path)
+    if path is None:
+        return
+    m = _LOG_NAME.match(Path(log_path).name)
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    from .errors import UserError
+
+    if not isinstance(exc, UserError):
+        message = f"{type(exc).__name__}: {message}"
+    prefix = f"sub-{m['subject']}" + (f" ses-{m['session']}" if m["session"] else "")
+    if not message.startswith(prefix):
+        message = f"{prefix}: {message}"
+    rec = {"subject_id": m["subject"], "session": m["session"], "stage": Path(log_path).parent.name,
+           "status": "failed", "message": message[:2000], "log": str(Path(log_path).name)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(rec, path)
 
 
 # --------------------------------------------------------------------------- run time
@@ -94,9 +161,17 @@ def log_to(path: str | os.PathLike | None) -> Iterator[logging.Logger]:
         root.setLevel(logging.INFO)
         try:
             yield log
-        except Exception:
+        except Exception as exc:
             traceback.print_exc(file=fh)
+            try:
+                _record_failure(path, exc)
+            except Exception:  # noqa: BLE001 - the record is a courtesy; the job fails anyway
+                traceback.print_exc(file=fh)
             raise
+        else:
+            stale = failure_record_path(path)
+            if stale is not None and stale.exists():
+                stale.unlink()
         finally:
             root.removeHandler(handler)
 
@@ -127,20 +202,30 @@ def demo_phantom(outdir: str, subjects: int, seed: int, atlases: int, threads: i
     generate_cohort(outdir, int(subjects), int(seed), n_atlases=int(atlases), jobs=int(threads), progress=False)
 
 
-def index_dicom(sheet: str, dicom_root: str, overrides: list[Mapping[str, str]], output: Any, threads: int = 1) -> None:
+def index_dicom(sheet: str, dicom_root: str, overrides: list[Mapping[str, str]], output: Any, threads: int = 1,
+                suv_type: str = "bw") -> None:
     """Index the tree, select series per subject and session, and write each subject's selection
     (`work/sub-<id>/sub-<id>_series.json`: the files of the chosen CT and PET per session).
+
+    Problems of one subject or session (missing folder, no PET, no CT, ambiguous PET, a series that
+    is not one regular volume, a header that cannot give SUV, undecodable pixel data, ...) do not
+    stop the cohort: they go to the failures table (`output.failures`), the session is left out of
+    the DAG (:func:`selected_sessions`) and the cohort tables step lists it in qc.parquet.
 
     A selection file is rewritten only when its content changes, so adding a subject to the
     sheet re-runs the index but none of the other subjects' conversions."""
     from .series_index import index_tree, summary_text, write_index
     from .subjects import read_subject_sheet
 
-    subjects = read_subject_sheet(sheet, dicom_root)
+    subjects = read_subject_sheet(sheet, dicom_root, missing_dirs="report")
     chosen = {(o["subject_id"], o["session"]): o["series_key"] for o in overrides or []}
-    result = index_tree(dicom_root, subjects, jobs=int(threads), overrides=chosen)
-    write_index(result, output.series, output.files, output.skipped)
+    result = index_tree(dicom_root, subjects, jobs=int(threads), overrides=chosen, on_ambiguity="report",
+                        suv_type=suv_type)
+    failures_path = getattr(output, "failures", None)
+    write_index(result, output.series, output.files, output.skipped, failures_path=failures_path)
     work = Path(output.files).parent
+    for row in result.failures.itertuples():
+        (log.error if row.status == "failed" else log.warning)("%s", row.message)
     for subject, selection in session_selections(result.series, result.files).items():
         path = work / f"sub-{subject}" / f"sub-{subject}_series.json"
         text = json.dumps(selection, indent=2, sort_keys=True) + "\n"
@@ -153,7 +238,10 @@ def index_dicom(sheet: str, dicom_root: str, overrides: list[Mapping[str, str]],
 def session_selections(series: Any, files: Any) -> dict[str, dict[str, Any]]:
     """{subject: {session: {tracer, tracer_slug, pet_key, ct_key, pet_files, ct_files}}} of the
     selected series (file paths relative to the DICOM root, in slice order)."""
+    from .series_index import series_label
+
     paths = dict(zip(files["series_key"], files["paths"]))
+    labels = {row["series_key"]: series_label(row) for row in series.to_dict("records")}
     sel = series[series["selected"].fillna(False).astype(bool) & (series["role"] == "pet_ac")]
     out: dict[str, dict[str, Any]] = {}
     for row in sel.itertuples():
@@ -161,6 +249,7 @@ def session_selections(series: Any, files: Any) -> dict[str, dict[str, Any]]:
         out.setdefault(row.subject_id, {})[row.session] = {
             "tracer": row.tracer, "tracer_slug": row.tracer_slug, "pet_key": row.series_key, "ct_key": ct_key,
             "pet_files": list(paths.get(row.series_key, [])), "ct_files": list(paths.get(ct_key, [])) if ct_key else [],
+            "pet_label": labels[row.series_key], "ct_label": labels.get(ct_key) if ct_key else None,
         }
     for subject in series["subject_id"].unique():
         out.setdefault(subject, {})
@@ -181,7 +270,8 @@ def convert_session(selection_path: str, dicom_root: str, subject: str, session:
         raise UserError(f"sub-{subject} ses-{session}: the PET series has no CT (no CT shares its frame of "
                         f"reference or study)" if modality == "ct" else f"sub-{subject} ses-{session}: no PET files")
     out = output.ct if modality == "ct" else output.image
-    sidecar = convert_series([str(Path(dicom_root) / f) for f in files], out, suv="none")
+    label = f"sub-{subject} ses-{session} {selection.get(f'{modality}_label') or modality.upper() + ' series'}"
+    sidecar = convert_series([str(Path(dicom_root) / f) for f in files], out, suv="none", label=label)
     log.info("sub-%s ses-%s %s: %d files -> %s (%s)", subject, session, modality, len(files), out, sidecar.get("Units"))
 
 
@@ -275,7 +365,7 @@ def measure_glands(inputs: Any, output: Any, subject: str, session: str, suv_typ
 
     from .glands import read_label_table
     from .measure import gland_statistics, label_fractions_on_grid, volume_ml_from_labels, voxel_sizes
-    from .pvc import background_regions, body_fraction_from_ct, gtm, rbv_region_means
+    from .pvc import background_regions, body_fraction_from_ct, gtm, rbv_region_means, session_fwhm_mm
     from .tables import atomic_path
 
     suv_img, ct_img, lab_img = nib.load(inputs.suv), nib.load(inputs.ct), nib.load(inputs.dseg)
@@ -290,7 +380,9 @@ def measure_glands(inputs: Any, output: Any, subject: str, session: str, suv_typ
     rows = gland_statistics(suv, fractions, suv_img.affine, table, volumes_ml=volumes)
 
     method = pvc.get("method", "gtm")
-    fwhm = float(pvc.get("fwhm_mm", {}).get(session, 6.5))
+    sidecar_path = getattr(inputs, "sidecar", None)
+    psf = session_fwhm_mm(pvc, session, json.loads(Path(sidecar_path).read_text()) if sidecar_path else None)
+    fwhm = psf.fwhm_mm
     by_name = {f"{lab.gland}_{lab.side}": fractions[lab.index] for lab in table if fractions[lab.index].sum() > 0}
     corrected: dict[str, float] = {}
     if method != "none" and by_name:
@@ -315,7 +407,8 @@ def measure_glands(inputs: Any, output: Any, subject: str, session: str, suv_typ
         take = (frac >= 0.5) & (frac > best)
         pet_labels[take], best[take] = value, frac[take]
     write_nifti_like(pet_labels, suv_img, output.pet_dseg)
-    log.info("sub-%s ses-%s: %d glands measured (PVC %s, FWHM %.1f mm)", subject, session, len(by_name), method, fwhm)
+    log.info("sub-%s ses-%s: %d glands measured (PVC %s, FWHM %.2f mm from %s)", subject, session, len(by_name),
+             method, fwhm, psf.source)
 
 
 def gland_index(inputs: Any, out_path: str, subject: str, index_cfg: Mapping[str, Any]) -> None:
@@ -378,6 +471,22 @@ def _qc_rows(paths: list[str]) -> list[dict]:
     return rows
 
 
+def _failure_rows(index_failures: str | None, results: Path) -> list[dict]:
+    """qc rows of what did not run: the index's failures and warnings, and the job failure records."""
+    import pandas as pd
+
+    rows = []
+    if index_failures and Path(index_failures).is_file():
+        for r in pd.read_parquet(index_failures).to_dict("records"):
+            rows.append(dict(subject_id=r["subject_id"], session=r["session"] if isinstance(r["session"], str) else None,
+                             stage=r["stage"], status=r["status"], message=r["message"], metrics_json="{}"))
+    for r in failure_records(results):
+        rows.append(dict(subject_id=r["subject_id"], session=r.get("session"), stage=r.get("stage", "?"),
+                         status="failed", message=r.get("message"),
+                         metrics_json=json.dumps({"log": r.get("log")}, sort_keys=True)))
+    return rows
+
+
 def cohort_tables(inputs: Any, output: Any, cfg_hash: str, atlases: list[Mapping[str, str]]) -> None:
     """Gather per-subject Parquet files into the cohort tables (one pass each), add the group from
     the subject sheet, the tracer from the index and the provenance columns."""
@@ -393,16 +502,22 @@ def cohort_tables(inputs: Any, output: Any, cfg_hash: str, atlases: list[Mapping
     tracers = series[series["selected"].fillna(False).astype(bool) & (series["role"] == "pet_ac")]
     tracers = tracers[["subject_id", "session", "tracer"]].drop_duplicates(["subject_id", "session"])
 
-    stats = aggregate_tables(list(inputs.stats)).to_pandas()
+    def gather(paths: list[str], schema: Any) -> Any:  # no file when every subject failed: qc still lists them
+        if paths:
+            return aggregate_tables(paths).to_pandas()
+        return pd.DataFrame(columns=[f.name for f in schema if f.name not in ("pipeline_version", "config_hash")])
+
+    stats = gather(list(inputs.stats), GLAND_STATS)
     stats = stats.drop(columns=[c for c in ("group", "tracer") if c in stats.columns])
     stats = stats.merge(groups, on="subject_id", how="left").merge(tracers, on=["subject_id", "session"], how="left")
     write_table(stats.assign(**prov), GLAND_STATS, output.gland_stats)
 
-    index = aggregate_tables(list(inputs.index)).to_pandas()
+    index = gather(list(inputs.index), GLAND_INDEX)
     index = index.drop(columns=[c for c in ("group",) if c in index.columns]).merge(groups, on="subject_id", how="left")
     write_table(index.assign(**prov), GLAND_INDEX, output.gland_index)
 
     qc = _qc_rows(list(inputs.qc))
+    qc += _failure_rows(getattr(inputs, "failures", None), Path(output.qc).parent.parent)
     held = set()
     from .glands import GLANDS, read_label_table
 
@@ -467,7 +582,6 @@ def segment_glands(inputs: Any, output: Any, session: str, atlases: list[Mapping
                    refine_hu: Mapping[str, Any], threads: int = 1) -> None:
     """Gland labels in one session's CT space: multi-atlas segmentation on the reference session,
     the session transform (inverse, generic-label interpolation) for the other one."""
-    import shutil
 
     from .glands import read_label_table, write_label_table
 

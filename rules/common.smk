@@ -66,6 +66,12 @@ def pet_image(w):
     )
 
 
+def pet_sidecar(w):
+    return ses_file(
+        w.subject, w.session, f"trc-{tracer(w.subject, w.session)}_pet.json"
+    )
+
+
 def suv_image(w):
     return ses_file(
         w.subject,
@@ -146,13 +152,19 @@ def montage_inputs(w):
     return inputs
 
 
+def processed_subjects():
+    """The subjects with at least one usable session (the others fail at the index, or failed in
+    an earlier run: qc.parquet lists them)."""
+    return [s for s in SUBJECTS if sessions(s)]
+
+
 def all_subject_files(pattern_fn):
     return [f for s in SUBJECTS for f in pattern_fn(s)]
 
 
 def qc_files(_w=None):
     files = [f"{RESULTS}/tables/series.parquet"]
-    for s in SUBJECTS:
+    for s in processed_subjects():
         for ses in sessions(s):
             files.append(ses_file(s, ses, "desc-register_qc.json"))
             files.append(ses_file(s, ses, "desc-segment_qc.json"))
@@ -168,4 +180,4 @@ def final_outputs(_w=None):
         f"{RESULTS}/tables/qc.parquet",
         f"{RESULTS}/tables/cohort_stats.parquet",
         f"{RESULTS}/figures/.done",
-    ] + [f"{RESULTS}/figures/qc/sub-{s}_qc.png" for s in SUBJECTS]
+    ] + [f"{RESULTS}/figures/qc/sub-{s}_qc.png" for s in processed_subjects()]

@@ -8,6 +8,7 @@ checkpoint index_dicom:
         series=f"{RESULTS}/tables/series.parquet",
         files=f"{RESULTS}/work/series_files.parquet",
         skipped=f"{RESULTS}/tables/series_skipped.parquet",
+        failures=f"{RESULTS}/work/index_failures.parquet",
     log:
         f"{LOGS}/index_dicom.log",
     benchmark:
@@ -21,6 +22,7 @@ checkpoint index_dicom:
     params:
         dicom_root=DICOM_ROOT,
         overrides=config.get("series_overrides", []),
+        suv_type=config["suv_type"],
     script:
         "../scripts/index_dicom.py"
 

@@ -7,6 +7,7 @@ rule measure_glands:
         ct=ct_image,
         dseg=dseg,
         xfm=pet_to_ct,
+        sidecar=pet_sidecar,
     output:
         stats=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_gland_stats.parquet",
         pet_dseg=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_space-pet_dseg.nii.gz",

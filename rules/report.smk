@@ -7,9 +7,11 @@ rule cohort_tables:
         series=f"{RESULTS}/tables/series.parquet",
         stats=lambda w: all_subject_files(subject_stats),
         index=lambda w: [
-            f"{RESULTS}/sub-{s}/sub-{s}_gland_index.parquet" for s in SUBJECTS
+            f"{RESULTS}/sub-{s}/sub-{s}_gland_index.parquet"
+            for s in processed_subjects()
         ],
         qc=qc_files,
+        failures=f"{RESULTS}/work/index_failures.parquet",
     output:
         gland_stats=f"{RESULTS}/tables/gland_stats.parquet",
         gland_index=f"{RESULTS}/tables/gland_index.parquet",

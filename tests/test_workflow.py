@@ -94,25 +94,50 @@ def test_snakemake_report_holds_figures_statistics_and_montages(workflow_run):
         assert needle in html, needle
 
 
-def test_no_identifier_leaves_the_dicom(workflow_results):  # last: the report exists by now
-    """No PatientName/ID/BirthDate/Accession/Institution/Physician of the input DICOM appears in
-    any output byte (the demo's own DICOM input folder excepted)."""
-    needles = set()
-    for f in (workflow_results / "demo" / "dicom").rglob("*"):
-        if f.is_file():
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-            for kw in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName",
-                       "ReferringPhysicianName"):
-                v = str(ds.get(kw, "") or "").strip()
-                if len(v) >= 6:
-                    needles.add(v.encode())
-    assert needles
-    for f in workflow_results.rglob("*"):
-        if f.is_file() and "demo" not in f.relative_to(workflow_results).parts[:1]:
-            data = f.read_bytes()
-            if f.suffix == ".gz":
-                import gzip
+def test_no_identifier_leaves_the_dicom(workflow_run, workflow_results):  # last: the report exists by now
+    """The phantom plants unique strings in every identifying DICOM field (PS3.15 basic profile, see
+    glandpet.phantom.dicom_writer.IDENTIFYING_FIELDS); none of them appears in any byte of results/
+    (NIfTI decompressed, JSON, Parquet, TSV, PNG/SVG, logs, report.html; the demo's own DICOM input
+    excepted) nor in Snakemake's logs."""
+    import gzip
+    import re
 
-                data = gzip.decompress(data)
-            for needle in needles:
-                assert needle not in data, f"{needle!r} found in {f}"
+    from glandpet.phantom.dicom_writer import IDENTIFYING_FIELDS
+
+    needles: dict[bytes, str] = {}
+    seen_fields = set()
+    for f in (workflow_results / "demo" / "dicom").rglob("*"):
+        if not f.is_file():
+            continue
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        for kw in IDENTIFYING_FIELDS:
+            v = ds.get(kw)
+            if v is None or str(v).strip() == "":
+                continue
+            seen_fields.add(kw)
+            values = list(v) if type(v).__name__ == "MultiValue" else [v]
+            for x in map(str, values):
+                x = x.strip()
+                found = [x] + re.findall(r"Z[A-Z]{1,4}[0-9A-F]{6,8}", x)  # the whole value, the planted part
+                if ds.data_element(kw).VR == "PN":  # each name component of a person
+                    found += [p for p in re.split(r"[\^ ]+", x) if p != "PLANTED"]
+                if kw == "PatientBirthDate" and len(x) == 8:
+                    found.append(f"{x[:4]}-{x[4:6]}-{x[6:]}")
+                needles.update({p.encode(): kw for p in found if len(p) >= 6})
+    assert seen_fields == set(IDENTIFYING_FIELDS), set(IDENTIFYING_FIELDS) - seen_fields
+    assert sum(n.startswith(b"Z") for n in needles) >= 20  # the planted strings are there to be found
+    if not (workflow_results / "report.html").is_file():  # run alone: make the report first
+        snakemake(workflow_run, "--report", str(workflow_results / "report.html"))
+    targets = [f for f in workflow_results.rglob("*") if f.is_file()
+               and f.relative_to(workflow_results).parts[:2] != ("demo", "dicom")]
+    targets += [f for f in (workflow_run / ".snakemake" / "log").glob("*") if f.is_file()]
+    assert any(f.suffix == ".log" for f in targets) and any(f.name == "report.html" for f in targets)
+    leaks = []
+    for f in targets:
+        data = f.read_bytes()
+        if f.name.endswith(".gz"):
+            data = gzip.decompress(data)
+        for needle, kw in needles.items():
+            if needle in data:
+                leaks.append(f"{kw} {needle!r} in {f.relative_to(workflow_run)}")
+    assert not leaks, "\n".join(leaks[:20])

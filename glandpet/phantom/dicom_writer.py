@@ -60,6 +60,8 @@ __all__ = [
     "write_pet_series",
     "write_localizer",
     "radionuclide_info",
+    "planted",
+    "IDENTIFYING_FIELDS",
 ]
 
 VENDORS: tuple[str, ...] = ("siemens", "ge", "philips")
@@ -153,6 +155,25 @@ def _hash01(*parts: object) -> float:
 
 def _pick(seq: Sequence[str], *parts: object) -> str:
     return seq[int(_hash01(*parts) * len(seq))]
+
+
+def planted(kind: str, *parts: object, n: int = 8) -> str:
+    """A deterministic, unique and greppable identifier string ``Z`` + kind + hex (privacy tests search
+    every output byte for them); `kind` is a short upper-case tag of the field."""
+    return f"Z{kind}{hashlib.sha256('|'.join(str(p) for p in parts).encode()).hexdigest()[:n].upper()}"
+
+
+#: Identifying attributes the writer fills (DICOM PS3.15 Annex E basic profile: each is removed or
+#: replaced by a de-identifier). Patient name, id and birth date are the caller's (PatientInfo); the
+#: others carry `planted` strings, or the caller's value with a planted part added.
+IDENTIFYING_FIELDS: tuple[str, ...] = (
+    "PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames", "PatientBirthName",
+    "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers", "IssuerOfPatientID", "PatientComments",
+    "AccessionNumber", "StudyID", "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
+    "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName", "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy", "RequestingPhysician", "StationName", "DeviceSerialNumber",
+    "PerformedProcedureStepID",
+)
 
 
 def _ds(x: float) -> str:
@@ -305,22 +326,35 @@ def _base_dataset(
     ds.SeriesTime = _tm(series_dt)
     ds.AcquisitionTime = _tm(acquisition_dt)
     ds.ContentTime = _tm(content_dt)
-    ds.AccessionNumber = study.accession_number
+    # identifying fields (IDENTIFYING_FIELDS): unique planted strings, deterministic per patient and study
+    key = (patient.patient_id, study.study_uid)
+    ds.AccessionNumber = (study.accession_number + planted("A", *key, n=6))[-16:]
     ds.Modality = modality
     ds.Manufacturer = vend["manufacturer"]
-    ds.InstitutionName = study.institution_name
-    ds.InstitutionAddress = "Hauptstrasse 1, 10115 Berlin"
-    ds.ReferringPhysicianName = study.referring_physician
-    ds.StationName = vend["station"]
+    ds.InstitutionName = f"{study.institution_name} {planted('INST', study.institution_name)}"[:64]
+    ds.InstitutionAddress = f"{planted('ADDR', study.institution_name)} Hauptstrasse 1, 10115 Berlin"
+    ds.InstitutionalDepartmentName = f"Nuklearmedizin {planted('DEPT', study.institution_name)}"
+    ds.ReferringPhysicianName = f"{study.referring_physician}^{planted('REF', *key)}"
+    ds.RequestingPhysician = f"{planted('REQ', *key)}^PLANTED"
+    ds.PhysiciansOfRecord = f"{planted('POR', *key)}^PLANTED"
+    ds.NameOfPhysiciansReadingStudy = f"{planted('READ', *key)}^PLANTED"
+    ds.StationName = planted("STN", vend["station"], study.institution_name)
     ds.StudyDescription = study.study_description
     ds.SeriesDescription = series_description
-    ds.PerformingPhysicianName = _pick(_PHYSICIANS, study.study_uid, "performing")
-    ds.OperatorsName = _pick(_OPERATORS, study.study_uid, "operator")
+    ds.PerformingPhysicianName = f"{_pick(_PHYSICIANS, study.study_uid, 'performing')}^{planted('PERF', *key)}"
+    ds.OperatorsName = f"{_pick(_OPERATORS, study.study_uid, 'operator')}^{planted('OPER', *key)}"
     ds.ManufacturerModelName = vend["model"]
 
     ds.PatientName = patient.name
     ds.PatientID = patient.patient_id
-    ds.IssuerOfPatientID = study.institution_name[:64]
+    ds.IssuerOfPatientID = planted("ISS", study.institution_name)
+    ds.OtherPatientIDs = planted("OPID", patient.patient_id)
+    ds.OtherPatientNames = f"{planted('OPN', patient.patient_id)}^PLANTED"
+    ds.PatientBirthName = f"{planted('PBN', patient.patient_id)}^PLANTED"
+    ds.PatientMotherBirthName = f"{planted('PMN', patient.patient_id)}^PLANTED"
+    ds.PatientAddress = f"{planted('PADR', patient.patient_id)} Gartenweg 3, Berlin"
+    ds.PatientTelephoneNumbers = planted("TEL", patient.patient_id, n=6)
+    ds.PatientComments = f"planted comment {planted('PCOM', patient.patient_id)}"
     ds.PatientBirthDate = patient.birth_date
     ds.PatientSex = patient.sex
     ds.PatientAge = f"{int(patient.age_years):03d}Y"
@@ -328,14 +362,15 @@ def _base_dataset(
     ds.PatientWeight = _ds(round(patient.weight_kg, 1))
 
     ds.BodyPartExamined = "HEADNECK"
-    ds.DeviceSerialNumber = str(10000 + int(_hash01(study.institution_name, vend["model"]) * 89999))
+    ds.DeviceSerialNumber = planted("SN", study.institution_name, vend["model"])
     ds.SoftwareVersions = vend["software"]
     ds.ProtocolName = "PETCT_HeadNeck_Glands"
     ds.PatientPosition = "HFS"
 
     ds.StudyInstanceUID = study.study_uid
     ds.SeriesInstanceUID = series_uid
-    ds.StudyID = study.accession_number[-8:] or "1"
+    ds.StudyID = planted("SID", *key, n=8)
+    ds.PerformedProcedureStepID = planted("PPS", *key, n=8)
     ds.SeriesNumber = str(int(series_number))
     ds.AcquisitionNumber = "1"
     ds.InstanceNumber = "1"
