@@ -180,4 +180,5 @@ def final_outputs(_w=None):
         f"{RESULTS}/tables/qc.parquet",
         f"{RESULTS}/tables/cohort_stats.parquet",
         f"{RESULTS}/figures/.done",
+        f"{RESULTS}/tables/report/statistics.html",
     ] + [f"{RESULTS}/figures/qc/sub-{s}_qc.png" for s in processed_subjects()]

@@ -58,6 +58,41 @@ rule cohort_statistics:
         "../scripts/cohort_statistics.py"
 
 
+rule report_tables:
+    input:
+        gland_stats=f"{RESULTS}/tables/gland_stats.parquet",
+        cohort_stats=f"{RESULTS}/tables/cohort_stats.parquet",
+        qc=f"{RESULTS}/tables/qc.parquet",
+    output:
+        statistics=report(
+            f"{RESULTS}/tables/report/statistics.html",
+            caption="../report/table_statistics.rst",
+            category="Tables",
+        ),
+        gland_values=report(
+            f"{RESULTS}/tables/report/gland_values.html",
+            caption="../report/table_gland_values.rst",
+            category="Tables",
+        ),
+        qc=report(
+            f"{RESULTS}/tables/report/qc.html",
+            caption="../report/table_qc.rst",
+            category="Tables",
+        ),
+    log:
+        f"{LOGS}/report_tables.log",
+    benchmark:
+        f"{BENCH}/report_tables.tsv"
+    conda:
+        "../envs/glandpet.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../scripts/report_tables.py"
+
+
 rule cohort_figures:
     input:
         gland_stats=f"{RESULTS}/tables/gland_stats.parquet",

@@ -1,7 +1,7 @@
 """The Snakemake report as a user sees it: results/report.html of the shared workflow run opened in
 headless Debian Chromium (driven by Selenium through Debian's chromedriver), rendered by its own
 JavaScript, then checked through the DOM: the result categories (Figures, QC montages,
-Statistics), every cohort figure, every subject's QC montage, the statistics table, and that a
+Statistics, Tables), every cohort figure, every subject's QC montage, the statistics table, and that a
 figure and a montage actually display. A screenshot of a displayed QC montage is saved to the
 test's tmp folder; with GLANDPET_REFRESH_SCREENSHOT=1 it also replaces docs/report_screenshot.png.
 
@@ -29,7 +29,7 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--window-size=1500,950")
-RESULT_CATEGORIES = ("Figures", "QC montages", "Statistics")
+RESULT_CATEGORIES = ("Figures", "QC montages", "Statistics", "Tables")
 
 pytestmark = pytest.mark.slow
 
@@ -157,6 +157,10 @@ def test_report_renders_every_category_figure_table_and_montage(browser, report,
     assert list(listed) == ["cohort_stats.parquet"]
     href = listed["cohort_stats.parquet"].find_element(rep.By.CSS_SELECTOR, "a[iconname=eye]").get_attribute("href")
     assert ";base64,UEFSM" in href  # the Parquet file itself ('PAR1'), embedded in the report
+
+    rep.home()
+    rep.open("Tables")
+    assert sorted(rep.rows()) == ["gland_values.html", "qc.html", "statistics.html"]
 
     montages = sorted(p.name for p in (workflow_results / "figures" / "qc").glob("sub-*_qc.png"))
     subjects = [m[len("sub-"): -len("_qc.png")] for m in montages]

@@ -90,7 +90,7 @@ def test_snakemake_report_holds_figures_statistics_and_montages(workflow_run):
     html = report.read_text(errors="replace")
     assert report.stat().st_size > 100_000
     for needle in ("QC montages", "Figures", "Statistics", "sub-S001_qc.png", "sub-S002_qc.png", "psma_vs_fapi.png",
-                   "cohort_stats.parquet"):
+                   "cohort_stats.parquet", "Tables", "gland_values.html"):
         assert needle in html, needle
 
 
