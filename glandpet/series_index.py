@@ -90,7 +90,6 @@ import hmac
 import math
 import os
 import re
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -903,8 +902,9 @@ def index_tree(
     # ---- read headers
     records: list[dict] = []
     n = len(items)
-    show = progress and sys.stderr.isatty()
-    last = 0.0
+    from .progress import Progress
+
+    bar = Progress(n, "indexing", unit="files", quiet=not progress)
     if jobs and jobs > 1 and n > 64:
         from concurrent.futures import ProcessPoolExecutor
 
@@ -913,17 +913,11 @@ def index_tree(
         with ProcessPoolExecutor(max_workers=jobs) as ex:
             for got in ex.map(_read_many, chunks):
                 records.extend(got)
-                if show and time.perf_counter() - last > 0.2:
-                    last = time.perf_counter()
-                    rate = len(records) / max(1e-9, last - t0)
-                    print(f"\rindexing: {len(records)}/{n} files ({rate:.0f} files/s)", end="", file=sys.stderr)
+                bar.update(len(got))
     else:
         for a, rel in items:
             records.append(read_header(a, rel))
-            if show and time.perf_counter() - last > 0.2:
-                last = time.perf_counter()
-                rate = len(records) / max(1e-9, last - t0)
-                print(f"\rindexing: {len(records)}/{n} files ({rate:.0f} files/s)", end="", file=sys.stderr)
+            bar.update()
     t_read = time.perf_counter() - t0
 
     skipped: list[dict] = [{"path": r["path"], "reason": r["skip"], "detail": r.get("detail")} for r in records if "skip" in r]
@@ -1197,10 +1191,8 @@ def index_tree(
     dt_total = time.perf_counter() - t0
     stats = {"n_files": float(n), "seconds": dt_total, "read_seconds": t_read,
              "files_per_s": n / t_read if t_read > 0 else math.nan}
-    if progress:
-        end = "\n" if show else ""
-        print(f"{end}indexed {n} files in {dt_total:.1f} s ({stats['files_per_s']:.0f} files/s): "
-              f"{len(series_df)} series, {len(skipped_df)} skipped", file=sys.stderr)
+    bar.close(f"indexed {n} files in {dt_total:.1f} s ({stats['files_per_s']:.0f} files/s): "
+              f"{len(series_df)} series, {len(skipped_df)} skipped")
     failures_df = pd.DataFrame(failures, columns=FAILURES_SCHEMA.names)
     return IndexResult(series_df, files_df, skipped_df, problems, warnings, stats, failures_df)
 

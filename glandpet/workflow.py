@@ -203,7 +203,7 @@ def demo_phantom(outdir: str, subjects: int, seed: int, atlases: int, threads: i
 
 
 def index_dicom(sheet: str, dicom_root: str, overrides: list[Mapping[str, str]], output: Any, threads: int = 1,
-                suv_type: str = "bw") -> None:
+                suv_type: str = "bw", config: Mapping[str, Any] | None = None) -> None:
     """Index the tree, select series per subject and session, and write each subject's selection
     (`work/sub-<id>/sub-<id>_series.json`: the files of the chosen CT and PET per session).
 
@@ -221,6 +221,10 @@ def index_dicom(sheet: str, dicom_root: str, overrides: list[Mapping[str, str]],
     chosen = {(o["subject_id"], o["session"]): o["series_key"] for o in overrides or []}
     result = index_tree(dicom_root, subjects, jobs=int(threads), overrides=chosen, on_ambiguity="report",
                         suv_type=suv_type)
+    if config is not None:  # the pre-flight (glandpet check): stop on config, sheet and atlas problems
+        from .preflight import raise_for_problems, run_check
+
+        raise_for_problems(run_check(config, index=result, schema=False), fatal_only=True)
     failures_path = getattr(output, "failures", None)
     write_index(result, output.series, output.files, output.skipped, failures_path=failures_path)
     work = Path(output.files).parent

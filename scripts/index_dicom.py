@@ -8,5 +8,6 @@ sm = snakemake  # noqa: F821
 
 with wf.log_to(sm.log[0]):
     wf.index_dicom(
-        sm.input.sheet, sm.params.dicom_root, sm.params.overrides, sm.output, sm.threads, suv_type=sm.params.suv_type
+        sm.input.sheet, sm.params.dicom_root, sm.params.overrides, sm.output, sm.threads, suv_type=sm.params.suv_type,
+        config=sm.config,
     )

@@ -1,0 +1,423 @@
+"""`glandpet check CONFIG`: the pre-flight of a cohort, from headers only, in seconds.
+
+Checks, in order (each problem names subject, session, series and cause):
+
+1. the config against ``config.schema.yaml`` (the message names the key);
+2. the subject sheet: every row (empty or duplicate ids, ids unusable in file names, empty or unknown
+   group, dicom_dir and patient_id both or neither, missing folder), then
+   :func:`glandpet.subjects.read_subject_sheet` itself;
+3. the index (:func:`glandpet.series_index.index_tree`, ambiguities reported): each subject has
+   DICOM; each session resolves to exactly one attenuation-corrected PET and one CT; a subject has
+   at least one PSMA or FAPI session; PET series whose tracer is not recognised are named;
+4. SUV: :func:`glandpet.suv.suv_factors` on the headers of each selected PET (first, middle and
+   last slice), and the configured ``suv_type`` must have a factor;
+5. atlases: files present, NIfTI headers readable, CT and label map on the same grid, label table
+   valid (:func:`glandpet.glands.read_label_table`).
+
+``error`` problems stop the run or leave a subject or session out of the results (``glandpet check``
+exits 1); ``warning`` problems do not. The workflow's index stage calls :func:`run_check` with the
+index it built (``index=``) and ``raise_for_problems(..., fatal_only=True)``, so ``snakemake`` stops
+early, with the same messages, on the problems that would stop the whole run (config, subject sheet,
+atlases); failed subjects and sessions are left out and listed in qc.parquet.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .errors import UserError
+from .glands import GROUPS, SESSIONS
+
+__all__ = [
+    "Problem",
+    "load_config",
+    "problems_table",
+    "raise_for_problems",
+    "run_check",
+    "run_check_command",
+    "validate_config",
+]
+
+ERROR, WARNING = "error", "warning"
+_REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Problem:
+    subject: str  # "" for the config and atlases
+    session: str
+    series: str  # series key, "config", "subject sheet", "atlas <name>"
+    cause: str
+    severity: str = ERROR
+
+    def line(self) -> str:
+        where = ", ".join(x for x in (f"subject {self.subject}" if self.subject else "",
+                                      f"session {self.session}" if self.session else "",
+                                      f"series {self.series}" if self.series else "") if x)
+        return f"{where}: {self.cause}" if where else self.cause
+
+
+# ------------------------------------------------------------------------------ config
+def _deep_update(base: dict, new: Mapping) -> dict:
+    for k, v in new.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+def load_config(path: str | Path, *, defaults: bool = True) -> dict:
+    """A study config merged over the workflow's default config.yaml (as `snakemake --configfile` does)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} not found")
+    try:
+        user = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(user, dict):
+        raise UserError(f"config file {p}: expected keys and values (a mapping)")
+    base: dict = {}
+    default = _REPO / "config.yaml"
+    if defaults and default.is_file():
+        base = yaml.safe_load(default.read_text()) or {}
+    return _deep_update(base, user)
+
+
+def validate_config(config: Mapping[str, Any], schema_path: str | Path | None = None) -> list[Problem]:
+    """Schema problems, each naming the key (``pvc.method``)."""
+    import jsonschema
+    import yaml
+
+    sp = Path(schema_path) if schema_path else _REPO / "config.schema.yaml"
+    if not sp.is_file():
+        return [Problem("", "", "config", f"schema {sp} not found: config not validated", WARNING)]
+    schema = yaml.safe_load(sp.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    out = []
+    for err in sorted(validator.iter_errors(dict(config)), key=lambda e: [str(x) for x in e.absolute_path]):
+        key = ".".join(str(x) for x in err.absolute_path)
+        msg = err.message
+        if err.validator == "additionalProperties":
+            extra = re.findall(r"'([^']+)'", msg)
+            keys = [f"{key}.{e}" if key else e for e in extra]
+            out.append(Problem("", "", "config", f"unknown key {', '.join(keys)}"))
+            continue
+        if err.validator == "required":
+            m = re.match(r"'([^']+)'", msg)
+            name = f"{key}.{m.group(1)}" if key and m else (m.group(1) if m else key)
+            out.append(Problem("", "", "config", f"key {name}: missing"))
+            continue
+        out.append(Problem("", "", "config", f"key {key or '(top level)'}: {msg}"))
+    return out
+
+
+# ------------------------------------------------------------------------------ subject sheet
+def _sheet_rows(path: Path, root: Path | None) -> list[Problem]:
+    """Every row's problems (read_subject_sheet stops at the first)."""
+    try:
+        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except Exception:  # noqa: BLE001 - read_subject_sheet gives the precise message
+        return []
+    df.columns = [str(c).strip() for c in df.columns]
+    if "subject_id" not in df.columns or "group" not in df.columns:
+        return []
+    from .subjects import ID_PATTERN
+
+    out: list[Problem] = []
+    seen: dict[str, int] = {}
+    for i, r in enumerate(df.to_dict("records")):
+        line = i + 2
+        sid = str(r.get("subject_id", "")).strip()
+        where = f"line {line}"
+        if not sid:
+            out.append(Problem("", "", "subject sheet", f"{where}: empty subject id"))
+            continue
+        if not ID_PATTERN.match(sid):
+            out.append(Problem(sid, "", "subject sheet", f"{where}: subject id not usable in file names "
+                                                          "(letters and digits only)"))
+        if sid.lower() in seen:
+            out.append(Problem(sid, "", "subject sheet", f"{where}: duplicate subject id (also on line {seen[sid.lower()]})"))
+        else:
+            seen[sid.lower()] = line
+        group = str(r.get("group", "")).strip().lower()
+        if not group:
+            out.append(Problem(sid, "", "subject sheet", f"{where}: group is empty (fill in {' or '.join(GROUPS)})"))
+        elif group not in GROUPS:
+            out.append(Problem(sid, "", "subject sheet", f"{where}: unknown group {r['group']!r} "
+                                                          f"(expected {' or '.join(GROUPS)})"))
+        ddir = str(r.get("dicom_dir", "") or "").strip()
+        pid = str(r.get("patient_id", "") or "").strip()
+        if ddir and pid:
+            out.append(Problem(sid, "", "subject sheet", f"{where}: both dicom_dir and patient_id are filled"))
+        elif not ddir and not pid:
+            out.append(Problem(sid, "", "subject sheet", f"{where}: neither dicom_dir nor patient_id is filled"))
+        elif ddir and root is not None:
+            folder = Path(ddir) if Path(ddir).is_absolute() else root / ddir
+            if not folder.is_dir():
+                out.append(Problem(sid, "", "subject sheet", f"{where}: dicom_dir folder {ddir!r} not found "
+                                                              "under dicom_root"))
+    return out
+
+
+_SUBJ_RE = re.compile(r"^subject (?P<s>[A-Za-z0-9]+)(?:, session (?P<ses>\w+))?: (?P<cause>.*)$", re.DOTALL)
+
+
+def _from_message(msg: str, default_series: str = "") -> Problem:
+    m = _SUBJ_RE.match(msg)
+    if m:
+        keys = re.findall(r"\b[0-9a-f]{16}\b", m.group("cause"))
+        return Problem(m.group("s"), m.group("ses") or "", ", ".join(dict.fromkeys(keys)) or default_series,
+                       m.group("cause"))
+    return Problem("", "", default_series, msg)
+
+
+# ------------------------------------------------------------------------------ SUV and atlases
+def _suv_problem(root: Path, paths: list[str], subject: str, session: str, key: str, suv_type: str) -> Problem | None:
+    import pydicom
+
+    from .suv import SUV_CHOICES, suv_factors
+
+    pick = sorted({0, len(paths) // 2, len(paths) - 1}) if paths else []
+    try:
+        dsl = [pydicom.dcmread(root / paths[i], stop_before_pixels=True) for i in pick]
+    except Exception as exc:  # noqa: BLE001
+        return Problem(subject, session, key, f"PET header unreadable ({type(exc).__name__})")
+    try:
+        f = suv_factors(dsl, series=key)
+    except UserError as exc:
+        cause = str(exc)
+        cause = cause[len(key) + 2:] if cause.startswith(key + ": ") else cause
+        return Problem(subject, session, key, f"SUV not computable: {cause}")
+    fk = SUV_CHOICES.get(suv_type, "suvbw")
+    if f.get(fk) is None:
+        need = "PatientSize (height)" if suv_type in ("bsa",) else "PatientSize (height) and PatientSex"
+        return Problem(subject, session, key, f"suv_type {suv_type}: no {fk} factor (the header lacks {need})")
+    return None
+
+
+def _atlas_problems(atlases: list[Mapping[str, str]], base: Path) -> list[Problem]:
+    import nibabel as nib
+    import numpy as np
+
+    from .glands import read_label_table
+
+    out: list[Problem] = []
+    for a in atlases:
+        name = f"atlas {a.get('name', '?')}"
+        paths = {k: (Path(a[k]) if Path(a[k]).is_absolute() else base / a[k]) for k in ("ct", "labels", "label_table") if k in a}
+        missing = [k for k, p in paths.items() if not p.is_file()]
+        for k in missing:
+            out.append(Problem("", "", name, f"{k} file {paths[k]} not found"))
+        if missing:
+            continue
+        imgs = {}
+        for k in ("ct", "labels"):
+            try:
+                imgs[k] = nib.load(str(paths[k]))  # header only: the data are read lazily
+            except Exception as exc:  # noqa: BLE001
+                out.append(Problem("", "", name, f"{k} file {paths[k].name} is not a readable NIfTI ({type(exc).__name__})"))
+        if len(imgs) == 2:
+            c, lab = imgs["ct"], imgs["labels"]
+            if c.shape[:3] != lab.shape[:3] or not np.allclose(c.affine, lab.affine, atol=1e-3):
+                out.append(Problem("", "", name, f"labels grid {lab.shape[:3]} differs from the CT grid {c.shape[:3]}"))
+        try:
+            read_label_table(paths["label_table"])
+        except (ValueError, OSError, KeyError) as exc:
+            out.append(Problem("", "", name, f"label table: {exc}"))
+    return out
+
+
+# ------------------------------------------------------------------------------ the check
+def run_check(config: Mapping[str, Any], *, base_dir: str | Path = ".", jobs: int = 1, progress: bool = False,
+              index: Any = None, schema: bool = True) -> list[Problem]:
+    """Every problem of a study that can be seen before running (see the module docstring).
+
+    `config`: the merged config (:func:`load_config`); relative paths are taken from `base_dir` (the
+    folder snakemake runs in). `index`: an :class:`~glandpet.series_index.IndexResult` already built
+    from this config's sheet (the workflow's index stage), else the tree is indexed here."""
+
+    problems: list[Problem] = []
+    base = Path(base_dir)
+    if schema:
+        problems += validate_config(config)
+        if any(p.severity == ERROR for p in problems):
+            return problems
+    if not config.get("subjects"):
+        return problems  # the demo cohort
+    res = Path(str(config["subjects"]))
+    sheet_path = res if res.is_absolute() else base / res
+    root_s = str(config.get("dicom_root") or "")
+    root = (Path(root_s) if Path(root_s).is_absolute() else base / root_s) if root_s else None
+    if root is None or not root.is_dir():
+        return problems + [Problem("", "", "config", f"key dicom_root: folder {root_s!r} not found")]
+
+    # subject sheet
+    from .subjects import read_subject_sheet
+
+    if not sheet_path.is_file():
+        return problems + [Problem("", "", "config", f"key subjects: subject sheet {sheet_path} not found")]
+    rows = _sheet_rows(sheet_path, root)
+    problems += rows
+    sheet = None
+    try:
+        sheet = read_subject_sheet(sheet_path, root, allow_empty_group=True)
+    except UserError as exc:
+        if not rows:
+            problems.append(Problem("", "", "subject sheet", str(exc)))
+    if sheet is None:
+        return problems
+
+    # index
+    overrides = {(o["subject_id"], o["session"]): o["series_key"] for o in config.get("series_overrides") or []}
+    suv_type = str(config.get("suv_type", "bw"))
+    if index is None:
+        import inspect
+
+        from .series_index import index_tree
+
+        extra = {"suv_type": suv_type} if "suv_type" in inspect.signature(index_tree).parameters else {}
+        try:
+            index = index_tree(root, sheet, jobs=jobs, progress=progress, overrides=overrides, on_ambiguity="report",
+                               **extra)
+        except UserError as exc:
+            return problems + [_from_message(str(exc), "index")]
+    failures = getattr(index, "failures", None)
+    if isinstance(failures, pd.DataFrame):
+        # the index names what cannot be processed per subject and session (the SUV rules included)
+        problems += _from_failures(failures, index.series)
+    else:
+        problems += [_from_message(p) for p in index.problems]
+        problems += _subject_problems(sheet, index, root, suv_type, progress)
+
+    # atlases
+    atlases = list(config.get("atlases") or [])
+    if atlases:
+        problems += _atlas_problems(atlases, base)
+    else:
+        problems.append(Problem("", "", "atlases", "no atlases configured: the synthetic phantom's atlases will "
+                                                   "segment this study's CTs (configure atlases of real anatomy)", WARNING))
+    return problems
+
+
+def _from_failures(failures: pd.DataFrame, series: pd.DataFrame) -> list[Problem]:
+    """Problems from the index's failures table (status failed: error; warning: warning)."""
+    key_of = {}
+    if "problem" in series.columns:
+        key_of = {m: k for m, k in zip(series["problem"], series["series_key"]) if isinstance(m, str) and m}
+    out = []
+    for r in failures.itertuples():
+        msg = str(r.message)
+        ses = r.session if isinstance(r.session, str) else ""
+        keys = list(dict.fromkeys(re.findall(r"\b[0-9a-f]{16}\b", msg)))
+        key = key_of.get(msg) or ", ".join(keys)
+        cause = re.sub(rf"^sub-{re.escape(str(r.subject_id))}( ses-{re.escape(ses)})?: ", "", msg) if ses else \
+            re.sub(rf"^sub-{re.escape(str(r.subject_id))}: ", "", msg)
+        cause = re.sub(rf"^subject {re.escape(str(r.subject_id))}(, session {re.escape(ses)})?: ", "", cause)
+        out.append(Problem(str(r.subject_id), ses, key, cause, ERROR if r.status == "failed" else WARNING))
+    return out
+
+
+def _subject_problems(sheet: pd.DataFrame, index: Any, root: Path, suv_type: str, progress: bool) -> list[Problem]:
+    """Per-subject checks when the index has no failures table of its own."""
+    from .progress import Progress
+
+    problems: list[Problem] = []
+    s = index.series
+    paths = dict(zip(index.files["series_key"], index.files["paths"]))
+    by_subject = {sid: g for sid, g in s.groupby("subject_id")} if not s.empty else {}
+    ambiguous = {(_from_message(p).subject, _from_message(p).session) for p in index.problems}
+    bar = Progress(len(sheet), "checking subjects", unit="subjects", quiet=not progress)
+    for sid, pid_col in zip(sheet["subject_id"], sheet["patient_id"]):
+        bar.update()
+        ss = by_subject.get(sid)
+        how = "no DICOM file has this subject's patient_id" if isinstance(pid_col, str) and pid_col else \
+            "no DICOM image series in this subject's dicom_dir"
+        if ss is None or ss.empty:
+            problems.append(Problem(sid, "", "", how))
+            continue
+        pets = ss[ss["role"] == "pet_ac"]
+        for r in pets.itertuples():
+            if r.tracer is None or (isinstance(r.tracer, float) and pd.isna(r.tracer)):
+                note = r.tracer_note if isinstance(r.tracer_note, str) else "no tracer named"
+                problems.append(Problem(sid, "", r.series_key, f"PET tracer not recognised ({note}): series ignored",
+                                        WARNING))
+            elif not isinstance(r.session, str) or r.session not in SESSIONS:
+                problems.append(Problem(sid, "", r.series_key, f"PET tracer {r.tracer} is neither PSMA nor FAPI: "
+                                                               "series ignored", WARNING))
+        sel = pets[pets["selected"].fillna(False).astype(bool)]
+        found = set(sel["session"]) | {ses for (x, ses) in ambiguous if x == sid}
+        if not found:
+            nac = int((ss["role"] == "pet_nac").sum())
+            cause = "no attenuation-corrected PSMA or FAPI PET series" + \
+                (f" ({nac} non-attenuation-corrected PET series only)" if nac else "")
+            problems.append(Problem(sid, "", "", cause))
+            continue
+        for r in sel.itertuples():
+            if not isinstance(r.paired_ct_key, str) or not r.paired_ct_key:
+                problems.append(Problem(sid, r.session, r.series_key, "no CT for this PET (no CT with the same frame of "
+                                                                      "reference, study, or day within 3 h)"))
+            p = _suv_problem(root, list(paths.get(r.series_key, [])), sid, r.session, r.series_key, suv_type)
+            if p is not None:
+                problems.append(p)
+    bar.close()
+    return problems
+
+
+def problems_table(problems: list[Problem]) -> str:
+    """One table of problems by subject (errors first within a subject)."""
+    if not problems:
+        return "no problems"
+    rows = sorted(problems, key=lambda p: (p.subject == "", p.subject, p.session, p.severity != ERROR, p.series))
+    cols = ("subject", "session", "series", "severity")
+    data = [(p.subject or "-", p.session or "-", p.series or "-", p.severity) for p in rows]
+    w = [max(len(c), *(len(d[i]) for d in data)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(cols)) + "  cause"]
+    for d, p in zip(data, rows):
+        lines.append("  ".join(x.ljust(w[i]) for i, x in enumerate(d)) + "  " + p.cause)
+    return "\n".join(lines)
+
+
+def is_fatal(p: Problem) -> bool:
+    """A problem that stops the whole run (config, subject sheet, atlases), not one subject or session."""
+    return p.severity == ERROR and (p.series in ("config", "subject sheet", "index") or p.series.startswith("atlas "))
+
+
+def raise_for_problems(problems: list[Problem], *, fatal_only: bool = False) -> None:
+    """Raise a UserError listing the error problems (none: return). `fatal_only`: only those that stop
+    the whole run (:func:`is_fatal`): the workflow's index stage leaves failed subjects and sessions out
+    and lists them in qc.parquet instead."""
+    errors = [p for p in problems if p.severity == ERROR and (is_fatal(p) or not fatal_only)]
+    if errors:
+        raise UserError(f"{len(errors)} problem(s) would stop the run:\n" + problems_table(errors))
+
+
+def problems_frame(problems: list[Problem]) -> pd.DataFrame:
+    return pd.DataFrame([asdict(p) for p in problems], columns=["subject", "session", "series", "cause", "severity"])
+
+
+def run_check_command(args: Any) -> int:
+    """`glandpet check CONFIG [--jobs N]`: exit 0 (no errors) or 1 (a problem would stop the run)."""
+    t0 = time.perf_counter()
+    config = load_config(args.config)
+    problems = run_check(config, base_dir=getattr(args, "base_dir", None) or ".", jobs=int(getattr(args, "jobs", 1) or 1),
+                         progress=not getattr(args, "quiet", False))
+    n_err = sum(p.severity == ERROR for p in problems)
+    n_warn = len(problems) - n_err
+    print(problems_table(problems))
+    verdict = "ready to run" if not n_err else "fix the errors above before running"
+    print(f"glandpet check: {n_err} error(s), {n_warn} warning(s) in {time.perf_counter() - t0:.1f} s: {verdict}",
+          file=sys.stdout)
+    return 1 if n_err else 0

@@ -1,0 +1,193 @@
+"""`glandpet init` on a PACS-style export of the small phantom cohort (headers of real phantom subjects,
+cloned with fewer slices and a tiny matrix so that each init takes about a second)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+from pathlib import Path
+
+import pandas as pd
+import pydicom
+import pytest
+
+from glandpet.cli import main
+from glandpet.errors import UserError
+from glandpet.phantom.pacs_export import (
+    build_pacs_export,
+    clone_patient,
+    reduced_cohort,
+)
+from glandpet.study import (
+    FOUND_COLUMNS,
+    LINKAGE_HEADER,
+    patient_folders,
+    read_linkage_key,
+)
+
+# three patients: A (pSS, PSMA + FAPI), B and C (controls, FAPI only). A and C share a date folder
+# of the export; B has a folder of its own.
+PATIENTS = {"A": ("S001", "PA1001"), "B": ("S002", "PB2002"), "C": ("S002", "PC3003")}
+
+
+@pytest.fixture(scope="module")
+def export(small_cohort, tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("clones")
+    reduced_cohort(small_cohort / "dicom", src, PATIENTS, slice_stride=10, matrix=16)
+    out = tmp_path_factory.mktemp("export")
+    build_pacs_export(src, out, patients_per_date=2, own_folder=["B"], seed=3)
+    return out
+
+
+def _dates_and_names(root: Path) -> tuple[set[str], set[str]]:
+    dates, names = set(), set()
+    for f in root.rglob("IM*"):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        for kw in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "PatientBirthDate"):
+            v = str(ds.get(kw, "") or "")
+            if v:
+                dates |= {v, f"{v[:4]}-{v[4:6]}-{v[6:]}"}
+        names |= {p for p in re.split(r"[\^ ]+", str(ds.PatientName)) if len(p) > 2} - {str(ds.PatientID)}
+    return dates, names
+
+
+def test_init_writes_sheet_key_and_config(export, tmp_path, capsys):
+    study = tmp_path / "study"
+    assert main(["init", str(export), str(study), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    sheet = pd.read_csv(study / "subjects.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert list(sheet.columns) == ["subject_id", "group", "dicom_dir", "patient_id", *FOUND_COLUMNS]
+    assert list(sheet["subject_id"]) == ["S0001", "S0002", "S0003"]
+    assert (sheet["group"] == "").all()
+
+    key = read_linkage_key(study / "linkage-key.tsv")
+    assert set(key) == {pid for _, pid in PATIENTS.values()}
+    row = {pid: sheet.set_index("subject_id").loc[sid] for pid, sid in key.items()}
+    # B has a folder of its own: dicom_dir; A and C share the date folder: patient_id
+    assert row["PB2002"]["dicom_dir"].startswith("DICOM/P") and row["PB2002"]["patient_id"] == ""
+    assert (export / row["PB2002"]["dicom_dir"]).is_dir()
+    for pid in ("PA1001", "PC3003"):
+        assert row[pid]["patient_id"] == pid and row[pid]["dicom_dir"] == ""
+    # what was found: A has both sessions 19 days apart (the phantom's schedule), C only FAPI
+    a, c = row["PA1001"], row["PC3003"]
+    assert a["sessions"] == "psma,fapi" and a["tracers"].count(",") == 1 and "PSMA" in a["tracers"].split(",")[0]
+    assert a["psma_day"] == "0" and int(a["fapi_day"]) > 0
+    assert c["sessions"] == "fapi" and c["psma_day"] == "" and c["fapi_day"] == "0"
+
+    # linkage key: owner-only, a header line saying what it is
+    mode = stat.S_IMODE(os.stat(study / "linkage-key.tsv").st_mode)
+    assert mode == 0o600
+    first = (study / "linkage-key.tsv").read_text().splitlines()[0]
+    assert first == LINKAGE_HEADER and first.startswith("#") and "never reads" in first
+    # the sheet holds PatientIDs (patient_id rows): private too
+    assert stat.S_IMODE(os.stat(study / "subjects.tsv").st_mode) == 0o600
+
+    # no calendar dates or names anywhere; PatientIDs only in the patient_id column of the sheet
+    dates, names = _dates_and_names(export)
+    sheet_text = (study / "subjects.tsv").read_text()
+    cfg_text = (study / "config.yaml").read_text()
+    for text in (sheet_text, cfg_text, printed):
+        assert not any(d in text for d in dates)
+        assert not any(n in text for n in names)
+    assert not any(pid in cfg_text or pid in printed for pid in key)
+    without_pid = sheet.drop(columns=["patient_id"]).to_csv(sep="\t")
+    assert not any(pid in without_pid for pid in key)
+
+    # the config: every key, valid against the schema, paths filled
+    from glandpet.preflight import load_config, validate_config
+
+    cfg = load_config(study / "config.yaml", defaults=False)
+    assert {"results", "subjects", "dicom_root", "demo", "atlases", "series_overrides", "suv_type", "segmentation",
+            "pvc", "index"} <= set(cfg)
+    assert validate_config(cfg) == []
+    assert Path(cfg["subjects"]) == (study / "subjects.tsv").resolve()
+    assert Path(cfg["dicom_root"]) == export.resolve()
+    assert cfg_text.count("\n# ") >= 8  # commented
+
+    # the summary and the next commands
+    assert re.search(r"patients\s+3 \(3 new, 0 kept\)", printed)
+    assert re.search(r"matched by\s+dicom_dir 1, patient_id 2", printed)
+    assert "psma 1" in printed and "fapi 3" in printed
+    assert f"snakemake --cores all --configfile {study.resolve() / 'config.yaml'}" in printed
+    assert "--workflow-profile profiles/slurm" in printed
+
+
+def test_workflow_matches_the_drafted_sheet(export, tmp_path):
+    """The index with the drafted sheet (patient_id and dicom_dir rows) finds the sessions init found."""
+    from glandpet.series_index import index_tree
+    from glandpet.subjects import read_subject_sheet
+
+    study = tmp_path / "study"
+    assert main(["init", str(export), str(study), "--quiet"]) == 0
+    sheet_path = study / "subjects.tsv"
+    sheet = pd.read_csv(sheet_path, sep="\t", dtype=str, keep_default_na=False)
+    sheet["group"] = ["pss", "control", "control"]
+    sheet.to_csv(sheet_path, sep="\t", index=False)
+    subjects = read_subject_sheet(sheet_path, export)
+    res = index_tree(export, subjects)
+    assert res.skipped.empty
+    sel = res.series[res.series["selected"] & (res.series["role"] == "pet_ac")]
+    got = sel.groupby("subject_id")["session"].apply(lambda s: ",".join(x for x in ("psma", "fapi") if x in set(s)))
+    assert got.to_dict() == dict(zip(sheet["subject_id"], sheet["sessions"]))
+
+
+def test_rerun_keeps_ids_and_edits_and_adds_new_patients(export, small_cohort, tmp_path):
+    tree = tmp_path / "export"
+    shutil.copytree(export, tree, copy_function=os.link)
+    study = tmp_path / "study"
+    assert main(["init", str(tree), str(study), "--quiet"]) == 0
+    first_key = read_linkage_key(study / "linkage-key.tsv")
+    sheet = pd.read_csv(study / "subjects.tsv", sep="\t", dtype=str, keep_default_na=False)
+    sheet["group"] = ["pss", "control", "control"]
+    sheet["essdai"] = ["12", "", ""]
+    sheet.to_csv(study / "subjects.tsv", sep="\t", index=False)
+    (study / "config.yaml").write_text((study / "config.yaml").read_text() + "# edited by the team\n")
+
+    # the study grows: a new patient arrives in a new date folder
+    clone_patient(small_cohort / "dicom" / "S001", tree / "DICOM" / "20250301" / "NEWPAT", "PD4004",
+                  slice_stride=10, matrix=16)
+    assert main(["init", str(tree), str(study), "--quiet"]) == 0
+    key = read_linkage_key(study / "linkage-key.tsv")
+    assert {p: key[p] for p in first_key} == first_key
+    assert key["PD4004"] == "S0004"
+    new = pd.read_csv(study / "subjects.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert list(new["subject_id"]) == ["S0001", "S0002", "S0003", "S0004"]
+    assert list(new["group"]) == ["pss", "control", "control", ""]
+    assert list(new["essdai"]) == ["12", "", "", ""]
+    assert new.set_index("subject_id").loc["S0004", "sessions"] == "psma,fapi"
+    assert (study / "config.yaml").read_text().endswith("# edited by the team\n")  # kept
+    assert stat.S_IMODE(os.stat(study / "linkage-key.tsv").st_mode) == 0o600
+
+
+def test_patient_folders():
+    files = {
+        "p1": ["A/x/1", "A/y/2"],            # own folder A
+        "p2": ["D/h1/1", "D/h2/2"],          # shares D with p3
+        "p3": ["D/h3/1"],                    # all its files in h3, which holds no one else's
+        "p4": ["E/F/G/1"],                   # own: the highest folder with only p4 (E)
+        "p5": ["top_level_file"],            # in the root: no folder
+    }
+    assert patient_folders(files) == {"p1": "A", "p2": None, "p3": "D/h3", "p4": "E", "p5": None}
+
+
+def test_init_refuses_study_inside_the_tree(export):
+    from glandpet.study import init_study
+
+    with pytest.raises(UserError, match="inside the DICOM root"):
+        init_study(export, export / "study", progress=False)
+
+
+def test_drafted_config_keeps_the_workflow_defaults(tmp_path):
+    """Apart from the study's paths, the drafted config holds the workflow's default values."""
+    import yaml
+
+    from glandpet.study import config_text
+
+    repo = Path(__file__).resolve().parents[1]
+    default = yaml.safe_load((repo / "config.yaml").read_text())
+    drafted = yaml.safe_load(config_text("s.tsv", "/dicom", "/results"))
+    assert set(drafted) == set(default)
+    for k in set(default) - {"subjects", "dicom_root", "results"}:
+        assert drafted[k] == default[k], k
