@@ -7,7 +7,9 @@ PHANTOM_DIR is a cohort written by ``glandpet phantom`` (DICOM is converted once
 per-step table). Each step runs in a fresh process (so its peak RSS is its own, interpreter and
 imports included). With fewer atlases in the phantom than asked, atlases are reused cyclically
 (the timing is what matters; the Dice column then flatters nothing but says so).
-Prints one table row per step and atlas count, and the per-gland Dice against the phantom's truth.
+Prints one table row per step and atlas count (wall seconds, CPU seconds of the step's process: on a
+shared machine the CPU column is the stable one; peak RSS), and the per-gland Dice against the
+phantom's truth.
 """
 
 from __future__ import annotations
@@ -31,12 +33,16 @@ def _child(q, fn_name, kwargs, threads):
     fn = {"pet2ct": R.register_pet_to_ct, "align": R.align_sessions, "segment": S.segment_subject,
           "to_session": S.labels_to_session, "to_pet": S.labels_to_pet}[fn_name]
     t1 = time.perf_counter()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    c1 = ru.ru_utime + ru.ru_stime
     try:
         res = fn(**kwargs)
         err = None
     except Exception as e:  # report, keep benchmarking
         res, err = None, repr(e)
+    ru = resource.getrusage(resource.RUSAGE_SELF)
     q.put({"seconds": time.perf_counter() - t1, "seconds_with_imports": time.perf_counter() - t0,
+           "cpu_seconds": ru.ru_utime + ru.ru_stime - c1,
            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "error": err,
            "result": res if isinstance(res, dict) else None})
 
@@ -106,21 +112,27 @@ def main(argv=None):
     rows = []
 
     def rec(step, n, r):
-        rows.append((step, n, r["seconds"], r["peak_mib"], r["error"]))
-        print(f"  {step:<22} atlases={n}  {r['seconds']:7.1f} s  {r['peak_mib']:7.0f} MiB  {r['error'] or ''}",
-              file=sys.stderr, flush=True)
+        rows.append((step, n, r["seconds"], r["cpu_seconds"], r["peak_mib"], r["error"]))
+        print(f"  {step:<22} atlases={n}  {r['seconds']:7.1f} s  {r['cpu_seconds']:7.1f} CPU s  {r['peak_mib']:7.0f} MiB"
+              f"  {r['error'] or ''}", file=sys.stderr, flush=True)
+        res = r.get("result") or {}
+        if step == "segment_subject" and res.get("seconds"):
+            print("    " + "  ".join(f"{k} {v:.1f} s" for k, v in res["seconds"].items()), file=sys.stderr, flush=True)
 
     common = 0.0
+    common_cpu = 0.0
     for s, o in ses.items():
         r = run_step("pet2ct", a.threads, ct_path=o + "_ct.nii.gz", pet_path=o + "_pet.nii.gz",
                      out_xfm=o + "_from-pet_to-ct_xfm.mat", threads=a.threads)
         rec(f"pet_to_ct[{s}]", "-", r)
         common += r["seconds"]
+        common_cpu += r["cpu_seconds"]
     if len(ses) == 2:
         r = run_step("align", a.threads, fixed_ct=ses["psma"] + "_ct.nii.gz", moving_ct=ses["fapi"] + "_ct.nii.gz",
                      out_prefix=f"{work}/{sid}_from-fapi_to-psma", threads=a.threads)
         rec("align_sessions", "-", r)
         common += r["seconds"]
+        common_cpu += r["cpu_seconds"]
     dices = {}
     totals = {}
     for n in a.atlases:
@@ -131,6 +143,7 @@ def main(argv=None):
                      out_tsv=out.replace(".nii.gz", ".tsv"), fusion=a.fusion, threads=a.threads)
         rec("segment_subject", n, r)
         tot = common + r["seconds"]
+        cpu = common_cpu + r["cpu_seconds"]
         outs = {ref: out}
         if len(ses) == 2:
             other = "fapi" if ref == "psma" else "psma"
@@ -139,21 +152,23 @@ def main(argv=None):
                           session_xfm_prefix=f"{work}/{sid}_from-fapi_to-psma", out_dseg=o2)
             rec("labels_to_session", n, r2)
             tot += r2["seconds"]
+            cpu += r2["cpu_seconds"]
             outs[other] = o2
         for s, o in outs.items():
             r3 = run_step("to_pet", a.threads, dseg_ct_path=o, pet_path=ses[s] + "_pet.nii.gz",
                           pet_to_ct_xfm=ses[s] + "_from-pet_to-ct_xfm.mat", out_path=o.replace("_dseg", "_pet_dseg"))
             rec(f"labels_to_pet[{s}]", n, r3)
             tot += r3["seconds"]
+            cpu += r3["cpu_seconds"]
             dices[(n, s)] = _dice(ph, sid, s, o)
-        totals[n] = tot
+        totals[n] = (tot, cpu)
     print(f"\nsubject {sid}, sessions {sorted(ses)}, threads {a.threads}, fusion {a.fusion}, "
           f"{len(atlas_dicts)} distinct atlases in {ph}")
-    print(f"{'step':<24}{'atlases':>8}{'seconds':>10}{'peak MiB':>10}")
-    for step, n, sec, mib, err in rows:
-        print(f"{step:<24}{str(n):>8}{sec:>10.1f}{mib:>10.0f}{('  ' + err) if err else ''}")
-    for n, tot in totals.items():
-        print(f"{'TOTAL (this stage)':<24}{n:>8}{tot:>10.1f}")
+    print(f"{'step':<24}{'atlases':>8}{'seconds':>10}{'CPU s':>10}{'peak MiB':>10}")
+    for step, n, sec, cpu, mib, err in rows:
+        print(f"{step:<24}{str(n):>8}{sec:>10.1f}{cpu:>10.1f}{mib:>10.0f}{('  ' + err) if err else ''}")
+    for n, (tot, cpu) in totals.items():
+        print(f"{'TOTAL (this stage)':<24}{n:>8}{tot:>10.1f}{cpu:>10.1f}")
     if dices:
         names = sorted({k for d in dices.values() for k in d})
         print("\nDice vs truth:  " + "  ".join(f"{k}" for k in names))

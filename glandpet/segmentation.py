@@ -3,24 +3,27 @@
 Pipeline of :func:`segment_subject` (one subject CT, N atlases):
 
 1. Head-and-neck crop of the subject CT (the output grid: native resolution), and the same crop
-   resampled to ``spacing_mm`` (2 mm) for registration.
-2. Per atlas, stage A (whole head and neck): body centre-of-mass initialisation -> rigid -> affine
-   -> SyN, one ``antsRegistration`` call with explicit schedules
-   (:data:`ATLAS_STAGES`). ANTsPy's ``SyN`` presets run a fixed 2100x1200x1200 affine and ignore
-   the affine iterations; driving the stages directly keeps the schedule under control.
-3. Per atlas, stage B (regional, :data:`REGIONS`): glands far from the skull (submandibular,
-   sublingual) move with neck flexion, which a whole-field registration does not follow. A second
-   affine + SyN on a crop around the stage-A labels of those glands, at ``region_spacing_mm``,
-   registers the stage-A-warped atlas CT to the subject; labels of those glands are carried
-   through B o A in one resampling.
+   resampled to ``spacing_mm`` (4 mm) for the whole-field stage.
+2. Per atlas, stage A (whole head and neck, :data:`ATLAS_STAGES`): body centre-of-mass
+   initialisation -> rigid -> affine -> SyN (Mattes MI) at the 8 and 4 mm levels, one
+   ``antsRegistration`` call with explicit schedules. ANTsPy's ``SyN`` presets run a fixed
+   2100x1200x1200 affine and ignore the affine iterations; driving the stages directly keeps the
+   schedule under control.
+3. Stage B, per region of :data:`REGIONS` and per atlas: the glands under the mandible
+   (submandibular, sublingual) move with neck flexion and jaw position, which the whole-field warp
+   does not follow. A second affine + SyN (:data:`REGION_STAGES`) registers the stage-A-warped
+   atlas CT to a crop of the subject around the union over atlases of the stage-A positions of the
+   region's glands (+ margin), at ``region_spacing_mm``; the region's labels go through B o A in
+   one resampling. Every atlas sees the same crop, so their local similarities compare.
 4. Labels carried with ``genericLabel`` onto the output grid; atlas label values mapped to
    :data:`glandpet.glands.DEFAULT_LABELS` through each atlas's label table.
 5. Atlas selection per gland (optional): the local normalised cross-correlation between the warped
-   atlas CT and the subject around that gland; an atlas whose score is a low outlier among the
-   atlases is left out of that gland's vote (a registration lost at the affine stage).
-6. Fusion: ``majority`` (per-label vote among the atlases that hold the label; ties broken by the
-   atlases' local similarity) or ``jlf`` (ANTs joint label fusion, background included as a
-   label so it cannot fill its search region).
+   atlas CT and the subject within :data:`SCORE_DILATE_MM` of that gland (on the region's grid); an
+   atlas whose score is a low outlier among the atlases is left out of that gland's vote (a lost
+   registration). The scores also break voting ties.
+6. Fusion per region (glands of no region: with the stage-A result): ``majority`` (per-label vote
+   among the atlases that hold the label; ties broken by the atlases' local similarity) or ``jlf``
+   (ANTs joint label fusion, background included as a label so it cannot fill its search region).
 7. Optional CT refinement per gland (HU window inside a dilated fused label).
 
 Labels of glands that no atlas holds are absent from the output and listed in the metrics.
@@ -40,29 +43,49 @@ from scipy import ndimage as ndi
 from glandpet.glands import DEFAULT_LABELS, Label, label_value, read_label_table, write_label_table
 from glandpet import registration as reg
 
-#: atlas -> subject, stage A (whole head-and-neck crop, 2 mm). SyN with Mattes MI at the 8 and 4 mm
-#: levels only (CC and a 2 mm level cost 3-5x more for little gain at this stage).
-ATLAS_SYN = dict(
-    transform="SyN[0.25,3,0]", metric="MI", bins=32, sampling=1.0, iterations=(40, 20, 0),
-    shrink=(4, 2, 1), smooth_vox=(2, 1, 0), convergence=(1e-6, 10),
+#: stage A grid: the whole head-and-neck crop resampled to 4 mm (levels 8 and 4 mm). Rigid and
+#: affine (Mattes MI), then SyN (MI, dense) at the same two levels: on one real-anatomy subject and
+#: atlas it took 25 CPU-s and lifted the parotid Dice from 0.53 (affine) to 0.67; a regional
+#: affine + SyN at 1.5 mm (MI: 33 CPU-s; CC radius 2: > 170 CPU-s) around the parotids did worse
+#: (0.50) than this coarse whole-field warp.
+ATLAS_SPACING_MM = 4.0
+ATLAS_RIGID = dict(
+    transform="Rigid[0.1]", bins=32, sampling=0.25, iterations=(200, 100),
+    shrink=(2, 1), smooth_vox=(1, 0), convergence=(1e-6, 10),
 )
-ATLAS_STAGES = [reg.CT_CT_RIGID, reg.CT_CT_AFFINE, ATLAS_SYN]
+ATLAS_AFFINE = dict(
+    transform="Affine[0.1]", bins=32, sampling=0.25, iterations=(100, 50),
+    shrink=(2, 1), smooth_vox=(1, 0), convergence=(1e-6, 10),
+)
+ATLAS_SYN = dict(
+    transform="SyN[0.25,3,0]", metric="MI", bins=32, sampling=1.0, iterations=(40, 20),
+    shrink=(2, 1), smooth_vox=(1, 0), convergence=(1e-6, 10),
+)
+ATLAS_STAGES = [ATLAS_RIGID, ATLAS_AFFINE, ATLAS_SYN]
 
-#: stage B: affine + SyN on a regional crop (finer grid, glands far from the skull).
+#: stage B grid and schedules: regional affine then SyN (Mattes MI), started from stage A.
+REGION_SPACING_MM = 2.0
 REGION_AFFINE = dict(
-    transform="Affine[0.1]", bins=32, sampling=0.5, iterations=(100, 50, 20),
+    transform="Affine[0.1]", bins=32, sampling=0.25, iterations=(100, 50, 20),
     shrink=(4, 2, 1), smooth_vox=(2, 1, 0), convergence=(1e-6, 10),
 )
 REGION_SYN = dict(
     transform="SyN[0.25,3,0]", metric="MI", bins=32, sampling=1.0, iterations=(40, 20, 10),
     shrink=(4, 2, 1), smooth_vox=(2, 1, 0), convergence=(1e-6, 10),
 )
-#: regions of stage B: name -> (label values whose stage-A positions define the crop and which are
-#: taken from stage B, margin in mm).
-REGIONS: dict[str, tuple[tuple[int, ...], float]] = {
-    "submandibular": ((label_value("submandibular", "left"), label_value("submandibular", "right"),
-                       label_value("sublingual", "left"), label_value("sublingual", "right")), 25.0),
+REGION_STAGES = [REGION_AFFINE, REGION_SYN]
+
+_L = label_value
+#: regions of stage B: name -> (label values, margin in mm around the union over atlases of their
+#: stage-A positions[, stages]). A label belongs to the first region that lists it; labels of no
+#: region keep the stage-A transform. The glands under the mandible move with neck flexion and
+#: jaw position, which the whole-field warp does not follow.
+REGIONS: dict[str, tuple] = {
+    "lower": ((_L("submandibular", "left"), _L("submandibular", "right"), _L("sublingual", "left"),
+               _L("sublingual", "right")), 25.0),
 }
+#: local similarity of an atlas for a gland: NCC within this distance of the atlases' labels.
+SCORE_DILATE_MM = 6.0
 
 #: default CT refinement windows (HU) if ``refine=True`` is passed; configurable per gland.
 DEFAULT_REFINE = {
@@ -269,20 +292,54 @@ def _load_atlas(atlas: dict):
     return name, ct, labimg, holds
 
 
+def _warp_labels(ref, lab_img, fwd) -> np.ndarray:
+    ants = _ants()
+    return np.rint(ants.apply_transforms(ref, lab_img, fwd, interpolator="genericLabel").numpy()).astype(np.uint8)
+
+
+def _sub_box(img, wlo, whi):
+    """Voxel index box (lo, hi inclusive) of ``img`` covering the LPS box, clipped to the image."""
+    ilo, ihi = _world_to_index(img, wlo, whi)
+    lo = np.clip(np.floor(ilo).astype(int), 0, np.array(img.shape) - 1)
+    hi = np.clip(np.ceil(ihi).astype(int), 0, np.array(img.shape) - 1)
+    return lo, hi
+
+
+def _region_plan(regions: dict, all_labels: set[int]) -> list[tuple[str, list[int], float, list[dict]]]:
+    """(name, label values, margin mm, stages) of each regional stage that has labels, then a
+    'global' pseudo-region holding the labels of no region (they keep the stage-A transform)."""
+    plan, used = [], set()
+    for rname, spec in regions.items():
+        labels, margin = spec[0], spec[1]
+        stages = spec[2] if len(spec) > 2 else REGION_STAGES
+        ls = [L for L in labels if L in all_labels and L not in used]
+        if ls:
+            plan.append((rname, ls, float(margin), stages))
+            used |= set(ls)
+    rest = sorted(all_labels - used)
+    if rest:
+        plan.append(("global", rest, 0.0, []))
+    return plan
+
+
 def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv, fusion: str = "majority",
-                    threads: int = 1, refine: dict | bool | None = None, *, spacing_mm: float = 2.0,
-                    region_spacing_mm: float = 1.5, regions: dict | None = None, select: bool = True,
+                    threads: int = 1, refine: dict | bool | None = None, *, spacing_mm: float = ATLAS_SPACING_MM,
+                    region_spacing_mm: float = REGION_SPACING_MM, regions: dict | None = None, select: bool = True,
                     workdir: str | None = None, verbose: bool = False) -> dict:
     """Segment the glands in one subject CT with a multi-atlas registration and label fusion.
 
     ``atlases``: list of ``{"name", "ct", "labels", "label_table"}`` (paths). ``fusion``:
     ``"majority"`` or ``"jlf"``. ``refine``: None/False, True (:data:`DEFAULT_REFINE`), or a dict
-    ``{gland: {"hu": [lo, hi], "dilate_mm": r, "smooth_mm": s}}``. ``regions``: stage-B regions
-    (default :data:`REGIONS`; ``{}`` disables stage B). ``select``: per-gland atlas selection.
+    ``{gland: {"hu": [lo, hi], "dilate_mm": r, "smooth_mm": s}}``. ``spacing_mm``: grid of the
+    whole-field stage A; ``region_spacing_mm``: grid of the regional stages B. ``regions``:
+    stage-B regions (default :data:`REGIONS`; ``{}`` disables stage B: every gland keeps its
+    stage-A transform). ``select``: per-gland atlas selection.
 
     Writes ``out_dseg`` (uint8, the subject CT's grid, DEFAULT_LABELS values) and ``out_tsv``
     (``index, gland, side`` of the labels present in the union of the atlas tables). Returns metrics:
     seconds per step, per-atlas scores and selection, glands present/absent, volumes in mL.
+    With ``workdir`` given, the transforms and each atlas's warped labels
+    (``atlas_<name>_labels.nii.gz``, before fusion) are kept there.
     """
     if fusion not in ("majority", "jlf"):
         raise ValueError(f"fusion must be 'majority' or 'jlf', not {fusion!r}")
@@ -304,110 +361,133 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv, fus
         subj_full = ants.image_read(str(subject_ct_path)).clone("float")
         lo, hi = reg.head_neck_box(subj_full)
         subj_out = reg.crop(subj_full, lo, hi)  # output grid (native resolution)
-        subj_reg = reg.resample_iso(subj_out, spacing_mm)
-        subj_reg_np = subj_reg.numpy()
+        subj_glob = reg.resample_iso(subj_out, spacing_mm)
         timing["prepare"] = time.perf_counter() - t
 
-        names, holds, lab_out, lab_reg, ct_reg, per_atlas = [], [], [], [], [], {}
+        # ---- stage A: every atlas to the whole head-and-neck crop (rigid -> affine)
+        t = time.perf_counter()
+        names, holds, a_cts, a_labs, fwdA, la_glob, per_atlas = [], [], [], [], [], [], {}
         for i, atlas in enumerate(atlases):
-            t = time.perf_counter()
+            ta = time.perf_counter()
             name, a_ct, a_lab, a_holds = _load_atlas(atlas)
-            a_prep, _ = reg.prepare_ct(a_ct, spacing_mm, margin_mm=reg.HEAD_NECK_MARGIN_MM + 20)
-            pre = os.path.join(tmp, f"a{i}_")
-            ra = reg.register_ct_to_ct(subj_reg, a_prep, pre, ATLAS_STAGES, verbose=verbose)
-            tA = time.perf_counter() - t
-            fwdA = ra["fwdtransforms"]
-            la_reg = ants.apply_transforms(subj_reg, a_lab, fwdA, interpolator="genericLabel").numpy()
-            la_reg = np.rint(la_reg).astype(np.uint8)
-            ca_reg = ra["warped"].numpy()
-            la_out = np.rint(ants.apply_transforms(subj_out, a_lab, fwdA, interpolator="genericLabel").numpy()).astype(np.uint8)
-            t = time.perf_counter()
-            stage_b = {}
-            for rname, (rlabels, margin) in regions.items():
-                rl = [L for L in rlabels if L in a_holds]
-                msk = np.isin(la_reg, rl)
-                if not rl or msk.sum() < 5:
-                    continue
-                blo, bhi = _box_from_mask(msk, subj_reg, margin)
-                wlo, whi = _world_box(subj_reg, blo, bhi)
-                # fixed: the subject's native crop inside that box, at region_spacing_mm
-                ilo, ihi = _world_to_index(subj_out, wlo, whi)
-                olo, ohi = np.floor(ilo).astype(int), np.ceil(ihi).astype(int)
-                olo = np.clip(olo, 0, np.array(subj_out.shape) - 1)
-                ohi = np.clip(ohi, 0, np.array(subj_out.shape) - 1)
-                fix = reg.resample_iso(reg.crop(subj_out, olo, ohi), region_spacing_mm)
-                mov = ants.apply_transforms(fix, a_ct, fwdA, interpolator="linear")
-                cen = reg.world_coords(fix, (np.array(fix.shape) - 1)[None] / 2.0)[0]
-                rpre = os.path.join(tmp, f"a{i}_{rname}_")
-                init = reg.translation_transform((0, 0, 0), rpre + "init.mat", centre=cen)
-                rb = reg.run_registration(fix, mov, [REGION_AFFINE, REGION_SYN], rpre, initial=[init],
-                                          verbose=verbose)
-                fwdB = rb["fwdtransforms"] + fwdA
-                lb_out = np.rint(ants.apply_transforms(subj_out, a_lab, fwdB, interpolator="genericLabel").numpy()).astype(np.uint8)
-                flo, fhi = _world_box(fix, np.zeros(3, int), np.array(fix.shape) - 1)
-                inside = _inside_world_box(subj_out, flo, fhi)
-                sel = np.isin(la_out, rl)
-                la_out[sel] = 0
-                put = np.isin(lb_out, rl) & inside & (la_out == 0)
-                la_out[put] = lb_out[put]
-                # the regional result also on the registration grid (scores, JLF)
-                lb_reg = np.rint(ants.apply_transforms(subj_reg, a_lab, fwdB, interpolator="genericLabel").numpy()).astype(np.uint8)
-                cb_reg = ants.apply_transforms(subj_reg, a_ct, fwdB, interpolator="linear").numpy()
-                inside_r = _inside_world_box(subj_reg, flo, fhi)
-                selr = np.isin(la_reg, rl)
-                la_reg[selr] = 0
-                putr = np.isin(lb_reg, rl) & inside_r & (la_reg == 0)
-                la_reg[putr] = lb_reg[putr]
-                ca_reg = np.where(inside_r, cb_reg, ca_reg)
-                stage_b[rname] = {"box_lps_mm": [list(map(float, flo)), list(map(float, fhi))]}
-            tB = time.perf_counter() - t
+            alo, ahi = reg.head_neck_box(a_ct, margin_mm=reg.HEAD_NECK_MARGIN_MM + 30)
+            a_ct = reg.crop(a_ct, alo, ahi)
+            a_lab = reg.crop(a_lab, alo, ahi)
+            a_prep = reg.resample_iso(a_ct, spacing_mm)
+            ra = reg.register_ct_to_ct(subj_glob, a_prep, os.path.join(tmp, f"a{i}_"), ATLAS_STAGES, verbose=verbose)
             names.append(name)
             holds.append(a_holds)
-            lab_out.append(la_out)
-            lab_reg.append(la_reg)
-            ct_reg.append(ca_reg)
-            per_atlas[name] = {"seconds_stage_a": tA, "seconds_stage_b": tB, "labels_held": sorted(a_holds),
-                               "regions": stage_b}
-        timing["register_atlases"] = sum(v["seconds_stage_a"] + v["seconds_stage_b"] for v in per_atlas.values())
+            a_cts.append(a_ct)
+            a_labs.append(a_lab)
+            fwdA.append(ra["fwdtransforms"])
+            la_glob.append(_warp_labels(subj_glob, a_lab, ra["fwdtransforms"]))
+            per_atlas[name] = {"seconds_stage_a": time.perf_counter() - ta, "seconds_stage_b": 0.0,
+                               "labels_held": sorted(a_holds), "regions": {}}
+        timing["register_global"] = time.perf_counter() - t
 
-        # ---- scores and selection (per label, on the registration grid)
-        t = time.perf_counter()
-        all_labels = sorted(set().union(*holds))
-        weights = [dict() for _ in names]
-        voters: dict[int, list[int]] = {}
-        sp_reg = np.asarray(subj_reg.spacing, float)
-        for L in all_labels:
-            union = np.zeros(subj_reg.shape, bool)
-            for a in range(len(names)):
-                if L in holds[a]:
-                    union |= lab_reg[a] == L
-            holders = [a for a in range(len(names)) if L in holds[a]]
-            if not union.any():
-                voters[L] = holders
-                continue
-            region = ndi.binary_dilation(union, iterations=max(1, int(round(6.0 / sp_reg.min()))))
-            sc = {a: local_ncc(subj_reg_np, ct_reg[a], region) for a in holders}
-            for a, s in sc.items():
-                weights[a][L] = max(s, 1e-3)
-                per_atlas[names[a]].setdefault("local_ncc", {})[LABEL_BY_INDEX[L].name] = round(s, 4)
-            if select:
-                keep = select_atlases({str(a): s for a, s in sc.items()})
-                voters[L] = [int(a) for a in keep]
+        all_labels = set().union(*holds)
+        plan = _region_plan(regions, all_labels)
+        fused = np.zeros(subj_out.shape, np.uint8)
+        timing.update({"register_regions": 0.0, "select": 0.0, "fuse": 0.0})
+        per_atlas_out = [np.zeros(subj_out.shape, np.uint8) for _ in names] if workdir else None
+        region_info = {}
+        for rname, rlabels, margin, stages in plan:
+            t = time.perf_counter()
+            if rname == "global":
+                fix, out_lo, out_hi = subj_glob, np.zeros(3, int), np.array(subj_out.shape) - 1
             else:
-                voters[L] = holders
-            dropped = [names[a] for a in holders if a not in voters[L]]
-            if dropped:
-                for n in dropped:
-                    per_atlas[n].setdefault("dropped_for", []).append(LABEL_BY_INDEX[L].name)
-        timing["select"] = time.perf_counter() - t
+                # the region: the union over atlases of the stage-A positions of its glands, + margin
+                msk = np.zeros(subj_glob.shape, bool)
+                for a in range(len(names)):
+                    msk |= np.isin(la_glob[a], rlabels)
+                if msk.sum() < 2:
+                    continue
+                blo, bhi = _box_from_mask(msk, subj_glob, margin)
+                wlo, whi = _world_box(subj_glob, blo, bhi)
+                out_lo, out_hi = _sub_box(subj_out, wlo, whi)
+                fix = reg.resample_iso(reg.crop(subj_out, out_lo, out_hi), region_spacing_mm)
+            out_ref = reg.crop(subj_out, out_lo, out_hi)
+            fix_np = fix.numpy()
+            lab_fix, lab_o, ct_fix, vs = [], [], [], []
+            for a in range(len(names)):
+                if not any(L in holds[a] for L in rlabels):
+                    continue
+                tb = time.perf_counter()
+                if stages and len(fwdA[a]) > 1:
+                    # stage A has a warp: register the stage-A-warped atlas CT, compose B o A
+                    mov = ants.apply_transforms(fix, a_cts[a], fwdA[a], interpolator="linear")
+                    cen = reg.world_coords(fix, (np.array(fix.shape) - 1)[None] / 2.0)[0]
+                    pre = os.path.join(tmp, f"a{a}_{rname}_")
+                    init = reg.translation_transform((0, 0, 0), pre + "init.mat", centre=cen)
+                    rb = reg.run_registration(fix, mov, stages, pre, initial=[init], verbose=verbose)
+                    fwd, warped = rb["fwdtransforms"] + fwdA[a], rb["warped"].numpy()
+                elif stages:
+                    rb = reg.run_registration(fix, a_cts[a], stages, os.path.join(tmp, f"a{a}_{rname}_"),
+                                              initial=fwdA[a], verbose=verbose)
+                    fwd, warped = rb["fwdtransforms"], rb["warped"].numpy()
+                else:
+                    fwd = fwdA[a]
+                    warped = ants.apply_transforms(fix, a_cts[a], fwd, interpolator="linear").numpy()
+                vs.append(a)
+                ct_fix.append(warped)
+                lf = _warp_labels(fix, a_labs[a], fwd)
+                lab_fix.append(np.where(np.isin(lf, rlabels), lf, 0).astype(np.uint8))
+                lo_ = _warp_labels(out_ref, a_labs[a], fwd)
+                lab_o.append(np.where(np.isin(lo_, rlabels), lo_, 0).astype(np.uint8))
+                per_atlas[names[a]]["seconds_stage_b"] += time.perf_counter() - tb
+                if rname != "global":
+                    per_atlas[names[a]]["regions"][rname] = round(time.perf_counter() - tb, 2)
+            timing["register_regions"] += time.perf_counter() - t
+            if not vs:
+                continue
 
-        # ---- fusion on the output grid
-        t = time.perf_counter()
-        if fusion == "majority":
-            fused = majority_vote(lab_out, holds, all_labels, weights=weights, voters=voters)
-        else:
-            fused = _fuse_jlf(subj_reg, subj_out, ct_reg, lab_reg, holds, voters, all_labels, tmp)
-        timing["fuse"] = time.perf_counter() - t
+            # ---- per-gland scores and atlas selection (on the region's grid)
+            t = time.perf_counter()
+            sp_fix = np.asarray(fix.spacing, float)
+            weights = [dict() for _ in vs]
+            voters: dict[int, list[int]] = {}
+            r_holds = [holds[a] & set(rlabels) for a in vs]
+            for L in rlabels:
+                holders = [k for k, a in enumerate(vs) if L in holds[a]]
+                union = np.zeros(fix.shape, bool)
+                for k in holders:
+                    union |= lab_fix[k] == L
+                if not union.any():
+                    voters[L] = holders
+                    continue
+                around = ndi.binary_dilation(union, iterations=max(1, int(round(SCORE_DILATE_MM / sp_fix.min()))))
+                sc = {k: local_ncc(fix_np, ct_fix[k], around) for k in holders}
+                for k, s in sc.items():
+                    weights[k][L] = max(s, 1e-3)
+                    per_atlas[names[vs[k]]].setdefault("local_ncc", {})[LABEL_BY_INDEX[L].name] = round(s, 4)
+                voters[L] = [int(k) for k in select_atlases({str(k): s for k, s in sc.items()})] if select else holders
+                for k in holders:
+                    if k not in voters[L]:
+                        per_atlas[names[vs[k]]].setdefault("dropped_for", []).append(LABEL_BY_INDEX[L].name)
+            timing["select"] += time.perf_counter() - t
+
+            # ---- fusion on the output grid (the region's part of it)
+            t = time.perf_counter()
+            if fusion == "majority":
+                fr = majority_vote(lab_o, r_holds, rlabels, weights=weights, voters=voters)
+            else:
+                fr = _fuse_jlf(fix, out_ref, ct_fix, lab_fix, r_holds, voters, rlabels, tmp)
+            sl = tuple(slice(a, b + 1) for a, b in zip(out_lo, out_hi))
+            view = fused[sl]
+            put = (fr > 0) & (view == 0)
+            view[put] = fr[put]
+            if per_atlas_out is not None:
+                for k, a in enumerate(vs):
+                    v = per_atlas_out[a][sl]
+                    p = (lab_o[k] > 0) & (v == 0)
+                    v[p] = lab_o[k][p]
+            region_info[rname] = {"labels": [LABEL_BY_INDEX[L].name for L in rlabels],
+                                  "box_lps_mm": [list(map(float, reg.world_coords(out_ref, np.zeros((1, 3)))[0])),
+                                                 list(map(float, reg.world_coords(out_ref, (np.array(out_ref.shape) - 1)[None])[0]))],
+                                  "grid": list(fix.shape)}
+            timing["fuse"] += time.perf_counter() - t
+        timing["register_atlases"] = timing["register_global"] + timing["register_regions"]
+        all_labels = sorted(all_labels)
 
         refine_info = {}
         if refine:
@@ -418,13 +498,20 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv, fus
         # ---- write on the full subject grid
         t = time.perf_counter()
         nii = nib.load(str(subject_ct_path))
-        full = np.zeros(nii.shape[:3], np.uint8)
-        full[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = fused
+
+        def _save(arr, path):
+            full = np.zeros(nii.shape[:3], np.uint8)
+            full[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = arr
+            out = nib.Nifti1Image(full, nii.affine)
+            out.set_qform(nii.affine, 1)
+            out.set_sform(nii.affine, 1)
+            nib.save(out, str(path))
+
         Path(out_dseg).parent.mkdir(parents=True, exist_ok=True)
-        out = nib.Nifti1Image(full, nii.affine)
-        out.set_qform(nii.affine, 1)
-        out.set_sform(nii.affine, 1)
-        nib.save(out, str(out_dseg))
+        _save(fused, out_dseg)
+        if per_atlas_out is not None:
+            for a, n in enumerate(names):
+                _save(per_atlas_out[a], os.path.join(tmp, f"atlas_{n}_labels.nii.gz"))
         present = [lab for lab in DEFAULT_LABELS if lab.index in all_labels]
         write_label_table(out_tsv, present)
         timing["write"] = time.perf_counter() - t
@@ -437,6 +524,7 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv, fus
         "fusion": fusion,
         "n_atlases": len(atlases),
         "atlases": per_atlas,
+        "regions": region_info,
         "labels_present": [lab.name for lab in present],
         "labels_absent": absent,
         "volumes_ml": {lab.name: float((fused == lab.index).sum() * vox_ml) for lab in present},
@@ -456,37 +544,35 @@ def _world_to_index(img, wlo, whi):
     return idx.min(0), idx.max(0)
 
 
-def _fuse_jlf(subj_reg, subj_out, ct_reg, lab_reg, holds, voters, all_labels, tmp):
-    """JLF on the registration grid (bounding box of all candidate labels), probabilities
-    resampled linearly onto the output grid, arg-max over background and glands."""
+def _fuse_jlf(fix, out_ref, ct_fix, lab_fix, holds, voters, labels, tmp):
+    """JLF on the region's registration grid (bounding box of the candidate labels), per gland over
+    its voters (an atlas lacking a gland would vote background for it), background included as a
+    label; probabilities resampled linearly onto the output grid, arg-max over background and glands."""
     ants = _ants()
-    cand = np.zeros(subj_reg.shape, bool)
-    for lr in lab_reg:
+    cand = np.zeros(fix.shape, bool)
+    for lr in lab_fix:
         cand |= lr > 0
     if not cand.any():
-        return np.zeros(subj_out.shape, np.uint8)
-    lo, hi = _box_from_mask(cand, subj_reg, 10.0)
+        return np.zeros(out_ref.shape, np.uint8)
+    lo, hi = _box_from_mask(cand, fix, 10.0)
     sl = tuple(slice(a, b + 1) for a, b in zip(lo, hi))
-    tgt = reg.crop(subj_reg, lo, hi)
+    tgt = reg.crop(fix, lo, hi)
     mask = _np_to_img(ndi.binary_dilation(cand, iterations=3)[sl].astype(np.float32), tgt)
-    # an atlas that lacks a gland would vote background for it: JLF runs per gland over its holders
-    probs_out = {0: None}
-    best = np.zeros(subj_out.shape, np.uint8)
-    best_p = np.full(subj_out.shape, 0.5, np.float32)  # a gland needs p > 0.5 against background
-    for L in all_labels:
-        vs = voters.get(L) or [a for a in range(len(lab_reg)) if L in holds[a]]
+    best = np.zeros(out_ref.shape, np.uint8)
+    best_p = np.full(out_ref.shape, 0.5, np.float32)  # a gland needs p > 0.5 against background
+    for L in labels:
+        vs = voters.get(L) or [k for k in range(len(lab_fix)) if L in holds[k]]
         if not vs:
             continue
-        cts = [_np_to_img(ct_reg[a][sl], tgt) for a in vs]
         if len(vs) == 1:
-            p = (lab_reg[vs[0]][sl] == L).astype(np.float32)
+            p = (lab_fix[vs[0]][sl] == L).astype(np.float32)
         else:
-            labs = [_np_to_img((lab_reg[a][sl] == L).astype(np.float32), tgt) for a in vs]
+            cts = [_np_to_img(ct_fix[k][sl], tgt) for k in vs]
+            labs = [_np_to_img((lab_fix[k][sl] == L).astype(np.float32), tgt) for k in vs]
             d = tempfile.mkdtemp(dir=tmp, prefix=f"jlf{L}_")
             pr = joint_label_fusion_probs(tgt, cts, labs, [1], mask, d)
             p = pr[1].numpy() if 1 in pr else np.zeros(tgt.shape, np.float32)
-        pimg = _np_to_img(p, tgt)
-        po = ants.resample_image_to_target(pimg, subj_out, interp_type="linear").numpy()
+        po = ants.resample_image_to_target(_np_to_img(p, tgt), out_ref, interp_type="linear").numpy()
         take = po > best_p
         best[take] = L
         best_p[take] = po[take]

@@ -1,0 +1,197 @@
+"""Accuracy of registration and atlas segmentation on REAL-ANATOMY phantom subjects (issue 4).
+
+Cohort: ``generate_cohort(..., anatomy_from=tcia-hn-oar-labels)``: 4 subjects (2 pSS with a PSMA
+and a FAPI session, 2 controls with FAPI only) built from real gland label maps, and the
+phantom's own atlas set, built from OTHER individuals of the same collection. The pipeline's
+functions run with the workflow's own schedules (no test-only settings):
+
+* PET->CT rigid per session: residual at the true gland voxels against ``truth/transforms.parquet``
+  (median over sessions of the mean residual) <= 1 mm;
+* session alignment (FAPI CT -> PSMA CT): error inside the true glands <= 1.5 mm (median over
+  subjects of the mean error);
+* atlas segmentation of the reference session: Dice per gland and side against the truth label
+  map; the median over subjects and sides must reach the issue's targets (parotid 0.85,
+  submandibular 0.80, sublingual, lacrimal and tubarial 0.65). The human inter-observer Dice of
+  the same real label maps (radiographer vs oncologist; parotid, submandibular and lacrimal are
+  real, sublingual and tubarial are synthesised in the phantom) is computed and printed beside
+  ours.
+
+CI budget: this file <= 6 min on 2 idle cores (ATLASES atlases per subject).
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from glandpet.glands import DEFAULT_LABELS
+
+pytestmark = pytest.mark.slow
+
+DATA = (Path(__file__).parents[1] / ".." / "shared" / "data").resolve()
+LABELS = DATA / "tcia-hn-oar-labels"
+SUBJECTS, SEED, ATLASES, THREADS = 4, 11, 3, 2
+TARGETS = {"parotid": 0.85, "submandibular": 0.80, "sublingual": 0.65, "lacrimal": 0.65, "tubarial": 0.65}
+PET_CT_LIMIT_MM, SESSION_LIMIT_MM = 1.0, 1.5
+#: TCIA label names of the glands both annotators drew
+HUMAN = {"parotid": ("Parotid-Lt", "Parotid-Rt"), "submandibular": ("Submandibular-Lt", "Submandibular-Rt"),
+         "lacrimal": ("Lacrimal-Lt", "Lacrimal-Rt")}
+
+needs_data = pytest.mark.skipif(not LABELS.is_dir(), reason=f"real label maps not available ({LABELS} is absent)")
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = int(a.sum() + b.sum())
+    return 2.0 * float((a & b).sum()) / s if s else float("nan")
+
+
+def _series(cohort: Path, sub: str) -> dict[str, tuple[str, str]]:
+    """session -> (CT series folder, PET series folder) of the phantom's DICOM tree (the phantom
+    names its folders; the ingest itself is tested elsewhere)."""
+    out = {}
+    for sesdir in sorted(glob.glob(str(cohort / "dicom" / sub / "*"))):
+        ses = "psma" if "PSMA" in sesdir.upper() else "fapi"
+        names = sorted(glob.glob(sesdir + "/*"))
+        ct = [d for d in names if "CT" in Path(d).name.upper() and "PET" not in Path(d).name.upper()]
+        pet = [d for d in names if "PET" in Path(d).name.upper() and "NAC" not in Path(d).name.upper()]
+        out[ses] = (ct[0], pet[0])
+    return out
+
+
+def _matrix(xfm: pd.DataFrame, sub, ses, frm, to) -> np.ndarray:
+    sel = xfm[(xfm.subject_id == sub) & (xfm.from_space == frm) & (xfm.to_space == to)]
+    if ses is not None:
+        sel = sel[sel.session == ses]
+    return np.asarray(sel.iloc[0]["matrix_lps"], float).reshape(4, 4)
+
+
+def _gland_points_lps(dseg_path: Path, step: int = 3) -> np.ndarray:
+    """LPS coordinates of (every ``step``-th) true gland voxel of a truth label map."""
+    img = nib.load(str(dseg_path))
+    idx = np.argwhere(np.asarray(img.dataobj) > 0)[::step]
+    ras = idx @ img.affine[:3, :3].T + img.affine[:3, 3]
+    return ras * np.array([-1.0, -1.0, 1.0])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Generate the cohort, run PET->CT, session alignment and segmentation as the workflow does."""
+    if not LABELS.is_dir():
+        pytest.skip(f"real label maps not available ({LABELS} is absent)")
+    import ants
+
+    from glandpet import registration as R
+    from glandpet import segmentation as S
+    from glandpet.convert import convert_series
+    from glandpet.phantom.cohort import assign_real_cases, generate_cohort
+
+    root = tmp_path_factory.mktemp("accuracy")
+    cohort = root / "cohort"
+    generate_cohort(cohort, SUBJECTS, SEED, anatomy_from=str(LABELS), n_atlases=ATLASES, jobs=THREADS, progress=False)
+    xfm = pd.read_parquet(cohort / "truth" / "transforms.parquet")
+    atlases = [dict(name=Path(p).name, ct=p + "/ct.nii.gz", labels=p + "/labels.nii.gz", label_table=p + "/labels.tsv")
+               for p in sorted(glob.glob(str(cohort / "atlases" / "*")))]
+    pet_rows, ses_rows, dice_rows, seconds = [], [], [], {}
+    subjects = sorted(Path(p).name for p in glob.glob(str(cohort / "dicom" / "*")))
+    for sub in subjects:
+        work = root / sub
+        work.mkdir()
+        cts = {}
+        for ses, (ct_dir, pet_dir) in _series(cohort, sub).items():
+            ct, pet = work / f"{ses}_ct.nii.gz", work / f"{ses}_pet.nii.gz"
+            convert_series(ct_dir, ct)
+            convert_series(pet_dir, pet)
+            cts[ses] = ct
+            m = R.register_pet_to_ct(ct, pet, work / f"{ses}_pet2ct.mat", threads=THREADS)
+            seconds.setdefault("pet_to_ct", []).append(m["seconds"])
+            # residual at the true gland voxels: the estimate maps CT points to PET points
+            pts = _gland_points_lps(cohort / "truth" / f"sub-{sub}" / f"ses-{ses}" / f"sub-{sub}_ses-{ses}_space-ct_dseg.nii.gz")
+            A, b = R.transform_matrix(str(work / f"{ses}_pet2ct.mat"))
+            true_ct_to_pet = np.linalg.inv(_matrix(xfm, sub, ses, "pet", "ct"))
+            err = np.linalg.norm(pts @ A.T + b - (pts @ true_ct_to_pet[:3, :3].T + true_ct_to_pet[:3, 3]), axis=1)
+            pet_rows.append(dict(subject_id=sub, session=ses, mean_mm=err.mean(), max_mm=err.max(), seconds=m["seconds"]))
+        ref = "psma" if "psma" in cts else "fapi"
+        if len(cts) == 2:
+            m = R.align_sessions(cts["psma"], cts["fapi"], work / f"sub-{sub}_from-fapi_to-psma", threads=THREADS)
+            seconds.setdefault("align_sessions", []).append(m["seconds"])
+            pts = _gland_points_lps(cohort / "truth" / f"sub-{sub}" / "ses-psma" / f"sub-{sub}_ses-psma_space-ct_dseg.nii.gz")
+            est = ants.apply_transforms_to_points(3, pd.DataFrame(pts, columns=["x", "y", "z"]),
+                                                  [m["warp"], m["affine"]])[["x", "y", "z"]].to_numpy()
+            true = np.linalg.inv(_matrix(xfm, sub, None, "fapi_ct", "psma_ct"))
+            err = np.linalg.norm(est - (pts @ true[:3, :3].T + true[:3, 3]), axis=1)
+            ses_rows.append(dict(subject_id=sub, mean_mm=err.mean(), max_mm=err.max(), seconds=m["seconds"]))
+        out = work / f"{ref}_dseg.nii.gz"
+        m = S.segment_subject(cts[ref], atlases, out, work / f"{ref}_dseg.tsv", fusion="majority", threads=THREADS)
+        seconds.setdefault("segment", []).append(m["seconds_total"])
+        truth = np.asarray(nib.load(str(cohort / "truth" / f"sub-{sub}" / f"ses-{ref}"
+                                        / f"sub-{sub}_ses-{ref}_space-ct_dseg.nii.gz")).dataobj)
+        seg = np.asarray(nib.load(str(out)).dataobj)
+        for lab in DEFAULT_LABELS:
+            dice_rows.append(dict(subject_id=sub, gland=lab.gland, side=lab.side,
+                                  dice=_dice(truth == lab.index, seg == lab.index)))
+    cases, _ = assign_real_cases(str(LABELS), SUBJECTS, ATLASES)
+    return dict(pet=pd.DataFrame(pet_rows), sessions=pd.DataFrame(ses_rows), dice=pd.DataFrame(dice_rows),
+                seconds=seconds, cases=cases)
+
+
+@pytest.fixture(scope="module")
+def human(run):
+    """Inter-observer Dice (radiographer vs oncologist) of the real label maps the subjects came from."""
+    from glandpet.phantom.real_anatomy import load_annotator_pair
+
+    rows = []
+    for case in sorted(set(run["cases"])):
+        pair = load_annotator_pair(str(LABELS), case)
+        for gland, names in HUMAN.items():
+            for name, side in zip(names, ("left", "right")):
+                if name in pair:
+                    a, b, _ = pair[name]
+                    rows.append(dict(case=case, gland=gland, side=side, dice=_dice(a, b)))
+    return pd.DataFrame(rows)
+
+
+def _table(run, human) -> pd.DataFrame:
+    ours = run["dice"].groupby("gland")["dice"].median()
+    hum = human.groupby("gland")["dice"].median() if len(human) else pd.Series(dtype=float)
+    tab = pd.DataFrame({"ours_median": ours, "ours_min": run["dice"].groupby("gland")["dice"].min(),
+                        "human_median": hum, "target": pd.Series(TARGETS)}).loc[list(TARGETS)]
+    print("\nDice per gland (medians over subjects and sides; human: radiographer vs oncologist)\n"
+          + tab.round(3).to_string())
+    print("seconds:", {k: [round(v, 1) for v in vs] for k, vs in run["seconds"].items()})
+    return tab
+
+
+@needs_data
+def test_pet_to_ct_residual(run):
+    df = run["pet"]
+    print("\nPET->CT residual at the true gland voxels (mm)\n" + df.round(2).to_string())
+    assert len(df) >= SUBJECTS
+    assert df["mean_mm"].median() <= PET_CT_LIMIT_MM, df
+
+
+@needs_data
+def test_session_alignment_inside_glands(run):
+    df = run["sessions"]
+    print("\nsession alignment error inside the true glands (mm)\n" + df.round(2).to_string())
+    assert len(df) >= 2
+    assert df["mean_mm"].median() <= SESSION_LIMIT_MM, df
+
+
+@needs_data
+@pytest.mark.xfail(strict=True, reason="issue 4 open: atlas Dice on real anatomy below the targets (measured medians "
+                   "parotid 0.69, submandibular 0.35, sublingual 0.56, lacrimal 0.35, tubarial 0.40 with 3 atlases; "
+                   "human inter-observer 0.84/0.87/-/0.71/-). Strict: the day the targets hold, this XPASS fails "
+                   "and the marker must go.")
+def test_segmentation_dice_against_targets_and_humans(run, human):
+    """The issue's targets, not loosened: the message states targets, ours and the humans'."""
+    tab = _table(run, human)
+    assert len(run["dice"]["subject_id"].unique()) >= 4
+    assert set(human["gland"]) == set(HUMAN), "inter-observer Dice must be computed for every real gland"
+    short = tab[tab["ours_median"] < tab["target"]]
+    assert short.empty, ("median Dice below the issue's targets (ours vs target vs human inter-observer):\n"
+                         + short.round(3).to_string())
