@@ -65,23 +65,21 @@ def build_pacs_export(cohort_dicom: str | Path, out: str | Path, *, seed: int = 
 
     base = out / "DICOM"
     layout: dict[str, list[str]] = {}
+
+    def place(name: str, parent: Path) -> None:
+        """Copy each series of patient `name` into a random-named folder under `parent`."""
+        layout[name] = []
+        for sdir in _series_dirs(src / name):
+            dst = parent / hex8()
+            for k, f in enumerate(sorted(p for p in sdir.iterdir() if p.is_file()), 1):
+                link_or_copy(f, dst / f"IM{k:05d}")
+            layout[name].append(str(dst.relative_to(out)))
+
     date0 = 20250101
     for i, name in enumerate(shared):
-        date_dir = base / str(date0 + i // max(1, patients_per_date))
-        layout[name] = []
-        for sdir in _series_dirs(src / name):
-            dst = date_dir / hex8()
-            for k, f in enumerate(sorted(p for p in sdir.iterdir() if p.is_file()), 1):
-                link_or_copy(f, dst / f"IM{k:05d}")
-            layout[name].append(str(dst.relative_to(out)))
+        place(name, base / str(date0 + i // max(1, patients_per_date)))
     for name in own_folder:
-        pdir = base / f"P{hex8()}"
-        layout[name] = []
-        for sdir in _series_dirs(src / name):
-            dst = pdir / hex8()
-            for k, f in enumerate(sorted(p for p in sdir.iterdir() if p.is_file()), 1):
-                link_or_copy(f, dst / f"IM{k:05d}")
-            layout[name].append(str(dst.relative_to(out)))
+        place(name, base / f"P{hex8()}")
     return layout
 
 
