@@ -82,7 +82,8 @@ def read_subject_sheet(
 
     seen_ids: dict[str, int] = {}
     seen_pid: dict[str, int] = {}
-    seen_dirs: dict[Path, tuple[int, str]] = {}
+    seen_dirs: dict[Path, tuple[int, str]] = {}  # each subject's folder
+    seen_parents: dict[Path, tuple[int, str]] = {}  # every folder above one of them (overlap check in O(depth))
     for i, row in enumerate(df.itertuples(index=False)):
         line = i + 2
         r = dict(zip(df.columns, row))
@@ -123,11 +124,15 @@ def read_subject_sheet(
             if not folder.is_dir():
                 raise UserError(f"{at}, column dicom_dir: folder {ddir!r} not found under the DICOM root {root}")
             real = folder.resolve()
-            for other, (oline, osid) in seen_dirs.items():
-                if real == other or real in other.parents or other in real.parents:
-                    raise UserError(f"{at}, column dicom_dir: folder {ddir!r} overlaps the folder of subject "
-                                    f"{osid} (line {oline}); each subject needs a folder of their own")
+            clash = (seen_dirs.get(real) or seen_parents.get(real)
+                     or next((seen_dirs[q] for q in real.parents if q in seen_dirs), None))
+            if clash:
+                oline, osid = clash
+                raise UserError(f"{at}, column dicom_dir: folder {ddir!r} overlaps the folder of subject "
+                                f"{osid} (line {oline}); each subject needs a folder of their own")
             seen_dirs[real] = (line, sid)
+            for q in real.parents:
+                seen_parents.setdefault(q, (line, sid))
         for col in NUMERIC_CLINICAL_COLUMNS:
             if col in df.columns and r[col] != "":
                 try:

@@ -113,12 +113,21 @@ def failure_record_path(log_path: str | os.PathLike) -> Path | None:
 
 
 def failure_records(results: str | os.PathLike) -> list[dict]:
-    """The job failure records under `<results>/work/failed/` (subject_id, session, stage, status, message)."""
+    """The job failure records under `<results>/work/failed/` (subject_id, session, stage, status, message).
+
+    Called for every subject while Snakemake builds the DAG: the records are read once per state of
+    the folder (its rule subfolders' modification times), not once per call."""
     folder = Path(results) / "work" / "failed"
     if not folder.is_dir():
         return []
+    state = tuple((d.name, d.stat().st_mtime_ns) for d in sorted(folder.iterdir()))
+    return _read_failure_records(str(folder), state)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_failure_records(folder: str, _state: tuple) -> list[dict]:
     out = []
-    for p in sorted(folder.glob("*/*.json")):
+    for p in sorted(Path(folder).glob("*/*.json")):
         try:
             out.append(json.loads(p.read_text()))
         except (OSError, ValueError):
