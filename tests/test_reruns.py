@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 PER_SESSION = {"convert_ct", "convert_pet", "suv_image", "register_pet_to_ct", "segment_glands", "measure_glands"}
 UPSTREAM_OF_SEGMENTATION = {"demo_phantom", "phantom_atlases", "index_dicom", "convert_ct", "convert_pet",
                             "suv_image", "register_pet_to_ct", "align_sessions"}
-COHORT = {"cohort_tables", "cohort_statistics", "cohort_figures"}
+COHORT = {"cohort_tables", "cohort_statistics", "cohort_figures", "report_tables"}
 
 
 def planned(out: str) -> list[tuple[str, dict[str, str]]]:
