@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__
+from . import __version__, atlas_cli, study_cli
 from .errors import UserError
 
 
@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--atlases", type=int, default=3, help="number of atlas individuals (default 3)")
     ph.add_argument("--pss-fraction", type=float, default=0.6, help="fraction of pSS subjects (default 0.6)")
     ph.add_argument("--jobs", type=int, default=1, help="parallel worker processes (default 1)")
+    ph.add_argument("--atlas-dicom", action="store_true",
+                    help="also write each atlas as DICOM CT + RTSTRUCT (atlases/<name>/dicom/{ct/,rtstruct.dcm})")
     ph.set_defaults(func=_phantom)
 
     ix = sub.add_parser("index", help="index a DICOM tree into a series table (no identifiers)")
@@ -67,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("output")
     cv.add_argument("--suv", default="none", choices=["bw", "bsa", "lbm", "lbm_janmahasatian", "ibw", "none"])
     cv.set_defaults(func=_convert)
+    atlas_cli.add_subparser(sub)  # glandpet atlas add
+    study_cli.add_subparsers(sub)  # glandpet init, check
     return p
 
 

@@ -7,6 +7,7 @@ Layout written under OUTDIR::
     truth/gland_truth.parquet, truth/transforms.parquet
     truth/sub-<id>/ses-<s>/sub-<id>_ses-<s>_space-ct_dseg.nii.gz   (+ _dseg.tsv)
     atlases/atlasNN/{ct.nii.gz, labels.nii.gz, labels.tsv}
+    atlases/atlasNN/dicom/{ct/*, rtstruct.dcm}                      (with atlas_dicom: RT planning export)
 
 Determinism: subject i draws from ``SeedSequence(seed, spawn_key=(0, i))`` and atlas j from
 ``SeedSequence(seed, spawn_key=(1, j))``, so subject i is the same whatever the cohort size.
@@ -28,7 +29,6 @@ import datetime as dt
 import math
 import os
 import re
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -404,8 +404,10 @@ def make_subject(outdir: str | Path, i: int, group: str, seed: int, anatomy_from
             "lesion": lesion}
 
 
-def make_atlas(outdir: str | Path, j: int, seed: int, anatomy_from=None, case_id=None) -> dict:
-    """Atlas j: another individual's CT (rendered like a subject CT) + gland labels + label table."""
+def make_atlas(outdir: str | Path, j: int, seed: int, anatomy_from=None, case_id=None, dicom: bool = False) -> dict:
+    """Atlas j: another individual's CT (rendered like a subject CT) + gland labels + label table.
+    With ``dicom``, also that CT as a DICOM series and its glands as an RTSTRUCT
+    (:func:`write_atlas_dicom`); the NIfTI files are the same either way."""
     from .uptake import ct_hu_map, draw_ct_params, render_ct, resample_labels, slice_profile
 
     t0 = time.perf_counter()
@@ -425,7 +427,29 @@ def make_atlas(outdir: str | Path, j: int, seed: int, anatomy_from=None, case_id
     _write_nifti(adir / "ct.nii.gz", np.clip(np.rint(hu), -1024, 3071).astype(np.int16), cta)
     _write_nifti(adir / "labels.nii.gz", lab, cta)
     write_label_table(adir / "labels.tsv")
+    if dicom:
+        write_atlas_dicom(adir / "dicom", j, seed, vendor, sex, age, np.clip(np.rint(hu), -1024, 3071).astype(np.int16),
+                          lab, cta)
     return {"atlas": adir.name, "seconds": time.perf_counter() - t0}
+
+
+def write_atlas_dicom(ddir: Path, j: int, seed: int, vendor: str, sex: str, age: int, hu: np.ndarray,
+                      labels: np.ndarray, affine_lps: np.ndarray) -> None:
+    """Atlas j as a radiotherapy planning export: ``ddir/ct/`` (CT series, the vendor's
+    convention) and ``ddir/rtstruct.dcm`` (its glands, ROI names in mixed real-world styles).
+    Draws from its own stream ``SeedSequence(seed, spawn_key=(2, j))``: the atlas NIfTIs and
+    every other output do not change."""
+    from .dicom_writer import write_ct_series
+    from .rtstruct_writer import write_rtstruct
+
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2, j)))
+    when = dt.datetime(2022, 3, 7, 9, 0) + dt.timedelta(days=int(rng.integers(0, 600)), minutes=int(rng.integers(0, 480)))
+    patient = _patient(90000 + j, sex, age, rng, when.date())
+    study = StudyInfo(study_uid=_uid(rng), frame_of_reference_uid=_uid(rng), study_datetime=when,
+                      study_description="RT PLANNING HEAD NECK", accession_number=f"R{int(rng.integers(1e6, 1e7))}",
+                      institution_name="Phantom University Hospital", referring_physician="RADONC^R", vendor=vendor)
+    write_ct_series(ddir / "ct", hu, affine_lps, patient, study, 2, "RT Planning CT HN 2mm")
+    write_rtstruct(ddir / "rtstruct.dcm", labels, affine_lps, ddir / "ct", style_seed=int(rng.integers(2**31)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,8 +482,9 @@ def assign_real_cases(anatomy_from, n_subjects: int, n_atlases: int) -> tuple[li
 
 
 def generate_cohort(outdir, n_subjects: int, seed: int, anatomy_from=None, n_atlases: int = 3,
-                    pss_fraction: float = 0.6, jobs: int = 1, progress: bool = True) -> dict:
-    """Write a phantom cohort under ``outdir``; returns a summary dict (counts, seconds)."""
+                    pss_fraction: float = 0.6, jobs: int = 1, progress: bool = True, atlas_dicom: bool = False) -> dict:
+    """Write a phantom cohort under ``outdir``; returns a summary dict (counts, seconds).
+    ``atlas_dicom``: also write each atlas as DICOM CT + RTSTRUCT (``atlases/<name>/dicom/``)."""
     from ..tables import GLAND_TRUTH, TRANSFORMS, write_table
 
     t0 = time.perf_counter()
@@ -470,9 +495,11 @@ def generate_cohort(outdir, n_subjects: int, seed: int, anatomy_from=None, n_atl
     if anatomy_from:
         cases_s, cases_a = assign_real_cases(anatomy_from, n_subjects, n_atlases)
     tasks = [("subject", outdir, i, groups[i], seed, anatomy_from, cases_s[i]) for i in range(n_subjects)]
-    tasks += [("atlas", outdir, j, seed, anatomy_from, cases_a[j]) for j in range(n_atlases)]
+    tasks += [("atlas", outdir, j, seed, anatomy_from, cases_a[j], atlas_dicom) for j in range(n_atlases)]
     results = []
-    tty = progress and sys.stderr.isatty()
+    from ..progress import Progress
+
+    bar = Progress(len(tasks), "glandpet phantom", unit="individuals", quiet=not progress)
     if jobs > 1 and len(tasks) > 1:
         import multiprocessing as mp
 
@@ -481,13 +508,11 @@ def generate_cohort(outdir, n_subjects: int, seed: int, anatomy_from=None, n_atl
             futs = [ex.submit(_task, *t) for t in tasks]
             for n, f in enumerate(futs, 1):
                 results.append(f.result())
-                if tty:
-                    print(f"\rglandpet phantom: {n}/{len(tasks)} individuals", end="", file=sys.stderr, flush=True)
+                bar.update()
     else:
         for n, t in enumerate(tasks, 1):
             results.append(_task(*t))
-            if tty:
-                print(f"\rglandpet phantom: {n}/{len(tasks)} individuals", end="", file=sys.stderr, flush=True)
+            bar.update()
     subj = [r for k, r in results if k == "subject"]
     import pandas as pd
 
@@ -503,11 +528,8 @@ def generate_cohort(outdir, n_subjects: int, seed: int, anatomy_from=None, n_atl
     summary = {"subjects": n_subjects, "pss": n_pss, "control": n_subjects - n_pss,
                "sessions": sum(len({r["session"] for r in s["truth"]}) for s in subj), "atlases": n_atlases,
                "seconds": secs, "outdir": str(outdir)}
-    if progress:
-        if tty:
-            print(file=sys.stderr)
-        print(f"glandpet phantom: {n_subjects} subjects ({n_pss} pss, {n_subjects - n_pss} control), "
-              f"{summary['sessions']} sessions, {n_atlases} atlases in {secs:.1f} s -> {outdir}", file=sys.stderr)
+    bar.close(f"glandpet phantom: {n_subjects} subjects ({n_pss} pss, {n_subjects - n_pss} control), "
+              f"{summary['sessions']} sessions, {n_atlases} atlases in {secs:.1f} s -> {outdir}")
     return summary
 
 
@@ -523,5 +545,6 @@ def run_phantom(args) -> int:
         raise UserError(f"--anatomy-from: {args.anatomy_from} is not a folder")
     jobs = args.jobs if args.jobs and args.jobs > 0 else (os.cpu_count() or 1)
     generate_cohort(args.outdir, args.subjects, args.seed, anatomy_from=args.anatomy_from, n_atlases=args.atlases,
-                    pss_fraction=args.pss_fraction, jobs=jobs, progress=True)
+                    pss_fraction=args.pss_fraction, jobs=jobs, progress=True,
+                    atlas_dicom=bool(getattr(args, "atlas_dicom", False)))
     return 0
