@@ -75,8 +75,17 @@ def walkthrough(small_cohort, tmp_path_factory) -> dict:
 
     w = tmp_path_factory.mktemp("walkthrough")
     build_pacs_export(small_cohort / "dicom", w / "export", patients_per_date=2, seed=7)
-    shutil.copytree(small_cohort / "atlases" / "atlas01", w / "atlases" / "hn01")
-    out: dict = {"dir": w}
+    # step 2: the atlas comes from a planning CT + RTSTRUCT: the phantom's atlas individual written as
+    # DICOM (make_atlas is deterministic: the same individual as small_cohort's atlas01)
+    from glandpet.phantom.cohort import make_atlas
+
+    make_atlas(w / "rt_source", 0, 5, dicom=True)
+    src = w / "rt_source" / "atlases" / "atlas01" / "dicom"
+    shutil.copytree(src / "ct", w / "planning" / "hn01" / "ct")
+    shutil.copy2(src / "rtstruct.dcm", w / "planning" / "hn01" / "RS.dcm")
+    out: dict = {"dir": w, "labelmap_atlas": small_cohort / "atlases" / "atlas01"}
+    out["atlas_add"] = run(command("glandpet atlas add"), w)
+    assert out["atlas_add"].returncode == 0, out["atlas_add"].stdout + out["atlas_add"].stderr
 
     init = command("glandpet init")
     out["init"] = run(init, w)
@@ -99,6 +108,29 @@ def walkthrough(small_cohort, tmp_path_factory) -> dict:
     out["check"] = run(command("glandpet check"), w, timeout=120)
     out["snakemake"] = run(command("snakemake --cores"), w, timeout=1500)
     return out
+
+
+def test_rtstruct_atlas_equals_the_label_map_atlas(walkthrough):
+    """The atlas built by `glandpet atlas add` from the phantom's RTSTRUCT holds the same glands on the
+    same grid as the phantom's label-map atlas of that individual (Dice per gland >= 0.95)."""
+    import nibabel as nib
+    import numpy as np
+
+    built = walkthrough["dir"] / "atlases" / "hn01"
+    ref = walkthrough["labelmap_atlas"]
+    a, b = nib.load(built / "labels.nii.gz"), nib.load(ref / "labels.nii.gz")
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-4)
+    from glandpet.glands import read_label_table
+
+    la, lb = np.asarray(a.dataobj), np.asarray(b.dataobj)
+    built_of = {(lab.gland, lab.side): lab.index for lab in read_label_table(built / "labels.tsv")}
+    ref_of = {(lab.gland, lab.side): lab.index for lab in read_label_table(ref / "labels.tsv")}
+    present = {k for k, v in ref_of.items() if np.any(lb == v)}
+    assert present and present <= set(built_of), (present, built_of)
+    for k in present:
+        x, y = la == built_of[k], lb == ref_of[k]
+        dice = 2 * np.sum(x & y) / (np.sum(x) + np.sum(y))
+        assert dice >= 0.95, (k, dice)
 
 
 def test_init_drafts_a_patient_id_sheet(walkthrough):
