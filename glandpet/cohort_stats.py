@@ -147,7 +147,7 @@ def compare_groups(
         m = summ[("median", g)] if ("median", g) in summ.columns else pd.Series(dtype=float)
         ext = pd.DataFrame({f"n_{g}": n, f"median_{g}": m}).reset_index() if len(n) else pd.DataFrame(columns=unit + [f"n_{g}", f"median_{g}"])
         out = out.merge(ext, on=unit, how="left")
-        out[f"n_{g}"] = out[f"n_{g}"].fillna(0).astype("int64")
+        out[f"n_{g}"] = pd.to_numeric(out[f"n_{g}"]).fillna(0).astype("int64")
     out.insert(len(unit), "session", session)
     out.insert(len(unit) + 1, "value", value)
     cols = unit + ["session", "value", f"n_{g1}", f"n_{g2}", f"median_{g1}", f"median_{g2}", "u_statistic", "p_value", "rank_biserial"]
