@@ -273,6 +273,26 @@ def _int(v: Any) -> int | None:
             return None
 
 
+_IDS_CACHE: dict[tuple, tuple[str, ...]] = {}  # raw bytes of the identifying elements -> their strings
+
+
+def _id_strings_of(ds: Any, get: "_Get") -> tuple[str, ...]:
+    """The identifying strings of a header, sorted and unique. Files of one patient repeat the same
+    identifying elements, so the strings are derived once per distinct raw content (per process)."""
+    key = []
+    for kw in _IDENTIFYING:
+        elem = ds.get_item(_tag(kw))
+        v = None if elem is None else elem.value
+        key.append(v if v is None or isinstance(v, (bytes, str)) else repr(v))
+    key_t = tuple(key)
+    hit = _IDS_CACHE.get(key_t)
+    if hit is None:
+        if len(_IDS_CACHE) > 4096:
+            _IDS_CACHE.clear()
+        hit = _IDS_CACHE[key_t] = tuple(sorted(set(_id_strings(get))))
+    return hit
+
+
 def _id_strings(get: "_Get") -> list[str]:
     out: list[str] = []
     for kw in _IDENTIFYING:
@@ -489,7 +509,7 @@ def read_header(abspath: str, rel: str) -> dict:
         "tracer": tracer,
         "suv_check": suv_check,
         "patient_id": pid,
-        "ids": tuple(sorted(set(_id_strings(get)))),
+        "ids": _id_strings_of(ds, get),
     }
 
 
