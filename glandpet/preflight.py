@@ -9,8 +9,8 @@ Checks, in order (each problem names subject, session, series and cause):
 3. the index (:func:`glandpet.series_index.index_tree`, ambiguities reported): each subject has
    DICOM; each session resolves to exactly one attenuation-corrected PET and one CT; a subject has
    at least one PSMA or FAPI session; PET series whose tracer is not recognised are named;
-4. SUV: :func:`glandpet.suv.suv_factors` on the headers of each selected PET (first, middle and
-   last slice), and the configured ``suv_type`` must have a factor;
+4. SUV: the index applies the SUV rules (:mod:`glandpet.suv`) to each selected PET's header, and
+   the configured ``suv_type`` must have a factor (the index's failures table carries 3 and 4);
 5. atlases: files present, NIfTI headers readable, CT and label map on the same grid, label table
    valid (:func:`glandpet.glands.read_label_table`).
 
@@ -35,7 +35,7 @@ from typing import Any
 import pandas as pd
 
 from .errors import UserError
-from .glands import GROUPS, SESSIONS
+from .glands import GROUPS
 
 __all__ = [
     "Problem",
@@ -184,30 +184,7 @@ def _from_message(msg: str, default_series: str = "") -> Problem:
     return Problem("", "", default_series, msg)
 
 
-# ------------------------------------------------------------------------------ SUV and atlases
-def _suv_problem(root: Path, paths: list[str], subject: str, session: str, key: str, suv_type: str) -> Problem | None:
-    import pydicom
-
-    from .suv import SUV_CHOICES, suv_factors
-
-    pick = sorted({0, len(paths) // 2, len(paths) - 1}) if paths else []
-    try:
-        dsl = [pydicom.dcmread(root / paths[i], stop_before_pixels=True) for i in pick]
-    except Exception as exc:  # noqa: BLE001
-        return Problem(subject, session, key, f"PET header unreadable ({type(exc).__name__})")
-    try:
-        f = suv_factors(dsl, series=key)
-    except UserError as exc:
-        cause = str(exc)
-        cause = cause[len(key) + 2:] if cause.startswith(key + ": ") else cause
-        return Problem(subject, session, key, f"SUV not computable: {cause}")
-    fk = SUV_CHOICES.get(suv_type, "suvbw")
-    if f.get(fk) is None:
-        need = "PatientSize (height)" if suv_type in ("bsa",) else "PatientSize (height) and PatientSex"
-        return Problem(subject, session, key, f"suv_type {suv_type}: no {fk} factor (the header lacks {need})")
-    return None
-
-
+# ------------------------------------------------------------------------------ atlases
 def _atlas_problems(atlases: list[Mapping[str, str]], base: Path) -> list[Problem]:
     import nibabel as nib
     import numpy as np
@@ -284,23 +261,15 @@ def run_check(config: Mapping[str, Any], *, base_dir: str | Path = ".", jobs: in
     overrides = {(o["subject_id"], o["session"]): o["series_key"] for o in config.get("series_overrides") or []}
     suv_type = str(config.get("suv_type", "bw"))
     if index is None:
-        import inspect
-
         from .series_index import index_tree
 
-        extra = {"suv_type": suv_type} if "suv_type" in inspect.signature(index_tree).parameters else {}
         try:
             index = index_tree(root, sheet, jobs=jobs, progress=progress, overrides=overrides, on_ambiguity="report",
-                               **extra)
+                               suv_type=suv_type)
         except UserError as exc:
             return problems + [_from_message(str(exc), "index")]
-    failures = getattr(index, "failures", None)
-    if isinstance(failures, pd.DataFrame):
-        # the index names what cannot be processed per subject and session (the SUV rules included)
-        problems += _from_failures(failures, index.series)
-    else:
-        problems += [_from_message(p) for p in index.problems]
-        problems += _subject_problems(sheet, index, root, suv_type, progress)
+    # the index names what cannot be processed per subject and session (the SUV rules included)
+    problems += _from_failures(index.failures, index.series)
 
     # atlases
     atlases = list(config.get("atlases") or [])
@@ -328,52 +297,6 @@ def _from_failures(failures: pd.DataFrame, series: pd.DataFrame) -> list[Problem
         cause = re.sub(rf"^subject {re.escape(str(r.subject_id))}(, session {re.escape(ses)})?: ", "", cause)
         out.append(Problem(str(r.subject_id), ses, key, cause, ERROR if r.status == "failed" else WARNING))
     return out
-
-
-def _subject_problems(sheet: pd.DataFrame, index: Any, root: Path, suv_type: str, progress: bool) -> list[Problem]:
-    """Per-subject checks when the index has no failures table of its own."""
-    from .progress import Progress
-
-    problems: list[Problem] = []
-    s = index.series
-    paths = dict(zip(index.files["series_key"], index.files["paths"]))
-    by_subject = {sid: g for sid, g in s.groupby("subject_id")} if not s.empty else {}
-    ambiguous = {(_from_message(p).subject, _from_message(p).session) for p in index.problems}
-    bar = Progress(len(sheet), "checking subjects", unit="subjects", quiet=not progress)
-    for sid, pid_col in zip(sheet["subject_id"], sheet["patient_id"]):
-        bar.update()
-        ss = by_subject.get(sid)
-        how = "no DICOM file has this subject's patient_id" if isinstance(pid_col, str) and pid_col else \
-            "no DICOM image series in this subject's dicom_dir"
-        if ss is None or ss.empty:
-            problems.append(Problem(sid, "", "", how))
-            continue
-        pets = ss[ss["role"] == "pet_ac"]
-        for r in pets.itertuples():
-            if r.tracer is None or (isinstance(r.tracer, float) and pd.isna(r.tracer)):
-                note = r.tracer_note if isinstance(r.tracer_note, str) else "no tracer named"
-                problems.append(Problem(sid, "", r.series_key, f"PET tracer not recognised ({note}): series ignored",
-                                        WARNING))
-            elif not isinstance(r.session, str) or r.session not in SESSIONS:
-                problems.append(Problem(sid, "", r.series_key, f"PET tracer {r.tracer} is neither PSMA nor FAPI: "
-                                                               "series ignored", WARNING))
-        sel = pets[pets["selected"].fillna(False).astype(bool)]
-        found = set(sel["session"]) | {ses for (x, ses) in ambiguous if x == sid}
-        if not found:
-            nac = int((ss["role"] == "pet_nac").sum())
-            cause = "no attenuation-corrected PSMA or FAPI PET series" + \
-                (f" ({nac} non-attenuation-corrected PET series only)" if nac else "")
-            problems.append(Problem(sid, "", "", cause))
-            continue
-        for r in sel.itertuples():
-            if not isinstance(r.paired_ct_key, str) or not r.paired_ct_key:
-                problems.append(Problem(sid, r.session, r.series_key, "no CT for this PET (no CT with the same frame of "
-                                                                      "reference, study, or day within 3 h)"))
-            p = _suv_problem(root, list(paths.get(r.series_key, [])), sid, r.session, r.series_key, suv_type)
-            if p is not None:
-                problems.append(p)
-    bar.close()
-    return problems
 
 
 def problems_table(problems: list[Problem]) -> str:
