@@ -14,7 +14,7 @@ rule register_pet_to_ct:
         f"{BENCH}/register_pet_to_ct/sub-{{subject}}_ses-{{session}}.tsv"
     conda:
         "../envs/ants.yaml"
-    threads: 2
+    threads: 1  # one ITK thread: bit-reproducible transforms (see glandpet.registration)
     resources:
         mem_mb=3000,
         runtime=20,

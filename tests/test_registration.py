@@ -7,6 +7,9 @@ at M x, so the true fixed->moving point map of a registration is x -> M x.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import nibabel as nib
 import pytest
@@ -153,6 +156,23 @@ def test_pet_to_ct_identity_stays_identity(ct_path, tmp_path):
     m = R.register_pet_to_ct(ct_path, pet, tmp_path / "x.mat", threads=1)
     assert _err(tmp_path / "x.mat", np.eye(4)).max() < 1.0
     assert m["displacement_mm"] < 1.0
+
+
+def test_pet_to_ct_is_bit_reproducible(ct_path, tmp_path):
+    """One ITK thread (the workflow's setting): the same inputs give the same transform, bit for bit.
+    Each run in a fresh process, as a workflow job is (ITK fixes its thread count at first use)."""
+    M = rigid((1.0, 0.5, -1.0), (1.5, -1.0, 2.0))
+    pet = save(*render(PET_SHAPE, PET_SP, M, what="pet"), tmp_path / "pet.nii.gz")
+    maps = []
+    for k in range(2):
+        out = tmp_path / f"x{k}.mat"
+        code = ("import sys; from glandpet.registration import register_pet_to_ct as r; "
+                "r(sys.argv[1], sys.argv[2], sys.argv[3], threads=1)")
+        subprocess.run([sys.executable, "-c", code, str(ct_path), str(pet), str(out)], check=True)
+        maps.append(R.transform_matrix(str(out)))
+    np.testing.assert_array_equal(maps[0][0], maps[1][0])
+    np.testing.assert_array_equal(maps[0][1], maps[1][1])
+    assert _err(tmp_path / "x0.mat", M).max() < 1.0
 
 
 def test_large_correction_warns(ct_path, tmp_path):
