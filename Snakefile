@@ -16,7 +16,6 @@ validate(config, "config.schema.yaml")
 include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/ingest.smk"
-include: "rules/suv.smk"
 include: "rules/register.smk"
 include: "rules/segment.smk"
 include: "rules/measure.smk"

@@ -17,6 +17,10 @@ cohort; both the CPU time used and the core-hours a scheduler charges: wall x th
     python benchmarks/scale.py dag --subjects 100 1000 5000
     python benchmarks/scale.py dag --subjects 1000 --cprofile 1000
     python benchmarks/scale.py cost RESULTS_DIR [--cohort 1000]
+    python benchmarks/scale.py run --subjects 20 [--atlases 2] [--cores 2] [--workdir DIR]
+
+Part 3 (`run`): the whole workflow on an N-subject demo cohort (the phantom generates it: half pSS
+with two sessions, half controls), `snakemake --cores 2`, timed end to end; then Part 2 on it.
 """
 
 from __future__ import annotations
@@ -38,11 +42,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: Stage of each rule, for the cost table.
 STAGES = {
-    "index_dicom": "index", "convert_ct": "convert + SUV", "convert_pet": "convert + SUV",
-    "suv_image": "convert + SUV", "register_pet_to_ct": "PET->CT registration",
+    "index_dicom": "index", "convert_pet": "PET conversion + SUV",
+    "convert_ct_register_pet": "CT conversion + PET->CT registration",
     "align_sessions": "session alignment", "segment_glands": "segmentation",
-    "measure_glands": "measurement + index", "gland_index": "measurement + index",
-    "qc_montage": "QC montage", "cohort_tables": "cohort", "cohort_statistics": "cohort",
+    "measure_glands": "measurement", "index_and_montage": "index + QC montage",
+    "cohort_tables": "cohort", "cohort_statistics": "cohort", "report_tables": "cohort",
     "cohort_figures": "cohort", "demo_phantom": "demo phantom", "phantom_atlases": "demo phantom",
 }
 THREADS_DEFAULT = 1
@@ -259,6 +263,30 @@ def cost_table(results: Path, cohort: int) -> None:
     print(est.to_string(float_format=lambda v: f"{v:.1f}"))
 
 
+def cohort_run(n: int, atlases: int, cores: int, workdir: Path | None, seed: int) -> None:
+    """Run the demo workflow on an n-subject phantom cohort and report its wall time and cost."""
+    import yaml
+
+    work = Path(workdir or tempfile.mkdtemp(prefix=f"glandpet_scale_{n}_"))
+    work.mkdir(parents=True, exist_ok=True)
+    config = {"results": str(work / "results"), "demo": {"subjects": n, "seed": seed, "atlases": atlases}}
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
+           "--configfile", str(work / "config.yaml"), "--cores", str(cores), "--quiet", "rules"]
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"the run failed ({' '.join(cmd)}):\n{(proc.stdout + proc.stderr)[-4000:]}")
+    bench = read_benchmarks(work / "results")
+    phantom = bench[bench["rule"].isin(["demo_phantom", "phantom_atlases"])]["wall_s"].sum()
+    print(f"{n}-subject demo cohort ({atlases} atlases), snakemake --cores {cores}, load {load:.1f} at start: "
+          f"{wall / 60:.1f} min wall in all, {(wall - phantom) / 60:.1f} min without generating the phantom "
+          f"({phantom / 60:.1f} min); results in {work}")
+    cost_table(work / "results", 1000)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -272,8 +300,16 @@ def main(argv: list[str] | None = None) -> None:
     c = sub.add_parser("cost", help="per-rule wall/CPU/memory of a finished run, cost of a cohort")
     c.add_argument("results", type=Path)
     c.add_argument("--cohort", type=int, default=1000)
+    r = sub.add_parser("run", help="run the workflow on an N-subject demo cohort, timed end to end")
+    r.add_argument("--subjects", type=int, default=20)
+    r.add_argument("--atlases", type=int, default=2)
+    r.add_argument("--cores", type=int, default=2)
+    r.add_argument("--seed", type=int, default=1)
+    r.add_argument("--workdir", type=Path)
     args = ap.parse_args(argv)
-    if args.cmd == "dag":
+    if args.cmd == "run":
+        cohort_run(args.subjects, args.atlases, args.cores, args.workdir, args.seed)
+    elif args.cmd == "dag":
         dag_table(args.subjects, quiet=args.quiet, cprofile=args.cprofile, top=args.top, id_column=args.id_column)
     else:
         cost_table(args.results, args.cohort)

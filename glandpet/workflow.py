@@ -270,8 +270,9 @@ def session_selections(series: Any, files: Any) -> dict[str, dict[str, Any]]:
 
 
 def convert_session(selection_path: str, dicom_root: str, subject: str, session: str, modality: str,
-                    output: Any) -> None:
-    """Convert the selected CT or PET series of one session to NIfTI (PET in Bq/mL + sidecar)."""
+                    output: Any, suv_type: str | None = None) -> None:
+    """Convert the selected CT or PET series of one session to NIfTI (PET in Bq/mL + sidecar, and
+    with ``suv_type`` the SUV image ``output.suv``: one job per PET, not two)."""
     from .convert import convert_series
     from .errors import UserError
 
@@ -286,6 +287,8 @@ def convert_session(selection_path: str, dicom_root: str, subject: str, session:
     label = f"sub-{subject} ses-{session} {selection.get(f'{modality}_label') or modality.upper() + ' series'}"
     sidecar = convert_series([str(Path(dicom_root) / f) for f in files], out, suv="none", label=label)
     log.info("sub-%s ses-%s %s: %d files -> %s (%s)", subject, session, modality, len(files), out, sidecar.get("Units"))
+    if modality == "pet" and suv_type:
+        suv_image(output.image, output.sidecar, suv_type, output.suv)
 
 
 def suv_image(pet_path: str, sidecar_path: str, suv_type: str, out_path: str) -> None:

@@ -33,8 +33,17 @@ wildcard_constraints:
     tracer="[A-Za-z0-9]+",
 
 
+_INDEX_DONE = []
+
+
 def series_table():
-    return checkpoints.index_dicom.get().output.series
+    """The index checkpoint's series table. Once the checkpoint is complete in this run its path
+    is remembered: asking Snakemake again for each of ~10 input functions per job cost ~2 s of a
+    1,000-subject DAG (an incomplete checkpoint raises, and is asked again next time).
+    """
+    if not _INDEX_DONE:
+        _INDEX_DONE.append(checkpoints.index_dicom.get().output.series)
+    return _INDEX_DONE[0]
 
 
 def subject_selection(w):
@@ -150,6 +159,10 @@ def montage_inputs(w):
     if {"psma", "fapi"} <= set(ss):
         inputs.update(session_transform(w.subject))
     return inputs
+
+
+def index_and_montage_inputs(w):
+    return {**index_inputs(w), **montage_inputs(w)}
 
 
 def processed_subjects():

@@ -1,22 +1,30 @@
-# Per-gland PSMA/FAPI index and within-gland voxel correlation after session alignment.
+# Per subject, once both sessions are measured: the per-gland PSMA/FAPI index and within-gland voxel
+# correlation after session alignment, and the QC montage (CT + gland contours, each session's PET
+# fused). One job: both read the same images, and the DAG of a large cohort grows with its jobs.
 
 
-rule gland_index:
+rule index_and_montage:
     input:
-        unpack(index_inputs),
+        unpack(index_and_montage_inputs),
     output:
         index=f"{RESULTS}/sub-{{subject}}/sub-{{subject}}_gland_index.parquet",
+        png=report(
+            f"{RESULTS}/figures/qc/sub-{{subject}}_qc.png",
+            caption="../report/qc_montage.rst",
+            category="QC montages",
+            subcategory="{subject}",
+        ),
     log:
-        f"{LOGS}/gland_index/sub-{{subject}}.log",
+        f"{LOGS}/index_and_montage/sub-{{subject}}.log",
     benchmark:
-        f"{BENCH}/gland_index/sub-{{subject}}.tsv"
+        f"{BENCH}/index_and_montage/sub-{{subject}}.tsv"
     conda:
         "../envs/ants.yaml"
     threads: 1
     resources:
         mem_mb=3000,
-        runtime=15,
+        runtime=20,
     params:
         index=config["index"],
     script:
-        "../scripts/gland_index.py"
+        "../scripts/index_and_montage.py"

@@ -1,4 +1,7 @@
-# DICOM tree -> series index (no identifiers) -> CT and PET NIfTI (+ PET-BIDS sidecar).
+# DICOM tree -> series index (no identifiers) -> PET NIfTI (Bq/mL + PET-BIDS sidecar) -> PET in SUV
+# (QIBA vendor-neutral rules, IBSI extensions), one job per PET. The CT is converted in the job that
+# registers the PET to it (rules/register.smk). Few, fuller jobs: the DAG of a 1,000-subject cohort
+# costs ~2 ms of Snakemake CPU per job.
 
 
 checkpoint index_dicom:
@@ -27,34 +30,13 @@ checkpoint index_dicom:
         "../scripts/index_dicom.py"
 
 
-rule convert_ct:
-    input:
-        selection=subject_selection,
-    output:
-        ct=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_ct.nii.gz",
-    log:
-        f"{LOGS}/convert_ct/sub-{{subject}}_ses-{{session}}.log",
-    benchmark:
-        f"{BENCH}/convert_ct/sub-{{subject}}_ses-{{session}}.tsv"
-    conda:
-        "../envs/glandpet.yaml"
-    threads: 1
-    resources:
-        mem_mb=3000,
-        runtime=20,
-    params:
-        dicom_root=DICOM_ROOT,
-        modality="ct",
-    script:
-        "../scripts/convert_session.py"
-
-
 rule convert_pet:
     input:
         selection=subject_selection,
     output:
         image=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_trc-{{tracer}}_pet.nii.gz",
         sidecar=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_trc-{{tracer}}_pet.json",
+        suv=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_trc-{{tracer}}_desc-{SUV_DESC}_pet.nii.gz",
     log:
         f"{LOGS}/convert_pet/sub-{{subject}}_ses-{{session}}_trc-{{tracer}}.log",
     benchmark:
@@ -68,5 +50,6 @@ rule convert_pet:
     params:
         dicom_root=DICOM_ROOT,
         modality="pet",
+        suv_type=config["suv_type"],
     script:
         "../scripts/convert_session.py"

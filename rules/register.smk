@@ -1,25 +1,29 @@
-# PET -> CT rigid registration per session; FAPI session CT -> PSMA session CT (rigid, affine, SyN).
+# Per session: the CT series -> NIfTI, then the rigid PET -> CT registration onto it (one job: the CT
+# conversion takes ~2 s). Per subject: FAPI session CT -> PSMA session CT (rigid, affine, SyN).
 
 
-rule register_pet_to_ct:
+rule convert_ct_register_pet:
     input:
-        ct=ct_image,
+        selection=subject_selection,
         pet=pet_image,
     output:
+        ct=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_ct.nii.gz",
         xfm=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_from-pet_to-ct_xfm.mat",
         qc=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_desc-register_qc.json",
     log:
-        f"{LOGS}/register_pet_to_ct/sub-{{subject}}_ses-{{session}}.log",
+        f"{LOGS}/convert_ct_register_pet/sub-{{subject}}_ses-{{session}}.log",
     benchmark:
-        f"{BENCH}/register_pet_to_ct/sub-{{subject}}_ses-{{session}}.tsv"
+        f"{BENCH}/convert_ct_register_pet/sub-{{subject}}_ses-{{session}}.tsv"
     conda:
         "../envs/ants.yaml"
     threads: 1  # one ITK thread: bit-reproducible transforms (see glandpet.registration)
     resources:
         mem_mb=3000,
-        runtime=20,
+        runtime=30,
+    params:
+        dicom_root=DICOM_ROOT,
     script:
-        "../scripts/register_pet_to_ct.py"
+        "../scripts/convert_ct_register_pet.py"
 
 
 rule align_sessions:

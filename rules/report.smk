@@ -117,27 +117,3 @@ rule cohort_figures:
         runtime=10,
     script:
         "../scripts/cohort_figures.py"
-
-
-rule qc_montage:
-    input:
-        unpack(montage_inputs),
-    output:
-        png=report(
-            f"{RESULTS}/figures/qc/sub-{{subject}}_qc.png",
-            caption="../report/qc_montage.rst",
-            category="QC montages",
-            subcategory="{subject}",
-        ),
-    log:
-        f"{LOGS}/qc_montage/sub-{{subject}}.log",
-    benchmark:
-        f"{BENCH}/qc_montage/sub-{{subject}}.tsv"
-    conda:
-        "../envs/ants.yaml"
-    threads: 1
-    resources:
-        mem_mb=3000,
-        runtime=10,
-    script:
-        "../scripts/qc_montage.py"

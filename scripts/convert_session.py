@@ -1,4 +1,4 @@
-"""Snakemake wrapper: one session's CT or PET series -> NIfTI (PET with its PET-BIDS sidecar)."""
+"""Snakemake wrapper: one session's CT or PET series -> NIfTI (PET: Bq/mL, PET-BIDS sidecar, SUV)."""
 
 import sys
 
@@ -10,5 +10,5 @@ sm = snakemake  # noqa: F821
 with wf.log_to(sm.log[0]):
     wf.convert_session(
         sm.input.selection, sm.params.dicom_root, sm.wildcards.subject, sm.wildcards.session, sm.params.modality,
-        sm.output,
+        sm.output, suv_type=sm.params.get("suv_type"),
     )

@@ -31,9 +31,9 @@ from workflow_run import REPO, planned_jobs, snakemake, write_config
 
 pytestmark = pytest.mark.slow
 
-PER_SESSION = {"convert_ct", "convert_pet", "suv_image", "register_pet_to_ct", "segment_glands", "measure_glands"}
-UPSTREAM_OF_SEGMENTATION = {"demo_phantom", "phantom_atlases", "index_dicom", "convert_ct", "convert_pet",
-                            "suv_image", "register_pet_to_ct", "align_sessions"}
+PER_SESSION = {"convert_pet", "convert_ct_register_pet", "segment_glands", "measure_glands"}
+UPSTREAM_OF_SEGMENTATION = {"demo_phantom", "phantom_atlases", "index_dicom", "convert_pet", "convert_ct_register_pet",
+                            "align_sessions"}
 COHORT = {"cohort_tables", "cohort_statistics", "cohort_figures", "report_tables"}
 
 
@@ -99,7 +99,7 @@ def test_changing_the_atlas_set_reruns_segmentation_and_downstream_only(workflow
                   "label_table": str(first / "labels.tsv")}]
     jobs = planned_jobs(workflow_run, atlases=one_atlas)
     assert jobs.get("segment_glands") == 3, jobs  # every session of both subjects
-    assert jobs.get("measure_glands") == 3 and jobs.get("gland_index") == 2, jobs
+    assert jobs.get("measure_glands") == 3 and jobs.get("index_and_montage") == 2, jobs
     assert COHORT <= set(jobs), jobs
     assert not UPSTREAM_OF_SEGMENTATION & set(jobs), jobs
 

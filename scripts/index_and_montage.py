@@ -1,4 +1,4 @@
-"""Snakemake wrapper: per-gland PSMA/FAPI index and within-gland voxel correlation of one subject."""
+"""Snakemake wrapper: one subject's PSMA/FAPI index and voxel correlation, and its QC montage."""
 import sys
 
 sys.path.insert(0, snakemake.scriptdir + "/..")  # noqa: F821  (the package, also inside conda envs)
@@ -8,3 +8,4 @@ sm = snakemake  # noqa: F821
 
 with wf.log_to(sm.log[0]):
     wf.gland_index(sm.input, sm.output.index, sm.wildcards.subject, sm.params.index)
+    wf.qc_montage(sm.input, sm.output.png, sm.wildcards.subject)
