@@ -9,12 +9,14 @@ Pipeline of :func:`segment_subject` (one subject CT, N atlases):
    ``antsRegistration`` call with explicit schedules. ANTsPy's ``SyN`` presets run a fixed
    2100x1200x1200 affine and ignore the affine iterations; driving the stages directly keeps the
    schedule under control.
-3. Stage B, per region of :data:`REGIONS` and per atlas: the glands under the mandible
-   (submandibular, sublingual) move with neck flexion and jaw position, which the whole-field warp
-   does not follow. A second affine + SyN (:data:`REGION_STAGES`) registers the stage-A-warped
-   atlas CT to a crop of the subject around the union over atlases of the stage-A positions of the
-   region's glands (+ margin), at ``region_spacing_mm``; the region's labels go through B o A in
-   one resampling. Every atlas sees the same crop, so their local similarities compare.
+3. Stage B, per region of :data:`REGIONS` and per atlas: a regional registration of the
+   stage-A-warped atlas CT to a crop of the subject around the union over atlases of the stage-A
+   positions of the region's glands (+ margin), at ``region_spacing_mm``; the region's labels go
+   through B o A in one resampling. Every atlas sees the same crop, so their local similarities
+   compare. Under the mandible (submandibular, sublingual: they move with neck flexion and jaw
+   position, which the whole-field warp does not follow) an affine then a CC SyN
+   (:data:`REGION_STAGES`); around the parotid and tubarial glands, and around the lacrimal
+   glands, a CC SyN (:data:`REGION_SYN`) on top of stage A.
 4. Labels carried with ``genericLabel`` onto the output grid; atlas label values mapped to
    :data:`glandpet.glands.DEFAULT_LABELS` through each atlas's label table.
 5. Atlas selection per gland (optional): the local normalised cross-correlation between the warped
@@ -47,7 +49,12 @@ from glandpet import registration as reg
 #: affine (Mattes MI), then SyN (MI, dense) at the same two levels: on one real-anatomy subject and
 #: atlas it took 25 CPU-s and lifted the parotid Dice from 0.53 (affine) to 0.67; a regional
 #: affine + SyN at 1.5 mm (MI: 33 CPU-s; CC radius 2: > 170 CPU-s) around the parotids did worse
-#: (0.50) than this coarse whole-field warp.
+#: (0.50) than this coarse whole-field warp *instead of* it. Since every gland now gets a regional
+#: CC stage on top (:data:`REGIONS`), stage A is the regions' starting point: 10 iterations at the
+#: 4 mm level (was 20) pay for them. Dropping the stage-A SyN altogether (regions started from the
+#: affine) was worse (4 real-anatomy subjects, 3 atlases, medians: parotid 0.731 vs 0.752,
+#: tubarial 0.408 vs 0.443, submandibular 0.343 vs 0.364) and not cheaper (176 CPU-s / subject:
+#: the regional stages then resample the full-resolution atlas at every level).
 ATLAS_SPACING_MM = 4.0
 ATLAS_RIGID = dict(
     transform="Rigid[0.1]", bins=32, sampling=0.25, iterations=(200, 100),
@@ -58,20 +65,28 @@ ATLAS_AFFINE = dict(
     shrink=(2, 1), smooth_vox=(1, 0), convergence=(1e-6, 10),
 )
 ATLAS_SYN = dict(
-    transform="SyN[0.25,3,0]", metric="MI", bins=32, sampling=1.0, iterations=(40, 20),
+    transform="SyN[0.25,3,0]", metric="MI", bins=32, sampling=1.0, iterations=(40, 10),
     shrink=(2, 1), smooth_vox=(1, 0), convergence=(1e-6, 10),
 )
 ATLAS_STAGES = [ATLAS_RIGID, ATLAS_AFFINE, ATLAS_SYN]
 
-#: stage B grid and schedules: regional affine then SyN (Mattes MI), started from stage A.
+#: stage B grid and schedules, started from stage A (the stage-A-warped atlas CT on the region's
+#: 2 mm grid). The deformable part is SyN with the local cross-correlation metric (CT to CT: same
+#: modality, CC follows local edges that MI over a whole crop averages away), radius 2, at the
+#: region's 8 and 4 mm levels only. Measured on one subject/atlas pair each, over stage A alone:
+#: parotid 0.74/0.74 -> 0.76/0.76 and 0.34/0.48 -> 0.59/0.68, tubarial 0.11/0.12 -> 0.27/0.24 for
+#: +9..20 CPU-s per atlas (parotid + lacrimal regions); adding the 2 mm level (30x10 iterations)
+#: gained no more (0.78/0.76, 0.52/0.69) for +56..77 CPU-s, and MI SyN at 8/4/2 mm (40x20x10)
+#: gained less (0.74/0.74) for more time than CC at 8/4 mm.
 REGION_SPACING_MM = 2.0
+#: regional affine (MI) at the 8 and 4 mm levels: the lower region only (neck flexion, jaw).
 REGION_AFFINE = dict(
-    transform="Affine[0.1]", bins=32, sampling=0.25, iterations=(100, 50, 20),
-    shrink=(4, 2, 1), smooth_vox=(2, 1, 0), convergence=(1e-6, 10),
+    transform="Affine[0.1]", bins=32, sampling=0.25, iterations=(100, 50),
+    shrink=(4, 2), smooth_vox=(2, 1), convergence=(1e-6, 10),
 )
 REGION_SYN = dict(
-    transform="SyN[0.25,3,0]", metric="MI", bins=32, sampling=1.0, iterations=(40, 20, 10),
-    shrink=(4, 2, 1), smooth_vox=(2, 1, 0), convergence=(1e-6, 10),
+    transform="SyN[0.25,3,0]", metric="CC", radius=2, iterations=(40, 20),
+    shrink=(4, 2), smooth_vox=(2, 1), convergence=(1e-6, 10),
 )
 REGION_STAGES = [REGION_AFFINE, REGION_SYN]
 
@@ -79,10 +94,28 @@ _L = label_value
 #: regions of stage B: name -> (label values, margin in mm around the union over atlases of their
 #: stage-A positions[, stages]). A label belongs to the first region that lists it; labels of no
 #: region keep the stage-A transform. The glands under the mandible move with neck flexion and
-#: jaw position, which the whole-field warp does not follow.
+#: jaw position, which the whole-field warp does not follow: affine + SyN there. The parotids and
+#: tubarial glands (one box around both sides) and the lacrimal glands get a regional CC SyN on
+#: top of stage A. Measured (4 real-anatomy subjects, 3 atlases, majority, median Dice over
+#: subjects and sides; two runs each: ITK's threaded MI is not run-to-run identical), old schedule
+#: (stage B only under the mandible, MI) -> this one: parotid 0.699/0.702 -> 0.739/0.757,
+#: submandibular 0.375/0.377 -> 0.359/0.350 (single-atlas medians 0.41/0.16/0.33 -> 0.41/0.21/0.36),
+#: sublingual 0.502/0.506 -> 0.514/0.566, lacrimal 0.388/0.419 -> 0.449/0.445, tubarial
+#: 0.405/0.387 -> 0.434/0.438; user+sys CPU per subject (3 atlases, 2 threads, idle machine)
+#: 130 -> 144 s (max 163). The same regions with stage A's full
+#: 40x20 SyN, a regional 2 mm affine level and a 20 mm parotid margin: parotid 0.752, tubarial
+#: 0.443, lacrimal 0.432, submandibular 0.364, but 170-191 CPU-s on a loaded machine (budget 170).
+#: Submandibular stays low because the atlases place it wrongly, not because the fusion fails:
+#: single-atlas medians 0.41 / 0.21 / 0.36; in two of the four subjects the gland's centre lies
+#: 16-19 mm below the mandible's lower border (0-4 mm in the other subjects and in every atlas),
+#: a position no atlas shows and no CT landmark (weak gland contrast) can pull it to; one atlas's
+#: right gland is 1.0 mL (truncated contour).
 REGIONS: dict[str, tuple] = {
     "lower": ((_L("submandibular", "left"), _L("submandibular", "right"), _L("sublingual", "left"),
-               _L("sublingual", "right")), 25.0),
+               _L("sublingual", "right")), 25.0, REGION_STAGES),
+    "upper": ((_L("parotid", "left"), _L("parotid", "right"), _L("tubarial", "left"),
+               _L("tubarial", "right")), 15.0, [REGION_SYN]),
+    "orbit": ((_L("lacrimal", "left"), _L("lacrimal", "right")), 20.0, [REGION_SYN]),
 }
 #: local similarity of an atlas for a gland: NCC within this distance of the atlases' labels.
 SCORE_DILATE_MM = 6.0
