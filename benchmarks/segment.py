@@ -1,12 +1,14 @@
 """Seconds and peak memory of the registration and segmentation steps for one phantom subject.
 
     python benchmarks/segment.py PHANTOM_DIR [--subject S001] [--threads 2] [--atlases 1 3 5]
-                                 [--workdir DIR] [--fusion majority|jlf]
+                                 [--workdir DIR] [--fusion auto|majority|jlf]
 
 PHANTOM_DIR is a cohort written by ``glandpet phantom`` (DICOM is converted once, not timed in the
 per-step table). Each step runs in a fresh process (so its peak RSS is its own, interpreter and
 imports included). With fewer atlases in the phantom than asked, atlases are reused cyclically
 (the timing is what matters; the Dice column then flatters nothing but says so).
+Threads: PET->CT runs with its rule's ``threads`` (rules/register.smk: 1, for bit-reproducible
+transforms); the other steps with ``--threads`` (their rules' value, 2, by default).
 Prints one table row per step and atlas count (wall seconds, CPU seconds of the step's process: on a
 shared machine the CPU column is the stable one; peak RSS), and the per-gland Dice against the
 phantom's truth.
@@ -45,6 +47,17 @@ def _child(q, fn_name, kwargs, threads):
            "cpu_seconds": ru.ru_utime + ru.ru_stime - c1,
            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "error": err,
            "result": res if isinstance(res, dict) else None})
+
+
+def rule_threads(rule: str, default: int) -> int:
+    """``threads:`` of a workflow rule (rules/*.smk), so each step is timed as the workflow runs it."""
+    import re
+
+    for smk in sorted((Path(__file__).resolve().parents[1] / "rules").glob("*.smk")):
+        m = re.search(rf"^rule {rule}:\n(?:(?!^rule ).*\n)*?    threads: (\d+)", smk.read_text(), re.M)
+        if m:
+            return int(m.group(1))
+    return default
 
 
 def run_step(fn_name, itk_threads, **kwargs):
@@ -96,7 +109,7 @@ def main(argv=None):
     ap.add_argument("--subject", default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--atlases", type=int, nargs="+", default=[1, 3, 5])
-    ap.add_argument("--fusion", default="majority")
+    ap.add_argument("--fusion", default="auto")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args(argv)
     ph = a.phantom
@@ -122,8 +135,9 @@ def main(argv=None):
     common = 0.0
     common_cpu = 0.0
     for s, o in ses.items():
-        r = run_step("pet2ct", a.threads, ct_path=o + "_ct.nii.gz", pet_path=o + "_pet.nii.gz",
-                     out_xfm=o + "_from-pet_to-ct_xfm.mat", threads=a.threads)
+        n = rule_threads("convert_ct_register_pet", a.threads)
+        r = run_step("pet2ct", n, ct_path=o + "_ct.nii.gz", pet_path=o + "_pet.nii.gz",
+                     out_xfm=o + "_from-pet_to-ct_xfm.mat", threads=n)
         rec(f"pet_to_ct[{s}]", "-", r)
         common += r["seconds"]
         common_cpu += r["cpu_seconds"]

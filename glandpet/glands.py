@@ -9,6 +9,8 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 GLANDS: tuple[str, ...] = ("parotid", "submandibular", "sublingual", "lacrimal", "tubarial")
 SIDES: tuple[str, ...] = ("left", "right")
 SESSIONS: tuple[str, ...] = ("psma", "fapi")
@@ -76,4 +78,66 @@ def read_label_table(path: str | Path) -> list[Label]:
             raise ValueError(f"{path}:{n}: label index {idx} is not positive or repeated")
         seen.add(idx)
         out.append(Label(idx, gland, side))
+    return out
+
+
+#: Plausible adult gland volumes (mL, one side) for sanity checks of contours, not for measurement:
+#: CT/MRI volumetry reports parotid ~15-35 mL (extremes 8-60), submandibular ~6-12 (3-20),
+#: sublingual ~2-4 (0.5-8), lacrimal ~0.4-0.9 (0.15-2); the tubarial glands (Valstar et al. 2020)
+#: are a thin layer over the torus tubarius of at most a few mL. Outside the range: a contour that
+#: is truncated, holds a neighbouring structure, or has the wrong voxel size.
+PLAUSIBLE_VOLUME_ML: dict[str, tuple[float, float]] = {
+    "parotid": (8.0, 60.0),
+    "submandibular": (3.0, 20.0),
+    "sublingual": (0.5, 8.0),
+    "lacrimal": (0.15, 2.0),
+    "tubarial": (0.1, 4.0),
+}
+#: a side smaller than this fraction of the other side of the same gland is flagged
+MIN_SIDE_RATIO = 0.4
+
+
+def volume_warnings(volumes_ml: dict[str, float]) -> list[str]:
+    """Warnings for gland contours whose volume is implausible: outside
+    :data:`PLAUSIBLE_VOLUME_ML`, or one side under :data:`MIN_SIDE_RATIO` of the other side.
+    ``volumes_ml``: ``"gland_side" -> mL`` (the keys of :attr:`Label.name`)."""
+    out = []
+    for name, ml in volumes_ml.items():
+        gland = name.rsplit("_", 1)[0]
+        lo, hi = PLAUSIBLE_VOLUME_ML.get(gland, (0.0, float("inf")))
+        if not lo <= ml <= hi:
+            out.append(f"{name}: {ml:.2f} mL is outside the plausible adult range {lo:g}-{hi:g} mL "
+                       f"(truncated contour, a neighbouring structure included, or wrong voxel size?)")
+    for gland in GLANDS:
+        left, right = volumes_ml.get(f"{gland}_left"), volumes_ml.get(f"{gland}_right")
+        if left and right and min(left, right) < MIN_SIDE_RATIO * max(left, right):
+            small = "left" if left < right else "right"
+            out.append(f"{gland}_{small}: {min(left, right):.2f} mL is under {MIN_SIDE_RATIO:.0%} of the other "
+                       f"side ({max(left, right):.2f} mL): truncated contour?")
+    return out
+
+
+def volume_outliers(volumes_ml: list[dict[int, float]], min_fraction: float = MIN_SIDE_RATIO,
+                    min_atlases: int = 3) -> list[set[int]]:
+    """Per atlas, the label values whose contour is a low outlier among the atlases: smaller than
+    ``min_fraction`` of the median volume of the same gland (both sides of every atlas pooled),
+    judged only when at least ``min_atlases`` atlases hold the gland. ``volumes_ml[a]``: label
+    value (:data:`DEFAULT_LABELS`) -> mL of atlas a. A truncated atlas contour should not vote."""
+    by_index = {lab.index: lab for lab in DEFAULT_LABELS}
+    pooled: dict[str, list[float]] = {}
+    holders: dict[str, set[int]] = {}
+    for a, vols in enumerate(volumes_ml):
+        for L, ml in vols.items():
+            if L in by_index and ml > 0:
+                g = by_index[L].gland
+                pooled.setdefault(g, []).append(ml)
+                holders.setdefault(g, set()).add(a)
+    out: list[set[int]] = [set() for _ in volumes_ml]
+    for a, vols in enumerate(volumes_ml):
+        for L, ml in vols.items():
+            if L not in by_index:
+                continue
+            g = by_index[L].gland
+            if len(holders.get(g, ())) >= min_atlases and ml < min_fraction * float(np.median(pooled[g])):
+                out[a].add(L)
     return out

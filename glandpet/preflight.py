@@ -189,7 +189,7 @@ def _atlas_problems(atlases: list[Mapping[str, str]], base: Path) -> list[Proble
     import nibabel as nib
     import numpy as np
 
-    from .glands import read_label_table
+    from .glands import read_label_table, volume_warnings
 
     out: list[Problem] = []
     for a in atlases:
@@ -211,9 +211,19 @@ def _atlas_problems(atlases: list[Mapping[str, str]], base: Path) -> list[Proble
             if c.shape[:3] != lab.shape[:3] or not np.allclose(c.affine, lab.affine, atol=1e-3):
                 out.append(Problem("", "", name, f"labels grid {lab.shape[:3]} differs from the CT grid {c.shape[:3]}"))
         try:
-            read_label_table(paths["label_table"])
+            table = read_label_table(paths["label_table"])
         except (ValueError, OSError, KeyError) as exc:
             out.append(Problem("", "", name, f"label table: {exc}"))
+            continue
+        if "labels" in imgs and not any(p.series == name for p in out):
+            # contour volumes (the label voxels are read: a few MB per atlas)
+            lab = imgs["labels"]
+            counts = np.bincount(np.asarray(lab.dataobj, dtype=np.int64).ravel().clip(0, 255), minlength=256)
+            vox_ml = float(abs(np.linalg.det(lab.affine[:3, :3]))) / 1000.0
+            vols = {t.name: float(counts[t.index]) * vox_ml for t in table if 0 < t.index < 256 and counts[t.index]}
+            for msg in volume_warnings(vols):
+                out.append(Problem("", "", name, f"{msg} (a contour under 40 % of the atlases' median for that "
+                                                 "gland does not vote on it)", WARNING))
     return out
 
 

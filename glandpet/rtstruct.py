@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .glands import GLANDS, SIDES, Label, label_value
+from .glands import GLANDS, SIDES, Label, label_value, volume_warnings
 
 #: a contour plane may lie this far (mm, along the slice normal) from a CT slice centre
 SLICE_TOL_MM = 0.1
@@ -512,6 +512,7 @@ def rtstruct_to_labels(rs: StructureSet, grid: CTGrid, name_map: RoiNameMap) -> 
         labels[m] = label_value(*gs)
     table = sorted((Label(label_value(*gs), *gs) for gs in masks), key=lambda lab: lab.index)
     volumes = {lab.name: float((labels == lab.index).sum()) * vox_ml for lab in table}
+    warnings += volume_warnings(volumes)
     # side sanity: the patient's left is +x in LPS
     for gland in GLANDS:
         if (gland, "left") in masks and (gland, "right") in masks:

@@ -189,10 +189,11 @@ series_overrides: []
 # SUV normalisation: bw | bsa | lbm | lbm_janmahasatian | ibw
 suv_type: bw
 
-# Segmentation: multi-atlas label fusion (majority | jlf), optional HU window per gland.
+# Segmentation: multi-atlas label fusion (auto | majority | jlf, or per gland), optional HU window per gland.
 segmentation:
-  fusion: majority
+  fusion: auto
   refine_hu: {{}}             # e.g. {{parotid: [-120, 80]}}
+  atlases_per_gland: 5      # per gland the most similar atlases vote (0: all)
 
 # Partial-volume correction: gtm | rbv | none; PET point-spread FWHM per session: a number (mm) or
 # auto (from the PET sidecar: the scanner's resolution, the nuclide's positron range, the post-filter).

@@ -23,5 +23,6 @@ rule segment_glands:
         atlases=ATLASES,
         fusion=config["segmentation"]["fusion"],
         refine_hu=config["segmentation"].get("refine_hu", {}),
+        atlases_per_gland=config["segmentation"].get("atlases_per_gland", 5),
     script:
         "../scripts/segment_glands.py"

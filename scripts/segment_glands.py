@@ -7,4 +7,5 @@ from glandpet import workflow as wf  # noqa: E402
 sm = snakemake  # noqa: F821
 
 with wf.log_to(sm.log[0]):
-    wf.segment_glands(sm.input, sm.output, sm.wildcards.session, sm.params.atlases, sm.params.fusion, sm.params.refine_hu, sm.threads)
+    wf.segment_glands(sm.input, sm.output, sm.wildcards.session, sm.params.atlases, sm.params.fusion, sm.params.refine_hu, sm.threads,
+                     atlases_per_gland=sm.params.atlases_per_gland)

@@ -8,6 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 import yaml
@@ -215,6 +216,26 @@ def test_unreadable_atlas(tmp_path, clones, small_cohort):
     by = {(p.series, p.cause.split(" ")[0]) for p in probs}
     assert ("atlas bad", "labels") in by and ("atlas bad", "label") in by and ("atlas gone", "ct") in by
     assert any("pancreas" in p.cause for p in probs)
+
+
+def test_truncated_atlas_contour_is_a_warning(tmp_path, clones, small_cohort):
+    """An atlas whose contour of a gland is implausibly small is reported (warning, not fatal)."""
+    import nibabel as nib
+
+    _, config = make_study(tmp_path, clones, small_cohort)
+    assert not [p for p in run_check(config) if p.series.startswith("atlas ")]
+    atlas = tmp_path / "atlas_cut"
+    shutil.copytree(small_cohort / "atlases" / "atlas01", atlas)
+    img = nib.load(str(atlas / "labels.nii.gz"))
+    lab = np.asarray(img.dataobj).copy()
+    idx = np.argwhere(lab == 4)  # submandibular right: keep one tenth of it
+    lab[tuple(idx[len(idx) // 10:].T)] = 0
+    nib.save(nib.Nifti1Image(lab, img.affine, img.header), str(atlas / "labels.nii.gz"))
+    config["atlases"].append({"name": "cut", "ct": str(atlas / "ct.nii.gz"), "labels": str(atlas / "labels.nii.gz"),
+                              "label_table": str(atlas / "labels.tsv")})
+    probs = [p for p in run_check(config) if p.series == "atlas cut"]
+    assert probs and all(p.severity == WARNING and p.cause.startswith("submandibular_right") for p in probs)
+    raise_for_problems(run_check(config), fatal_only=True)  # not fatal
 
 
 def test_workflow_stage_stops_only_on_fatal_problems(tmp_path, clones, small_cohort):

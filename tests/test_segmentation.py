@@ -96,6 +96,9 @@ def cohort(tmp_path_factory):
             lab[np.isin(lab, (7, 8))] = lab[np.isin(lab, (7, 8))] if j == 0 else 0
             table = [x for x in DEFAULT_LABELS if x.gland in ("parotid", "submandibular")
                      or (j == 0 and x.gland == "lacrimal")]
+        if j == 2:  # a truncated contour: 15 % of its right submandibular gland
+            cut = np.argwhere(lab == 4)
+            lab[tuple(cut[int(0.15 * len(cut)):].T)] = 0
         write_label_table(d / f"a{j}.tsv", table)
         atlases.append({"name": f"a{j}", "ct": ct, "labels": save(lab, laff, d / f"a{j}_lab.nii.gz"),
                         "label_table": str(d / f"a{j}.tsv")})
@@ -122,6 +125,10 @@ def test_segment_subject_small(cohort, fusion):
         ("lacrimal", "left"), ("lacrimal", "right")]
     assert set(m["labels_absent"]) == {"sublingual_left", "sublingual_right", "tubarial_left", "tubarial_right"}
     assert (seg == 7).sum() > 0
+    # the truncated contour does not vote; the other atlases still give that gland
+    assert m["atlases"]["a2"]["excluded_small_contour"] == ["submandibular_right"]
+    assert all("excluded_small_contour" not in m["atlases"][a] for a in ("a0", "a1"))
+    assert dice(seg == 4, truth == 4) > 0.6, dice(seg == 4, truth == 4)
     vols = S.gland_volumes_ml(out)
     assert set(vols) == {"parotid_left", "parotid_right", "submandibular_left", "submandibular_right",
                          "lacrimal_left", "lacrimal_right"}
@@ -171,3 +178,24 @@ def test_atlas_stage_a_converges_from_perturbed_poses(angles, trans, tmp_path):
     true = GLAND_POINTS @ M[:3, :3].T + M[:3, 3]
     err = np.linalg.norm(est - true, axis=1)
     assert err.max() < 2.5, err
+
+
+def test_gland_voters_drop_outliers_then_keep_the_most_similar():
+    scores = {0: 0.90, 1: 0.88, 2: 0.40, 3: 0.86, 4: 0.91, 5: 0.87, 6: 0.89}
+    assert S.gland_voters(scores, select=True, top_k=0) == [0, 1, 3, 4, 5, 6]  # 2 is a low outlier
+    assert S.gland_voters(scores, select=True, top_k=3) == [0, 4, 6]
+    assert S.gland_voters(scores, select=False, top_k=None) == list(range(7))
+    assert S.gland_voters({0: 0.5, 1: 0.5, 2: 0.5}, top_k=2) == [0, 1]  # ties: the lower index
+
+
+def test_fusion_per_gland():
+    assert S.fusion_per_gland("auto") == S.AUTO_FUSION
+    assert set(S.fusion_per_gland("jlf").values()) == {"jlf"}
+    mixed = S.fusion_per_gland({"lacrimal": "jlf"})
+    assert mixed["lacrimal"] == "jlf" and mixed["parotid"] == S.AUTO_FUSION["parotid"]
+    with pytest.raises(ValueError, match="fusion must be"):
+        S.fusion_per_gland("staple")
+    with pytest.raises(ValueError, match="unknown gland 'thyroid'"):
+        S.fusion_per_gland({"thyroid": "jlf"})
+    with pytest.raises(ValueError, match="parotid: method must be"):
+        S.fusion_per_gland({"parotid": "vote"})
