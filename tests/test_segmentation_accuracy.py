@@ -16,7 +16,8 @@ functions run with the workflow's own schedules (no test-only settings):
   real, sublingual and tubarial are synthesised in the phantom) is computed and printed beside
   ours.
 
-CI budget: this file <= 6 min on 2 idle cores (ATLASES atlases per subject).
+CI budget: this file ~11 min on 2 idle cores (650 s measured in a clean-checkout `.ci/run` of 27.5 min;
+ATLASES atlases per subject, ~97 s of segmentation per subject with `fusion: auto`).
 """
 
 from __future__ import annotations
