@@ -95,6 +95,8 @@ PLAUSIBLE_VOLUME_ML: dict[str, tuple[float, float]] = {
 }
 #: a side smaller than this fraction of the other side of the same gland is flagged
 MIN_SIDE_RATIO = 0.4
+#: an atlas contour smaller than this fraction of the atlases' median for its gland does not vote
+MIN_FRACTION_OF_ATLAS_MEDIAN = 0.4
 
 
 def volume_warnings(volumes_ml: dict[str, float]) -> list[str]:
@@ -117,7 +119,7 @@ def volume_warnings(volumes_ml: dict[str, float]) -> list[str]:
     return out
 
 
-def volume_outliers(volumes_ml: list[dict[int, float]], min_fraction: float = MIN_SIDE_RATIO,
+def volume_outliers(volumes_ml: list[dict[int, float]], min_fraction: float = MIN_FRACTION_OF_ATLAS_MEDIAN,
                     min_atlases: int = 3) -> list[set[int]]:
     """Per atlas, the label values whose contour is a low outlier among the atlases: smaller than
     ``min_fraction`` of the median volume of the same gland (both sides of every atlas pooled),

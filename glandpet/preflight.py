@@ -189,7 +189,8 @@ def _atlas_problems(atlases: list[Mapping[str, str]], base: Path) -> list[Proble
     import nibabel as nib
     import numpy as np
 
-    from .glands import read_label_table, volume_warnings
+    from .glands import MIN_FRACTION_OF_ATLAS_MEDIAN, read_label_table, volume_warnings
+    from .segmentation import gland_volumes_ml
 
     out: list[Problem] = []
     for a in atlases:
@@ -211,19 +212,16 @@ def _atlas_problems(atlases: list[Mapping[str, str]], base: Path) -> list[Proble
             if c.shape[:3] != lab.shape[:3] or not np.allclose(c.affine, lab.affine, atol=1e-3):
                 out.append(Problem("", "", name, f"labels grid {lab.shape[:3]} differs from the CT grid {c.shape[:3]}"))
         try:
-            table = read_label_table(paths["label_table"])
+            read_label_table(paths["label_table"])
         except (ValueError, OSError, KeyError) as exc:
             out.append(Problem("", "", name, f"label table: {exc}"))
             continue
         if "labels" in imgs and not any(p.series == name for p in out):
             # contour volumes (the label voxels are read: a few MB per atlas)
-            lab = imgs["labels"]
-            counts = np.bincount(np.asarray(lab.dataobj, dtype=np.int64).ravel().clip(0, 255), minlength=256)
-            vox_ml = float(abs(np.linalg.det(lab.affine[:3, :3]))) / 1000.0
-            vols = {t.name: float(counts[t.index]) * vox_ml for t in table if 0 < t.index < 256 and counts[t.index]}
+            vols = {g: ml for g, ml in gland_volumes_ml(paths["labels"], paths["label_table"]).items() if ml > 0}
             for msg in volume_warnings(vols):
-                out.append(Problem("", "", name, f"{msg} (a contour under 40 % of the atlases' median for that "
-                                                 "gland does not vote on it)", WARNING))
+                out.append(Problem("", "", name, f"{msg} (a contour under {MIN_FRACTION_OF_ATLAS_MEDIAN:.0%} of the "
+                                                 "atlases' median for that gland does not vote on it)", WARNING))
     return out
 
 

@@ -575,7 +575,8 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv, fus
                 fr = _fuse_jlf(fix, out_ref, ct_fix, lab_fix, r_holds, voters, by_jlf, tmp)
             if by_vote:
                 fv = majority_vote(lab_o, r_holds, by_vote, weights=weights, voters=voters)
-                fr[(fr == 0) & (fv > 0)] = fv[(fr == 0) & (fv > 0)]
+                free = (fr == 0) & (fv > 0)
+                fr[free] = fv[free]
             sl = tuple(slice(a, b + 1) for a, b in zip(out_lo, out_hi))
             view = fused[sl]
             put = (fr > 0) & (view == 0)

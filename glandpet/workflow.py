@@ -603,12 +603,12 @@ def segment_glands(inputs: Any, output: Any, session: str, atlases: list[Mapping
 
     set_threads(threads)
     if "atlases" in inputs.keys():
-        from .segmentation import segment_subject
+        from .segmentation import ATLASES_PER_GLAND, segment_subject
 
         refine = {gland: {"hu": list(window)} for gland, window in (refine_hu or {}).items()} or None
         metrics = segment_subject(inputs.ct, [dict(a) for a in atlases], output.dseg, output.table, fusion=fusion,
                                   threads=threads, refine=refine,
-                                  **({} if atlases_per_gland is None else {"atlases_per_gland": atlases_per_gland}))
+                                  atlases_per_gland=ATLASES_PER_GLAND if atlases_per_gland is None else atlases_per_gland)
         message = None
         missing = metrics.get("labels_absent")
         if missing:
