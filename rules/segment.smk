@@ -24,5 +24,6 @@ rule segment_glands:
         fusion=config["segmentation"]["fusion"],
         refine_hu=config["segmentation"].get("refine_hu", {}),
         atlases_per_gland=config["segmentation"].get("atlases_per_gland", 5),
+        preserve_volume=config["segmentation"].get("preserve_volume", True),
     script:
         "../scripts/segment_glands.py"

@@ -50,6 +50,59 @@ def test_majority_vote_union_of_gland_subsets():
     assert out.tolist() == [1, 7, 7, 0]  # a is the only holder of 7
 
 
+def _ball(shape, centre, r):
+    g = np.indices(shape).astype(float)
+    return ((g - np.array(centre, float)[:, None, None, None]) ** 2).sum(0) <= r * r
+
+
+def test_shape_average_fusion_keeps_the_consensus_volume_and_position():
+    """Three copies of a small ball, 4 voxels apart: the vote keeps only their overlap (far below
+    the ball's volume); shape-based averaging keeps the volume, centred on the mean position."""
+    shp, r = (40, 40, 40), 4.0
+    centres = [(20, 16, 20), (20, 20, 20), (20, 24, 20)]
+    maps = [np.where(_ball(shp, c, r), 5, 0).astype(np.uint8) for c in centres]
+    vol = int((maps[0] == 5).sum())
+    vote = S.majority_vote(maps, [{5}] * 3, [5])
+    sba = S.shape_average_fusion(maps, [{5}] * 3, [5], (1.0, 1.0, 1.0))
+    assert (vote == 5).sum() < 0.8 * vol
+    assert (sba == 5).sum() == vol
+    assert np.allclose(np.argwhere(sba == 5).mean(0), (20, 20, 20), atol=0.1)  # ties at the rim: by position
+    # the mean shape (elongated along the offsets) is closer to the middle ball than the overlap
+    assert dice(sba == 5, maps[1] == 5) > max(0.9, dice(vote == 5, maps[1] == 5))
+    # the weights pull the shape towards the more similar atlas
+    w = [{5: 0.1}, {5: 0.1}, {5: 10.0}]
+    sbw = S.shape_average_fusion(maps, [{5}] * 3, [5], (1.0, 1.0, 1.0), weights=w)
+    assert np.argwhere(sbw == 5).mean(0)[1] > 22
+    # anisotropic voxels: the volume is still the median voter volume in voxels
+    sb2 = S.shape_average_fusion(maps, [{5}] * 3, [5], (1.0, 1.0, 3.0))
+    assert (sb2 == 5).sum() == vol
+
+
+def test_shape_average_fusion_voters_holders_and_overlap():
+    shp = (30, 30, 30)
+    a = np.zeros(shp, np.uint8)
+    a[_ball(shp, (10, 15, 15), 4)] = 1
+    a[_ball(shp, (17, 15, 15), 4)] = 2
+    b = a.copy()
+    c = np.zeros(shp, np.uint8)
+    c[_ball(shp, (10, 15, 15), 6)] = 1  # c lacks label 2 and is not allowed to vote on 1
+    out = S.shape_average_fusion([a, b, c], [{1, 2}, {1, 2}, {1}], [1, 2], (1, 1, 1), voters={1: [0, 1], 2: [0, 1, 2]})
+    assert np.array_equal(out == 1, a == 1) and np.array_equal(out == 2, a == 2)
+    # labels never share a voxel; a voxel both claim goes to the one it lies deeper in
+    a2 = np.zeros(shp, np.uint8)
+    a2[_ball(shp, (12, 15, 15), 4)] = 2
+    out = S.shape_average_fusion([a, a2], [{1}, {2}], [1, 2], (1, 1, 1))
+    assert set(np.unique(out)) == {0, 1, 2}
+    assert out[10, 15, 15] == 1 and out[12, 15, 15] == 2
+    assert (S.shape_average_fusion([a], [{1}], [7], (1, 1, 1)) == 0).all()  # nobody holds 7
+
+
+def test_top_voxels():
+    s = np.array([[0.1, 0.5], [0.9, 0.5]])
+    assert S._top_voxels(s, 1).tolist() == [[False, False], [True, False]]
+    assert S._top_voxels(s, 0).sum() == 0 and S._top_voxels(s, 9).sum() == 4
+
+
 def test_select_atlases_drops_low_outlier():
     assert sorted(S.select_atlases({"a": 0.90, "b": 0.88, "c": 0.40})) == ["a", "b"]
     assert sorted(S.select_atlases({"a": 0.90, "b": 0.88, "c": 0.87})) == ["a", "b", "c"]
@@ -199,3 +252,28 @@ def test_fusion_per_gland():
         S.fusion_per_gland({"thyroid": "jlf"})
     with pytest.raises(ValueError, match="parotid: method must be"):
         S.fusion_per_gland({"parotid": "vote"})
+
+
+def test_jlf_fusion_grows_a_small_gland_to_its_minimum(tmp_path):
+    """JLF's arg-max keeps the overlap of misplaced atlases; with ``min_voxels`` the gland grows
+    into the free voxels of highest probability up to that count (never beyond, never shrinks)."""
+    ants = S._ants()
+    shp = (32, 32, 32)
+    rng = np.random.default_rng(0)
+
+    def ct_of(mask):
+        return (np.where(mask, 40.0, -100.0) + rng.normal(0, 5, shp)).astype(np.float32)
+
+    fix = ants.from_numpy(ct_of(_ball(shp, (16, 16, 16), 4)), spacing=(2.0, 2.0, 2.0))
+    # three atlases whose gland lies 5 voxels off the subject's, in different directions
+    balls = [_ball(shp, (16, 11, 16), 4), _ball(shp, (16, 21, 16), 4), _ball(shp, (11, 16, 16), 4)]
+    cts = [ct_of(b) for b in balls]
+    labs = [np.where(b, 3, 0).astype(np.uint8) for b in balls]
+    args = (fix, fix, cts, labs, [{3}] * 3, {3: [0, 1, 2]}, [3], str(tmp_path))
+    plain = S._fuse_jlf(*args)
+    n = int(balls[0].sum())
+    assert 0 < (plain == 3).sum() < 0.8 * n
+    grown = S._fuse_jlf(*args, min_voxels={3: n})
+    assert (grown == 3).sum() == n
+    assert ((plain == 3) <= (grown == 3)).all()
+    assert (S._fuse_jlf(*args, min_voxels={3: 5}) == 3).sum() == (plain == 3).sum()
