@@ -195,6 +195,7 @@ segmentation:
   refine_hu: {{}}             # e.g. {{parotid: [-120, 80]}}
   atlases_per_gland: 5      # per gland the most similar atlases vote (0: all)
   preserve_volume: true     # small glands keep their atlases' median volume (false: plain vote / JLF)
+  refine_intensity: true    # fused boundaries move by the subject's own CT numbers (within 4 mm)
 
 # Partial-volume correction: gtm | rbv | none; PET point-spread FWHM per session: a number (mm) or
 # auto (from the PET sidecar: the scanner's resolution, the nuclide's positron range, the post-filter).

@@ -596,7 +596,7 @@ def cohort_figures(inputs: Any, output: Any) -> None:
 
 def segment_glands(inputs: Any, output: Any, session: str, atlases: list[Mapping[str, str]], fusion: str,
                    refine_hu: Mapping[str, Any], threads: int = 1, atlases_per_gland: int | None = None,
-                   preserve_volume: bool = True) -> None:
+                   preserve_volume: bool = True, refine_intensity: bool = True) -> None:
     """Gland labels in one session's CT space: multi-atlas segmentation on the reference session,
     the session transform (inverse, generic-label interpolation) for the other one."""
 
@@ -610,7 +610,7 @@ def segment_glands(inputs: Any, output: Any, session: str, atlases: list[Mapping
         metrics = segment_subject(inputs.ct, [dict(a) for a in atlases], output.dseg, output.table, fusion=fusion,
                                   threads=threads, refine=refine,
                                   atlases_per_gland=ATLASES_PER_GLAND if atlases_per_gland is None else atlases_per_gland,
-                                  preserve_volume=preserve_volume)
+                                  preserve_volume=preserve_volume, refine_intensity=refine_intensity)
         message = None
         missing = metrics.get("labels_absent")
         if missing:

@@ -25,5 +25,6 @@ rule segment_glands:
         refine_hu=config["segmentation"].get("refine_hu", {}),
         atlases_per_gland=config["segmentation"].get("atlases_per_gland", 5),
         preserve_volume=config["segmentation"].get("preserve_volume", True),
+        refine_intensity=config["segmentation"].get("refine_intensity", True),
     script:
         "../scripts/segment_glands.py"

@@ -277,3 +277,65 @@ def test_jlf_fusion_grows_a_small_gland_to_its_minimum(tmp_path):
     assert (grown == 3).sum() == n
     assert ((plain == 3) <= (grown == 3)).all()
     assert (S._fuse_jlf(*args, min_voxels={3: 5}) == 3).sum() == (plain == 3).sum()
+
+
+# ------------------------------------------------------------------ intensity refinement (unit)
+def _ellipsoid(shape, centre, radii, sp):
+    g = np.indices(shape).astype(float) * np.asarray(sp, float)[:, None, None, None]
+    c = np.asarray(centre, float)[:, None, None, None]
+    r = np.asarray(radii, float)[:, None, None, None]
+    return (((g - c) / r) ** 2).sum(0) <= 1.0
+
+
+def _gland_scene(gland_hu, around_hu, noise=10.0, seed=0):
+    """A 1 x 1 x 3 mm CT: an ellipsoidal gland (label 1) in a tissue, a second gland (label 2)
+    beside it; the 'fused' label 1 is the true one shifted by 3 mm."""
+    sp = (1.0, 1.0, 3.0)
+    shp = (64, 64, 20)
+    truth = np.zeros(shp, np.uint8)
+    truth[_ellipsoid(shp, (30, 32, 30), (12, 9, 15), sp)] = 1
+    truth[_ellipsoid(shp, (50, 32, 30), (5, 5, 9), sp) & (truth == 0)] = 2
+    rng = np.random.default_rng(seed)
+    ct = np.where(truth > 0, gland_hu, around_hu) + rng.normal(0, noise, shp)
+    fused = np.zeros(shp, np.uint8)
+    fused[3:][truth[:-3] == 1] = 1
+    fused[truth == 2] = 2
+    return truth, ct.astype(np.float32), fused, sp
+
+
+def test_intensity_refine_moves_a_misplaced_boundary_by_the_ct():
+    truth, ct, fused, sp = _gland_scene(gland_hu=10.0, around_hu=-100.0)  # parotid in fat
+    before = dice(fused == 1, truth == 1)
+    out, info = S.intensity_refine(fused, ct, sp)
+    after = dice(out == 1, truth == 1)
+    assert after > before + 0.05 and after > 0.93, (before, after)
+    assert info["parotid_left"]["gland_hu_median"] == pytest.approx(10.0, abs=5)
+    # the other gland keeps every voxel it had; nothing outside the labels appears
+    assert np.array_equal(out == 2, fused == 2)
+    assert set(np.unique(out).tolist()) <= {0, 1, 2}
+
+
+def test_intensity_refine_uses_weak_contrast():
+    """A submandibular-like gland (42 HU) in muscle (52 HU), CT noise 10 HU: the boundary still
+    moves the right way."""
+    truth, ct, fused, sp = _gland_scene(gland_hu=42.0, around_hu=52.0)
+    out, _ = S.intensity_refine(fused, ct, sp)
+    assert dice(out == 1, truth == 1) > dice(fused == 1, truth == 1) + 0.03
+
+
+def test_intensity_refine_leaves_the_boundary_where_the_ct_shows_none():
+    truth, ct, fused, sp = _gland_scene(gland_hu=45.0, around_hu=45.0)  # no contrast at all
+    out, _ = S.intensity_refine(fused, ct, sp)
+    assert dice(out == 1, fused == 1) > 0.95
+    assert abs(int((out == 1).sum()) - int((fused == 1).sum())) < 0.1 * (fused == 1).sum()
+
+
+def test_intensity_refine_skips_thin_glands():
+    sp = (1.0, 1.0, 3.0)
+    shp = (40, 40, 12)
+    fused = np.zeros(shp, np.uint8)
+    fused[10:30, 18:21, 3:9] = 9  # a 3 mm thick layer (a tubarial gland)
+    ct = np.where(fused > 0, 45.0, 55.0).astype(np.float32)
+    out, info = S.intensity_refine(fused, ct, sp)
+    assert np.array_equal(out, fused)
+    assert "thin" in info[S.LABEL_BY_INDEX[9].name]["skipped"]

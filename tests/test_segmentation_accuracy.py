@@ -183,17 +183,29 @@ def test_session_alignment_inside_glands(run):
     assert df["mean_mm"].median() <= SESSION_LIMIT_MM, df
 
 
+#: glands whose target the pipeline does not reach yet (issue 4 open); measured medians with 3
+#: atlases (fusion auto, volume preservation, intensity refinement): submandibular 0.64, lacrimal
+#: 0.51, tubarial 0.52 (human inter-observer: submandibular 0.87, lacrimal 0.71). Strict: the day
+#: one reaches its target its XPASS fails and it must leave this list.
+BELOW_TARGET = {"submandibular", "lacrimal", "tubarial"}
+
+
 @needs_data
-@pytest.mark.xfail(strict=True, reason="issue 4 open: atlas Dice on real anatomy below the targets (measured medians "
-                   "parotid 0.84, submandibular 0.61-0.62, sublingual 0.61, lacrimal 0.51, tubarial 0.52 with 3 atlases, "
-                   "fusion auto, volume-preserving; "
-                   "human inter-observer 0.84/0.87/-/0.71/-). Strict: the day the targets hold, this XPASS fails "
-                   "and the marker must go.")
-def test_segmentation_dice_against_targets_and_humans(run, human):
-    """The issue's targets, not loosened: the message states targets, ours and the humans'."""
+def test_segmentation_dice_table_is_complete(run, human):
     tab = _table(run, human)
     assert len(run["dice"]["subject_id"].unique()) >= 4
     assert set(human["gland"]) == set(HUMAN), "inter-observer Dice must be computed for every real gland"
-    short = tab[tab["ours_median"] < tab["target"]]
-    assert short.empty, ("median Dice below the issue's targets (ours vs target vs human inter-observer):\n"
-                         + short.round(3).to_string())
+    assert tab["ours_median"].notna().all(), tab
+
+
+@needs_data
+@pytest.mark.parametrize("gland", [
+    pytest.param(g, marks=pytest.mark.xfail(strict=True, reason=f"issue 4 open: {g} Dice below its target"))
+    if g in BELOW_TARGET else g for g in TARGETS])
+def test_segmentation_dice_reaches_target(run, human, gland):
+    """The issue's targets, not loosened: the message states the target, ours and the humans'."""
+    tab = _table(run, human)
+    row = tab.loc[gland]
+    assert row["ours_median"] >= row["target"], (
+        f"{gland}: median Dice {row['ours_median']:.3f} below the issue's target {row['target']:.2f} "
+        f"(human inter-observer {row['human_median']:.3f})")
