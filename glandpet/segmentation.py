@@ -33,7 +33,9 @@ Pipeline of :func:`segment_subject` (one subject CT, N atlases):
    median volume, :func:`shape_average_fusion`) or ``jlf`` (ANTs joint label fusion, background
    included as a label so it cannot fill its search region; a gland under
    :data:`SMALL_GLAND_ML` is then grown to its voters' median volume along its probability).
-7. Optional CT refinement per gland (HU window inside a dilated fused label).
+7. Intensity refinement (default, :func:`intensity_refine`): each fused gland's boundary moves,
+   within a few millimetres, by the subject's own CT numbers of the gland against its surroundings.
+   Optional CT refinement per gland (fixed HU window inside a dilated fused label).
 
 Labels of glands that no atlas holds are absent from the output and listed in the metrics.
 """
@@ -473,9 +475,9 @@ def intensity_refine(dseg: np.ndarray, ct: np.ndarray, spacing, labels: list[int
 
     Prior: the fused label, its boundary uncertain by :data:`REFINE_PRIOR_MM` (logistic in the
     signed distance). Likelihoods, learnt from this subject and gland, no fixed HU window: the
-    gland's CT numbers (its core, voxels deeper than :data:`REFINE_CORE_MM`) against its
-    surroundings' (the shell 2-6 mm outside), both as smoothed histograms (:func:`_hu_density`). Within
-    :data:`REFINE_BAND_MM` of the boundary a voxel is gland when the posterior exceeds 1/2; it
+    gland's CT numbers (a robust normal from its core, the voxels deeper than
+    :data:`REFINE_CORE_MM`) against its surroundings' (a kernel density of the shell 2-6 mm
+    outside, :func:`_hu_density`). Within :data:`REFINE_BAND_MM` of the boundary a voxel is gland when the posterior exceeds 1/2; it
     never takes another gland's voxel; only parts connected to the core are kept, holes filled.
     Where the CT cannot tell the gland from its surroundings the likelihood ratio is ~1 and the
     fused boundary stays. Skipped (reported) for a gland whose core holds under
@@ -509,12 +511,11 @@ def intensity_refine(dseg: np.ndarray, ct: np.ndarray, spacing, labels: list[int
         shell = (sd > 2.0) & (sd < 6.0) & ~others
         g = h[core]
         mu = float(np.median(g))
-        sigma = 1.4826 * float(np.median(np.abs(g - mu)))
+        sigma = max(1.4826 * float(np.median(np.abs(g - mu))), 1.0)
         # the gland: one tissue, a robust normal (fat lobules at its edge count as outside; inside
         # it the hole filling keeps them); its surroundings: any mixture, a kernel density whose
         # width (Silverman's rule on the core) is small beside the spread, so that equal CT
         # numbers inside and around give a likelihood ratio of ~1 and leave the boundary alone
-        sigma = max(sigma, 1.0)
         log_gl = -0.5 * ((h - mu) / sigma) ** 2 - np.log(sigma * np.sqrt(2 * np.pi))
         at = np.clip(np.floor(h - bins[0]).astype(int), 0, len(bins) - 2)
         log_bg = np.log(_hu_density(h[shell], bins, 0.9 * sigma * g.size ** -0.2))[at]
@@ -816,6 +817,7 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv, fus
     return {
         "fusion": {g: m for g, m in method_of.items() if any(lab.gland == g for lab in present)},
         "preserve_volume": bool(preserve_volume),
+        "refine_intensity": bool(refine_intensity),
         "n_atlases": len(atlases),
         "atlases": per_atlas,
         "regions": region_info,
