@@ -317,6 +317,11 @@ def majority_vote(label_maps: list[np.ndarray], holds: list[set[int]], labels: l
     return best
 
 
+def _signed_distance_mm(mask: np.ndarray, spacing) -> np.ndarray:
+    """Signed distance (mm) to the mask's boundary: negative inside, positive outside."""
+    return ndi.distance_transform_edt(~mask, sampling=spacing) - ndi.distance_transform_edt(mask, sampling=spacing)
+
+
 def _top_voxels(score: np.ndarray, n: int) -> np.ndarray:
     """Bool mask of the ``n`` voxels with the highest ``score`` (ties broken by position)."""
     out = np.zeros(score.shape, bool)
@@ -361,7 +366,7 @@ def shape_average_fusion(label_maps: list[np.ndarray], holds: list[set[int]], la
         for a in vs:
             m = label_maps[a][sl] == L
             w = float(weights[a].get(L, 1.0)) if weights else 1.0
-            dsum += w * (ndi.distance_transform_edt(~m, sampling=sp) - ndi.distance_transform_edt(m, sampling=sp))
+            dsum += w * _signed_distance_mm(m, sp)
             wtot += w
             vols.append(int(m.sum()))
         mean_d = dsum / wtot
@@ -505,7 +510,7 @@ def intensity_refine(dseg: np.ndarray, ct: np.ndarray, spacing, labels: list[int
         lo, hi = np.maximum(idx.min(0) - pad, 0), np.minimum(idx.max(0) + pad + 1, np.array(m.shape))
         sl = tuple(slice(a, b) for a, b in zip(lo, hi))
         f, h, others = m[sl], ctf[sl], (out[sl] != 0) & ~m[sl]
-        sd = ndi.distance_transform_edt(~f, sampling=sp) - ndi.distance_transform_edt(f, sampling=sp)
+        sd = _signed_distance_mm(f, sp)
         core = sd < -REFINE_CORE_MM
         if core.sum() < max(20, REFINE_MIN_CORE_FRACTION * n0):
             info[name] = {"skipped": "thin: core under a third of the gland", "voxels_before": n0, "voxels_after": n0}
