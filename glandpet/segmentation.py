@@ -78,6 +78,9 @@ ATLAS_SYN = dict(
     shrink=(2, 1), smooth_vox=(1, 0), convergence=(1e-6, 10),
 )
 ATLAS_STAGES = [ATLAS_RIGID, ATLAS_AFFINE, ATLAS_SYN]
+#: stage A runs as two calls: the linear stages for every atlas, then (for the atlases preselected
+#: by some region, :func:`preselect_atlases`) the SyN, started from that affine.
+ATLAS_LINEAR_STAGES = [ATLAS_RIGID, ATLAS_AFFINE]
 
 #: stage B grid and schedules, started from stage A (the stage-A-warped atlas CT on the region's
 #: 2 mm grid). The deformable part is SyN with the local cross-correlation metric (CT to CT: same
@@ -142,6 +145,12 @@ SCORE_DILATE_MM = 6.0
 #: lacrimal 0.432 -> 0.480, tubarial 0.333 -> 0.450 (top 3: 0.767 / 0.522 / 0.440 / 0.468 / 0.473).
 #: With 5 atlases or fewer it changes nothing.
 ATLASES_PER_GLAND = 5
+#: with a larger atlas library, per region only this many atlases -- the most similar to the
+#: subject after the affine stage -- get the deformable stages (SyN of stage A, stage B), which
+#: cost ~4/5 of an atlas's time (0: every atlas). See :func:`preselect_atlases`.
+ATLASES_PER_REGION = 0
+#: preselection scores an atlas within this distance of the region's glands (after the affine stage)
+PRESELECT_DILATE_MM = SCORE_DILATE_MM
 
 #: label fusion per gland for ``fusion="auto"`` (the default). Joint label fusion weighs each
 #: atlas voxel by how well the intensity patch around it matches the subject, so it uses the weak
@@ -272,7 +281,53 @@ def gland_voters(scores: dict[int, float], select: bool = True, top_k: int | Non
     return sorted(keep)
 
 
+def preselect_atlases(subject: np.ndarray, warped_cts: list[np.ndarray], warped_labels: list[np.ndarray],
+                      holds: list[set[int]], region_labels: dict[str, list[int]], spacing, k: int | None,
+                      dilate_mm: float = SCORE_DILATE_MM) -> tuple[dict[str, list[int]], dict[str, dict[int, float]]]:
+    """Per region, the atlases that get the deformable registration (atlas preselection).
+
+    ``subject``, ``warped_cts[a]``, ``warped_labels[a]``: the subject CT and each atlas's CT and
+    labels after the affine stage, on one grid of ``spacing`` (mm). Per region, every atlas holding
+    one of its labels is scored by the local NCC within ``dilate_mm`` of the union of
+    their warped labels of the region; for each label of the region its ``k`` best-scoring holders
+    are kept (so a gland few atlases hold is not lost), the region keeping the union of those.
+    ``k`` None or 0, or no more holders than ``k``: every holder. Returns ``(region -> atlas
+    indices, region -> {atlas: score})``; regions no atlas holds are left out."""
+    chosen: dict[str, list[int]] = {}
+    scores: dict[str, dict[int, float]] = {}
+    sp = np.asarray(spacing, float)
+    for rname, labels in region_labels.items():
+        holders = [a for a in range(len(holds)) if any(L in holds[a] for L in labels)]
+        if not holders:
+            continue
+        if not k or len(holders) <= k:
+            chosen[rname] = holders
+            continue
+        union = np.zeros(subject.shape, bool)
+        for a in holders:
+            union |= np.isin(warped_labels[a], labels)
+        around = ndi.binary_dilation(union, iterations=max(1, int(round(dilate_mm / sp.min())))) \
+            if union.any() else np.ones(subject.shape, bool)
+        sc = {a: local_ncc(subject, warped_cts[a], around) for a in holders}
+        ranked = sorted(holders, key=lambda a: (-sc[a], a))
+        keep: set[int] = set()
+        for L in labels:
+            keep |= set([a for a in ranked if L in holds[a]][:k])
+        chosen[rname] = sorted(keep)
+        scores[rname] = sc
+    return chosen, scores
+
+
 # ------------------------------------------------------------------ fusion
+def _voters_of(label: int, holds: list[set[int]], voters: dict[int, list[int]] | None) -> list[int]:
+    """The atlases that vote on ``label``: ``voters[label]`` if given (atlas selection), else every
+    atlas holding it; an atlas that does not hold the label never votes on it."""
+    vs = voters.get(label) if voters else None
+    if vs is None:
+        vs = range(len(holds))
+    return [a for a in vs if label in holds[a]]
+
+
 def majority_vote(label_maps: list[np.ndarray], holds: list[set[int]], labels: list[int],
                   weights: list[dict[int, float]] | None = None,
                   voters: dict[int, list[int]] | None = None) -> np.ndarray:
@@ -291,10 +346,7 @@ def majority_vote(label_maps: list[np.ndarray], holds: list[set[int]], labels: l
     best = np.zeros(shp, np.uint8)
     best_score = np.zeros(shp, np.float32)
     for L in sorted(labels):
-        vs = voters.get(L) if voters else None
-        if vs is None:
-            vs = [a for a in range(len(label_maps)) if L in holds[a]]
-        vs = [a for a in vs if L in holds[a]]
+        vs = _voters_of(L, holds, voters)
         if not vs:
             continue
         n = len(vs)
@@ -349,10 +401,7 @@ def shape_average_fusion(label_maps: list[np.ndarray], holds: list[set[int]], la
     best = np.zeros(shp, np.uint8)
     best_d = np.full(shp, np.inf, np.float32)
     for L in sorted(labels):
-        vs = voters.get(L) if voters else None
-        if vs is None:
-            vs = [a for a in range(len(label_maps)) if L in holds[a]]
-        vs = [a for a in vs if L in holds[a] and (label_maps[a] == L).any()]
+        vs = [a for a in _voters_of(L, holds, voters) if (label_maps[a] == L).any()]
         if not vs:
             continue
         union = np.zeros(shp, bool)
@@ -593,7 +642,8 @@ def _region_plan(regions: dict, all_labels: set[int]) -> list[tuple[str, list[in
 def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv, fusion="auto",
                     threads: int = 1, refine: dict | bool | None = None, *, spacing_mm: float = ATLAS_SPACING_MM,
                     region_spacing_mm: float = REGION_SPACING_MM, regions: dict | None = None, select: bool = True,
-                    atlases_per_gland: int | None = ATLASES_PER_GLAND, preserve_volume: bool = True,
+                    atlases_per_gland: int | None = ATLASES_PER_GLAND,
+                    atlases_per_region: int | None = ATLASES_PER_REGION, preserve_volume: bool = True,
                     refine_intensity: bool = True,
                     workdir: str | None = None, verbose: bool = False) -> dict:
     """Segment the glands in one subject CT with a multi-atlas registration and label fusion.
@@ -606,7 +656,9 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv, fus
     stage-B regions (default :data:`REGIONS`; ``{}`` disables stage B: every gland keeps its
     stage-A transform). ``select``: per-gland atlas selection (low outliers of the local similarity
     dropped); ``atlases_per_gland``: then at most this many atlases, the most similar, vote on a
-    gland (None or 0: all). ``preserve_volume``: glands fused by vote use volume-preserving
+    gland (None or 0: all). ``atlases_per_region``: per region only this many atlases, the most
+    similar after the affine stage, get the deformable stages (:func:`preselect_atlases`; None or
+    0: all). ``preserve_volume``: glands fused by vote use volume-preserving
     shape-based averaging (:func:`shape_average_fusion`) and JLF-fused glands smaller than
     :data:`SMALL_GLAND_ML` are not left smaller than their voters' median volume; False: plain
     majority vote and JLF arg-max. ``refine_intensity``: each fused gland's boundary then moves by
@@ -640,9 +692,12 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv, fus
         subj_glob = reg.resample_iso(subj_out, spacing_mm)
         timing["prepare"] = time.perf_counter() - t
 
-        # ---- stage A: every atlas to the whole head-and-neck crop (rigid -> affine)
+        # ---- stage A: every atlas to the whole head-and-neck crop (rigid -> affine -> SyN; with
+        # preselection the SyN runs afterwards, for the atlases preselected by some region only)
         t = time.perf_counter()
+        preselect = bool(atlases_per_region) and len(atlases) > atlases_per_region
         names, holds, a_cts, a_labs, fwdA, la_glob, per_atlas, a_vols = [], [], [], [], [], [], {}, []
+        a_preps, warped_affine = [], []
         for i, atlas in enumerate(atlases):
             ta = time.perf_counter()
             name, a_ct, a_lab, a_holds, vols = _load_atlas(atlas)
@@ -651,16 +706,19 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv, fus
             a_ct = reg.crop(a_ct, alo, ahi)
             a_lab = reg.crop(a_lab, alo, ahi)
             a_prep = reg.resample_iso(a_ct, spacing_mm)
-            ra = reg.register_ct_to_ct(subj_glob, a_prep, os.path.join(tmp, f"a{i}_"), ATLAS_STAGES, verbose=verbose)
+            ra = reg.register_ct_to_ct(subj_glob, a_prep, os.path.join(tmp, f"a{i}_"),
+                                       ATLAS_LINEAR_STAGES if preselect else ATLAS_STAGES, verbose=verbose)
             names.append(name)
             holds.append(a_holds)
             a_cts.append(a_ct)
             a_labs.append(a_lab)
+            if preselect:
+                a_preps.append(a_prep)
+                warped_affine.append(ra["warped"].numpy())
             fwdA.append(ra["fwdtransforms"])
             la_glob.append(_warp_labels(subj_glob, a_lab, ra["fwdtransforms"]))
             per_atlas[name] = {"seconds_stage_a": time.perf_counter() - ta, "seconds_stage_b": 0.0,
                                "labels_held": sorted(a_holds), "regions": {}}
-        timing["register_global"] = time.perf_counter() - t
 
         # an atlas whose contour of a gland is a low volume outlier (truncated) does not vote on it
         for a, bad in enumerate(volume_outliers(a_vols)):
@@ -669,6 +727,24 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv, fus
                 per_atlas[names[a]]["excluded_small_contour"] = sorted(LABEL_BY_INDEX[L].name for L in bad)
         all_labels = set().union(*holds)
         plan = _region_plan(regions, all_labels)
+        chosen, pre_scores = preselect_atlases(subj_glob.numpy(), warped_affine, la_glob, holds,
+                                               {rname: rl for rname, rl, _, _ in plan}, subj_glob.spacing,
+                                               atlases_per_region if preselect else 0, PRESELECT_DILATE_MM)
+        del warped_affine
+        for rname, sc in pre_scores.items():
+            for a, v in sc.items():
+                per_atlas[names[a]].setdefault("preselect_ncc", {})[rname] = round(v, 4)
+        for a in range(len(names)):
+            per_atlas[names[a]]["preselected_for"] = [r for r, vs in chosen.items() if a in vs]
+            if not preselect or not per_atlas[names[a]]["preselected_for"]:
+                continue
+            ta = time.perf_counter()
+            rs = reg.run_registration(subj_glob, a_preps[a], [ATLAS_SYN], os.path.join(tmp, f"a{a}_syn_"),
+                                      initial=fwdA[a], verbose=verbose)
+            fwdA[a] = rs["fwdtransforms"]
+            la_glob[a] = _warp_labels(subj_glob, a_labs[a], fwdA[a])
+            per_atlas[names[a]]["seconds_stage_a"] += time.perf_counter() - ta
+        timing["register_global"] = time.perf_counter() - t
         fused = np.zeros(subj_out.shape, np.uint8)
         timing.update({"register_regions": 0.0, "select": 0.0, "fuse": 0.0})
         per_atlas_out = [np.zeros(subj_out.shape, np.uint8) for _ in names] if workdir else None
@@ -680,7 +756,7 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv, fus
             else:
                 # the region: the union over atlases of the stage-A positions of its glands, + margin
                 msk = np.zeros(subj_glob.shape, bool)
-                for a in range(len(names)):
+                for a in chosen.get(rname, []):
                     msk |= np.isin(la_glob[a], rlabels)
                 if msk.sum() < 2:
                     continue
@@ -691,9 +767,7 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv, fus
             out_ref = reg.crop(subj_out, out_lo, out_hi)
             fix_np = fix.numpy()
             lab_fix, lab_o, ct_fix, vs = [], [], [], []
-            for a in range(len(names)):
-                if not any(L in holds[a] for L in rlabels):
-                    continue
+            for a in chosen.get(rname, []):
                 tb = time.perf_counter()
                 if stages and len(fwdA[a]) > 1:
                     # stage A has a warp: register the stage-A-warped atlas CT, compose B o A
@@ -859,7 +933,7 @@ def _fuse_jlf(fix, out_ref, ct_fix, lab_fix, holds, voters, labels, tmp, min_vox
     best_p = np.full(out_ref.shape, 0.5, np.float32)  # a gland needs p > 0.5 against background
     probs = {}
     for L in labels:
-        vs = voters.get(L) or [k for k in range(len(lab_fix)) if L in holds[k]]
+        vs = _voters_of(L, holds, voters)
         cand = np.zeros(fix.shape, bool)
         for k in vs:
             cand |= lab_fix[k] == L

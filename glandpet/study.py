@@ -194,6 +194,8 @@ segmentation:
   fusion: auto
   refine_hu: {{}}             # e.g. {{parotid: [-120, 80]}}
   atlases_per_gland: 5      # per gland the most similar atlases vote (0: all)
+  atlases_per_region: 0     # large atlas libraries: per region only the K most similar after the affine
+                            # stage get the deformable stages (0: all)
   preserve_volume: true     # small glands keep their atlases' median volume (false: plain vote / JLF)
   refine_intensity: true    # fused boundaries move by the subject's own CT numbers (within 4 mm)
 

@@ -596,7 +596,7 @@ def cohort_figures(inputs: Any, output: Any) -> None:
 
 def segment_glands(inputs: Any, output: Any, session: str, atlases: list[Mapping[str, str]], fusion: str,
                    refine_hu: Mapping[str, Any], threads: int = 1, atlases_per_gland: int | None = None,
-                   preserve_volume: bool = True, refine_intensity: bool = True) -> None:
+                   atlases_per_region: int | None = None, preserve_volume: bool = True, refine_intensity: bool = True) -> None:
     """Gland labels in one session's CT space: multi-atlas segmentation on the reference session,
     the session transform (inverse, generic-label interpolation) for the other one."""
 
@@ -604,12 +604,13 @@ def segment_glands(inputs: Any, output: Any, session: str, atlases: list[Mapping
 
     set_threads(threads)
     if "atlases" in inputs.keys():
-        from .segmentation import ATLASES_PER_GLAND, segment_subject
+        from .segmentation import ATLASES_PER_GLAND, ATLASES_PER_REGION, segment_subject
 
         refine = {gland: {"hu": list(window)} for gland, window in (refine_hu or {}).items()} or None
         metrics = segment_subject(inputs.ct, [dict(a) for a in atlases], output.dseg, output.table, fusion=fusion,
                                   threads=threads, refine=refine,
                                   atlases_per_gland=ATLASES_PER_GLAND if atlases_per_gland is None else atlases_per_gland,
+                                  atlases_per_region=ATLASES_PER_REGION if atlases_per_region is None else atlases_per_region,
                                   preserve_volume=preserve_volume, refine_intensity=refine_intensity)
         message = None
         missing = metrics.get("labels_absent")

@@ -24,6 +24,7 @@ rule segment_glands:
         fusion=config["segmentation"]["fusion"],
         refine_hu=config["segmentation"].get("refine_hu", {}),
         atlases_per_gland=config["segmentation"].get("atlases_per_gland", 5),
+        atlases_per_region=config["segmentation"].get("atlases_per_region", 0),
         preserve_volume=config["segmentation"].get("preserve_volume", True),
         refine_intensity=config["segmentation"].get("refine_intensity", True),
     script:

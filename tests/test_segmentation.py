@@ -8,6 +8,7 @@ import csv
 
 import nibabel as nib
 import numpy as np
+import scipy.ndimage as ndi
 import pytest
 
 from glandpet import segmentation as S
@@ -158,13 +159,21 @@ def cohort(tmp_path_factory):
     return d, subj, truth, atlases
 
 
-@pytest.mark.parametrize("fusion", ["majority", "jlf"])
-def test_segment_subject_small(cohort, fusion):
+@pytest.mark.parametrize("fusion, per_region", [("majority", 0), ("jlf", 2)])
+def test_segment_subject_small(cohort, fusion, per_region):
+    """End to end on 3 small atlases; the JLF run also preselects 2 atlases per region for the
+    deformable stages (the lacrimal glands, which one atlas holds, keep that atlas)."""
     d, subj, truth, atlases = cohort
     out = d / f"dseg_{fusion}.nii.gz"
     tsv = d / f"dseg_{fusion}.tsv"
     m = S.segment_subject(subj, atlases, out, tsv, fusion=fusion, threads=2, spacing_mm=3.0,
-                          region_spacing_mm=3.0)
+                          region_spacing_mm=3.0, atlases_per_region=per_region)
+    if per_region:
+        assert {"orbit_left", "orbit_right"} <= set(m["atlases"]["a0"]["preselected_for"])
+        upper = [a for a in ("a0", "a1", "a2") if "upper" in m["atlases"][a]["preselected_for"]]
+        assert len(upper) == 2 and all("upper" in m["atlases"][a]["preselect_ncc"] for a in ("a0", "a1", "a2"))
+    else:
+        assert all("preselect_ncc" not in m["atlases"][a] for a in ("a0", "a1", "a2"))
     seg = np.asarray(nib.load(str(out)).dataobj)
     assert seg.shape == truth.shape
     assert set(np.unique(seg).tolist()) <= {0, 1, 2, 3, 4, 7, 8}
@@ -339,3 +348,28 @@ def test_intensity_refine_skips_thin_glands():
     out, info = S.intensity_refine(fused, ct, sp)
     assert np.array_equal(out, fused)
     assert "thin" in info[S.LABEL_BY_INDEX[9].name]["skipped"]
+
+
+def test_preselect_atlases_keeps_the_most_similar_per_region_and_every_gland():
+    """Per region the ``k`` atlases most similar to the subject (local NCC around the region's
+    glands after the affine stage) get the deformable stages; a gland that only a low-scoring
+    atlas holds still gets it; k 0 or no more holders than k: every holder."""
+    rng = np.random.default_rng(1)
+    shp = (24, 24, 24)
+    subject = ndi.gaussian_filter(rng.normal(size=shp), 1.5)
+    lab = np.zeros(shp, np.uint8)
+    lab[4:10, 4:10, 4:10] = 1  # region "a": labels 1, 2
+    lab[4:10, 14:20, 4:10] = 2
+    lab[14:20, 14:20, 14:20] = 3  # region "b": label 3
+    noise = [0.1, 2.0, 0.5, 1.0, 0.2]  # atlas 0 the most similar, then 4, 2, 3, 1
+    cts = [subject + s * ndi.gaussian_filter(rng.normal(size=shp), 1.5) for s in noise]
+    holds = [{1, 3}, {1, 2, 3}, {1, 3}, {1, 3}, {1, 3}]  # label 2: only atlas 1 (the worst)
+    regions = {"a": [1, 2], "b": [3]}
+    chosen, scores = S.preselect_atlases(subject, cts, [lab] * 5, holds, regions, (2.0, 2.0, 2.0), 2)
+    assert chosen["b"] == [0, 4]
+    assert chosen["a"] == [0, 1, 4]  # 0 and 4 for label 1, the only holder of label 2
+    assert max(scores["b"], key=scores["b"].get) == 0 and min(scores["b"], key=scores["b"].get) == 1
+    every, none_scored = S.preselect_atlases(subject, cts, [lab] * 5, holds, regions, (2.0, 2.0, 2.0), 0)
+    assert every == {"a": [0, 1, 2, 3, 4], "b": [0, 1, 2, 3, 4]} and none_scored == {}
+    few, _ = S.preselect_atlases(subject, cts[:2], [lab] * 2, holds[:2], {**regions, "c": [7]}, (2.0,) * 3, 2)
+    assert few == {"a": [0, 1], "b": [0, 1]}  # no more holders than k; nobody holds region c
