@@ -8,7 +8,9 @@ Pipeline of :func:`segment_subject` (one subject CT, N atlases):
    initialisation -> rigid -> affine -> SyN (Mattes MI) at the 8 and 4 mm levels, one
    ``antsRegistration`` call with explicit schedules. ANTsPy's ``SyN`` presets run a fixed
    2100x1200x1200 affine and ignore the affine iterations; driving the stages directly keeps the
-   schedule under control.
+   schedule under control. With a large atlas library (``atlases_per_region``) the linear stages
+   run for every atlas first; per region only the atlases most similar to the subject after them
+   (:func:`preselect_atlases`) go on to the SyN and to stage B.
 3. Stage B, per region of :data:`REGIONS` and per atlas: a regional registration of the
    stage-A-warped atlas CT to a crop of the subject around the union over atlases of the stage-A
    positions of the region's glands (+ margin), at ``region_spacing_mm``; the region's labels go
@@ -264,6 +266,16 @@ def local_ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
+def similarity_near(subject: np.ndarray, cts: dict[int, np.ndarray], near: np.ndarray, spacing,
+                    dilate_mm: float) -> dict[int, float]:
+    """Local NCC of each warped atlas CT (``cts``: atlas -> array) with the subject within
+    ``dilate_mm`` of the mask ``near`` (all of the grid if ``near`` is empty)."""
+    sp = np.asarray(spacing, float)
+    around = (ndi.binary_dilation(near, iterations=max(1, int(round(dilate_mm / sp.min()))))
+              if near.any() else np.ones(subject.shape, bool))
+    return {a: local_ncc(subject, ct, around) for a, ct in cts.items()}
+
+
 def select_atlases(scores: dict[str, float], min_gap: float = 0.05, k_mad: float = 3.0) -> list[str]:
     """Atlases kept for one gland: drop low outliers (score < median - max(min_gap, k*1.4826*MAD))."""
     if len(scores) <= 2:
@@ -302,7 +314,6 @@ def preselect_atlases(subject: np.ndarray, warped_cts: list[np.ndarray], warped_
     indices, region -> {atlas: score})``; regions no atlas holds are left out."""
     chosen: dict[str, list[int]] = {}
     scores: dict[str, dict[int, float]] = {}
-    sp = np.asarray(spacing, float)
     for rname, labels in region_labels.items():
         holders = [a for a in range(len(holds)) if any(L in holds[a] for L in labels)]
         if not holders:
@@ -313,9 +324,7 @@ def preselect_atlases(subject: np.ndarray, warped_cts: list[np.ndarray], warped_
         union = np.zeros(subject.shape, bool)
         for a in holders:
             union |= np.isin(warped_labels[a], labels)
-        around = ndi.binary_dilation(union, iterations=max(1, int(round(dilate_mm / sp.min())))) \
-            if union.any() else np.ones(subject.shape, bool)
-        sc = {a: local_ncc(subject, warped_cts[a], around) for a in holders}
+        sc = similarity_near(subject, {a: warped_cts[a] for a in holders}, union, spacing, dilate_mm)
         ranked = sorted(holders, key=lambda a: (-sc[a], a))
         keep: set[int] = set()
         for L in labels:
@@ -818,8 +827,7 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv, fus
                 if not union.any():
                     voters[L] = holders
                     continue
-                around = ndi.binary_dilation(union, iterations=max(1, int(round(SCORE_DILATE_MM / sp_fix.min()))))
-                sc = {k: local_ncc(fix_np, ct_fix[k], around) for k in holders}
+                sc = similarity_near(fix_np, {k: ct_fix[k] for k in holders}, union, sp_fix, SCORE_DILATE_MM)
                 for k, s in sc.items():
                     weights[k][L] = max(s, 1e-3)
                     per_atlas[names[vs[k]]].setdefault("local_ncc", {})[LABEL_BY_INDEX[L].name] = round(s, 4)
