@@ -80,8 +80,9 @@ ATLAS_SYN = dict(
     shrink=(2, 1), smooth_vox=(1, 0), convergence=(1e-6, 10),
 )
 ATLAS_STAGES = [ATLAS_RIGID, ATLAS_AFFINE, ATLAS_SYN]
-#: stage A runs as two calls: the linear stages for every atlas, then (for the atlases preselected
-#: by some region, :func:`preselect_atlases`) the SyN, started from that affine.
+#: with preselection (``atlases_per_region``) stage A runs as two calls: these linear stages for
+#: every atlas, then the SyN, started from that affine, for the atlases some region preselected
+#: (:func:`preselect_atlases`); without it, :data:`ATLAS_STAGES` in one call.
 ATLAS_LINEAR_STAGES = [ATLAS_RIGID, ATLAS_AFFINE]
 
 #: stage B grid and schedules, started from stage A (the stage-A-warped atlas CT on the region's

@@ -8,8 +8,8 @@ import csv
 
 import nibabel as nib
 import numpy as np
-import scipy.ndimage as ndi
 import pytest
+import scipy.ndimage as ndi
 
 from glandpet import segmentation as S
 from glandpet.glands import DEFAULT_LABELS, Label, write_label_table
