@@ -173,10 +173,13 @@ def _bbox(mask: np.ndarray) -> tuple[list[int], list[int]]:
     return lo, hi
 
 
-def _auto_supersample(affine_ct: np.ndarray, affine_pet: np.ndarray) -> tuple[int, int, int]:
+def auto_supersample(affine_ct: np.ndarray, affine_pet: np.ndarray, per_ct_voxel: int = 2) -> tuple[int, int, int]:
+    """Sub-points per PET voxel along each PET axis: ``per_ct_voxel`` per (smallest) CT voxel,
+    clamped to ``per_ct_voxel``..10."""
     ct_min = float(voxel_sizes(affine_ct, require_orthogonal=False).min())
     pet = voxel_sizes(affine_pet, require_orthogonal=False)
-    return tuple(int(min(max(math.ceil(2.0 * p / ct_min - 1e-9), 2), 10)) for p in pet)  # type: ignore[return-value]
+    return tuple(int(min(max(math.ceil(per_ct_voxel * p / ct_min - 1e-9), per_ct_voxel), 10))  # type: ignore[return-value]
+                 for p in pet)
 
 
 def label_fractions_on_grid(
@@ -233,7 +236,7 @@ def label_fractions_on_grid(
     nvox = int(np.prod(bshape))
 
     if supersample is None:
-        ss = _auto_supersample(affine_ct, affine_pet)
+        ss = auto_supersample(affine_ct, affine_pet)
     else:
         ss = tuple(int(s) for s in np.broadcast_to(np.asarray(supersample), (3,)))
         if min(ss) < 1:

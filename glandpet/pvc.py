@@ -70,7 +70,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .measure import label_fractions_on_grid, voxel_sizes
+from .measure import auto_supersample, label_fractions_on_grid, voxel_sizes
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
@@ -209,11 +209,16 @@ def body_fraction_from_ct(
     threshold_hu: float = -500.0,
     supersample: int | Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Fraction of each PET voxel inside the body (CT HU > ``threshold_hu``), supersampled like the labels.
+    """Fraction of each PET voxel inside the body (CT HU > ``threshold_hu``).
 
+    Sampled at one sub-point per CT voxel along each PET axis by default (the glands: two): the
+    body outline is far from the glands and only sets the GTM's air/body background split, and the
+    whole head at two per CT voxel took 7.7 s of a 16 s measurement job (1 s at one).
     PET voxels outside the CT field of view get 0 (air); use the PET itself or a wider CT if the
     PET field of view is larger than the CT's.
     """
+    if supersample is None:
+        supersample = auto_supersample(affine_ct, affine_pet, per_ct_voxel=1)
     body = (np.asarray(ct_hu) > threshold_hu).astype(np.uint8)
     return label_fractions_on_grid(body, affine_ct, pet_shape, affine_pet, [1], supersample=supersample)[1]
 

@@ -261,3 +261,19 @@ def test_align_sessions_files_and_roundtrip(ct_path, tmp_path):
     assert d > 0.8
     fw = R.apply_inverse_session_transform(tmp_path / "lab_fix.nii.gz", mov, tmp_path / "sub-1_from-fapi_to-psma")
     assert set(np.unique(fw.numpy()).astype(int)) <= vals
+
+
+def test_transform_matrix_reads_ants_affine_files_without_ants(tmp_path):
+    """The .mat reader (no ANTs import) gives the map ITK applies: rotation about a centre plus a
+    translation, as ANTs writes it; a text transform goes through ANTs."""
+    import ants
+
+    M = rigid((3.0, -2.0, 4.0), (5.0, -7.0, 2.5), centre=(10.0, -20.0, 30.0))
+    tx = ants.create_ants_transform(transform_type="AffineTransform", precision="float", dimension=3,
+                                    matrix=M[:3, :3], translation=tuple(M[:3, 3]))
+    tx.set_fixed_parameters((4.0, -6.0, 8.0))  # a centre: ITK folds it into the offset
+    for name in ("t.mat", "t.txt"):
+        ants.write_transform(tx, str(tmp_path / name))
+        A, b = R.transform_matrix(str(tmp_path / name))
+        for p in GLAND_POINTS:
+            np.testing.assert_allclose(A @ p + b, tx.apply_to_point(tuple(p)), atol=1e-3)
