@@ -16,9 +16,10 @@ functions run with the workflow's own schedules (no test-only settings):
   real, sublingual and tubarial are synthesised in the phantom) is computed and printed beside
   ours.
 
-CI budget: this file ~12.5 min on 2 idle cores (the clean-checkout `.ci/run` took 1,625 s of pytest,
-27.4 min in all; ATLASES atlases per subject, ~100-110 s of segmentation per subject with the
-defaults: fusion auto, volume preservation, intensity refinement, the orbits' 2 mm level).
+CI budget: this file ~9.2 min on 2 idle cores (the clean-checkout `.ci/run` of session 7 took 1,539 s
+of pytest, 26.0 min in all; ATLASES atlases per subject, subjects in WORKERS processes of one ITK
+thread, ~180-215 s of segmentation per subject with the defaults: fusion auto, volume
+preservation, intensity refinement, the orbits' 2 mm level).
 """
 
 from __future__ import annotations
