@@ -147,7 +147,6 @@ def run_registration(fixed, moving, stages: list[dict], outprefix: str, initial:
     Transforms are collapsed: at most one affine (``0GenericAffine.mat``, including the initial
     linear transforms) and one warp (``1Warp.nii.gz`` + ``1InverseWarp.nii.gz``).
     """
-    ants = _ants()
     from ants.internal import get_lib_fn, get_pointer_string, process_arguments
 
     fixed = _as_float(fixed)
@@ -436,8 +435,8 @@ def align_sessions(fixed_ct, moving_ct, out_prefix, threads: int = 1, *, spacing
     Path(paths["affine"]).parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="gp_sess_")
     try:
-        reg = register_ct_to_ct(f, m, os.path.join(tmp, "s"), [CT_CT_RIGID, CT_CT_AFFINE, syn or SESSION_SYN],
-                                verbose=verbose)
+        register_ct_to_ct(f, m, os.path.join(tmp, "s"), [CT_CT_RIGID, CT_CT_AFFINE, syn or SESSION_SYN],
+                          verbose=verbose)
         shutil.copyfile(os.path.join(tmp, "s0GenericAffine.mat"), paths["affine"])
         shutil.copyfile(os.path.join(tmp, "s1Warp.nii.gz"), paths["warp"])
         shutil.copyfile(os.path.join(tmp, "s1InverseWarp.nii.gz"), paths["inverse_warp"])

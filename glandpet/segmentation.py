@@ -53,8 +53,15 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from glandpet.glands import DEFAULT_LABELS, Label, label_value, read_label_table, volume_outliers, write_label_table
 from glandpet import registration as reg
+from glandpet.glands import (
+    DEFAULT_LABELS,
+    Label,
+    label_value,
+    read_label_table,
+    volume_outliers,
+    write_label_table,
+)
 
 #: stage A grid: the whole head-and-neck crop resampled to 4 mm (levels 8 and 4 mm). Rigid and
 #: affine (Mattes MI), then SyN (MI, dense) at the same two levels: on one real-anatomy subject and

@@ -10,10 +10,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+from test_registration import CT_SHAPE, CT_SP, PET_SHAPE, PET_SP, render, rigid, save
 
 from glandpet import segmentation as S
 from glandpet.glands import DEFAULT_LABELS, Label, write_label_table
-from test_registration import CT_SHAPE, CT_SP, PET_SHAPE, PET_SP, render, rigid, save
 
 
 def dice(a, b):
@@ -225,9 +225,9 @@ def test_atlas_stage_a_converges_from_perturbed_poses(angles, trans, tmp_path):
     subject: every gland centre within 2.5 mm (half a coarse voxel plus the warp's smoothing)."""
     import ants
     import pandas as pd
+    from test_registration import GLAND_POINTS
 
     from glandpet import registration as R
-    from test_registration import GLAND_POINTS
 
     M = rigid(angles, trans)
     fixed = save(*render(CT_SHAPE, CT_SP, seed=3), tmp_path / "f.nii.gz")
