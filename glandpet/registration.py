@@ -332,8 +332,9 @@ def register_pet_to_ct(ct_path, pet_path, out_xfm, threads: int = 1, *, spacing_
     joint-histogram derivatives in a run-dependent order, so two runs with 2 threads ended up to
     0.34 mm apart at the corners of the field; one thread gives bit-identical transforms on every
     run on a machine, in ~7.5 s per session (measured on the real-anatomy phantom). Another CPU
-    may round differently (a CI machine ended 0.5 mm from this machine's result on the test
-    phantom), which is why the schedule below is made robust to sampling noise.
+    may round differently (on the test phantom's identity case a CI machine ended 1.04 mm from
+    the truth where this machine ended 0.55 mm), which is why the schedule is made robust to
+    sampling noise (see PET_CT_COARSE).
 
     Writes ``out_xfm``: an ITK transform mapping **CT points to PET points** (fixed = CT,
     moving = PET). Returns QC metrics: ``mi_before``, ``mi_after`` (Mattes MI on the 3 mm CT grid,

@@ -389,7 +389,8 @@ def measure_glands(inputs: Any, output: Any, subject: str, session: str, suv_typ
     labels = np.asarray(lab_img.dataobj).astype(np.int16)
     table = read_label_table(str(inputs.dseg)[: -len(".nii.gz")] + ".tsv")
     # CT voxel -> PET world: the registration maps CT points to the PET points of the same tissue.
-    ct_in_pet = ct_to_pet_affine(inputs.xfm) @ lab_img.affine
+    ct_to_pet = ct_to_pet_affine(inputs.xfm)
+    ct_in_pet = ct_to_pet @ lab_img.affine
     values = [lab.index for lab in table]
     fractions = label_fractions_on_grid(labels, ct_in_pet, suv.shape, suv_img.affine, values)
     volumes = volume_ml_from_labels(labels, lab_img.affine, values)
@@ -403,7 +404,7 @@ def measure_glands(inputs: Any, output: Any, subject: str, session: str, suv_typ
     corrected: dict[str, float] = {}
     if method != "none" and by_name:
         ct = np.asarray(ct_img.dataobj, dtype=np.float32)
-        body = body_fraction_from_ct(ct, ct_to_pet_affine(inputs.xfm) @ ct_img.affine, suv.shape, suv_img.affine)
+        body = body_fraction_from_ct(ct, ct_to_pet @ ct_img.affine, suv.shape, suv_img.affine)
         regions = dict(by_name)
         regions.update(background_regions(by_name, body))
         vox = voxel_sizes(suv_img.affine)
