@@ -4,7 +4,7 @@ The tree is indexed once (:func:`glandpet.series_index.index_tree`, ambiguities 
 raised). Series are grouped by PatientID (held in memory and written only to the linkage key), and
 each patient's PSMA/FAPI sessions are those the index selects. Three files are written:
 
-* ``subjects.tsv`` — the subject sheet of DESIGN.md: ``subject_id`` (``S0001``, ``S0002``, ...),
+* ``subjects.tsv`` — the subject sheet of docs/design.md: ``subject_id`` (``S0001``, ``S0002``, ...),
   ``group`` (empty: the team fills ``pss`` | ``control``), and per patient either ``dicom_dir``
   (when all the patient's files lie under one folder that holds no other patient's file: the
   highest such folder below the root) or ``patient_id`` (patients sharing folders); then columns
@@ -140,7 +140,7 @@ def patient_folders(files_by_patient: dict[str, Iterable[str]]) -> dict[str, str
 
 # ------------------------------------------------------------------------------ config
 def config_text(subjects: str, dicom_root: str, results: str, atlases: list[dict[str, str]] | None = None) -> str:
-    """A commented study config with every key of DESIGN.md (values valid against the schema)."""
+    """A commented study config with every key of config.schema.yaml (values valid against the schema)."""
     import yaml
 
     def q(s: str) -> str:

@@ -1,4 +1,4 @@
-"""Read and validate the subject sheet (DESIGN.md "Subject sheet").
+"""Read and validate the subject sheet (docs/design.md, "Subject sheet").
 
 A TSV, one row per subject: ``subject_id`` (pseudonymous; letters and digits only, because it
 becomes part of file names ``sub-<id>_...``), ``group`` (``pss`` | ``control``), and either
