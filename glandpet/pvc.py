@@ -345,8 +345,8 @@ def gtm(
 
 
 def _piecewise_model(pet, region_fractions, fwhm_mm, voxel_size_mm, gtm_means):
-    """The piecewise-constant image S = sum_j c_j w_j of the GTM means, its blur PSF * S, and the
-    magnitude below which PSF * S counts as zero."""
+    """The GTM means used (computed here unless given), the piecewise-constant image
+    S = sum_j c_j w_j of them, its blur PSF * S, and the magnitude below which PSF * S counts as zero."""
     if gtm_means is None:
         gtm_means = gtm(pet, region_fractions, fwhm_mm, voxel_size_mm)
     S = np.zeros(pet.shape)
@@ -354,7 +354,7 @@ def _piecewise_model(pet, region_fractions, fwhm_mm, voxel_size_mm, gtm_means):
         c = gtm_means.get(n, float("nan"))
         if np.isfinite(c):
             S += c * np.asarray(f, dtype=np.float64)
-    return S, blur(S, fwhm_mm, voxel_size_mm), 1e-9 * max(float(np.abs(S).max()), 1e-30)
+    return gtm_means, S, blur(S, fwhm_mm, voxel_size_mm), 1e-9 * max(float(np.abs(S).max()), 1e-30)
 
 
 def rbv(
@@ -375,7 +375,7 @@ def rbv(
     use :func:`rbv_region_means` for per-region RBV means.
     """
     pet = np.asarray(pet, dtype=np.float64)
-    S, bS, tiny = _piecewise_model(pet, region_fractions, fwhm_mm, voxel_size_mm, gtm_means)
+    _, S, bS, tiny = _piecewise_model(pet, region_fractions, fwhm_mm, voxel_size_mm, gtm_means)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.where(np.abs(bS) > tiny, S / np.where(np.abs(bS) > tiny, bS, 1.0), 0.0)
     return pet * ratio
@@ -397,7 +397,7 @@ def rbv_region_means(
     observed to modelled image (noise, local non-uniformity) otherwise.
     """
     pet = np.asarray(pet, dtype=np.float64)
-    S, bS, tiny = _piecewise_model(pet, region_fractions, fwhm_mm, voxel_size_mm, gtm_means)
+    gtm_means, S, bS, tiny = _piecewise_model(pet, region_fractions, fwhm_mm, voxel_size_mm, gtm_means)
     good = np.isfinite(pet) & (np.abs(bS) > tiny)
     ratio = np.where(good, pet / np.where(good, bS, 1.0), 0.0)
     out = {}

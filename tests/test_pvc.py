@@ -212,3 +212,60 @@ def test_body_fraction_from_ct_and_sigma():
     np.testing.assert_allclose(fr[2], 0.5)
     np.testing.assert_allclose(fr[3:], 0.0)
     np.testing.assert_allclose(fwhm_to_sigma_voxels(6.5, (2.0, 2.0, 4.0)), 6.5 / 2.3548200450309493 / np.array([2, 2, 4]))
+
+
+def _session_on_disk(tmp_path):
+    """A small measurement session as the workflow's measure step reads it: CT (1 mm), its gland
+    labels and label table, the SUV PET (2 mm, truth blurred on the CT grid then block-averaged)
+    and an identity PET->CT transform (ITK .mat)."""
+    import nibabel as nib
+    from scipy.io import savemat
+
+    from glandpet.glands import Label, write_label_table
+
+    shape_ct = (64, 64, 48)
+    x, y, z = [np.arange(n) + 0.5 - n / 2 for n in shape_ct]
+    X, Y, Z = np.meshgrid(x, y, z, indexing="ij", sparse=True)
+    body = (X / 30) ** 2 + (Y / 28) ** 2 + (Z / 22) ** 2 <= 1
+    big = (X + 12) ** 2 + Y**2 + Z**2 <= 9.0**2  # ~3 mL
+    small = (X - 13) ** 2 + (Y - 5) ** 2 + Z**2 <= 5.0**2  # ~0.5 mL
+    labels = np.zeros(shape_ct, np.int16)
+    labels[big], labels[small] = 1, 2
+    truth = np.where(body, 1.0, 0.0)
+    truth[big], truth[small] = 8.0, 5.0
+    pet = ndimage.gaussian_filter(truth, FWHM * FWHM_TO_SIGMA, mode="nearest")
+    pet = pet.reshape(32, 2, 32, 2, 24, 2).mean(axis=(1, 3, 5)).astype(np.float32)
+    ct = np.where(body, 40.0, -1000.0).astype(np.float32)
+    aff_ct = np.eye(4)
+    aff_pet = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff_pet[:3, 3] = 0.5  # PET voxel 0 covers CT voxels 0 and 1
+    paths = {k: str(tmp_path / f"{k}.nii.gz") for k in ("suv", "ct", "dseg")}
+    nib.save(nib.Nifti1Image(pet, aff_pet), paths["suv"])
+    nib.save(nib.Nifti1Image(ct, aff_ct), paths["ct"])
+    nib.save(nib.Nifti1Image(labels, aff_ct), paths["dseg"])
+    write_label_table(tmp_path / "dseg.tsv", [Label(1, "parotid", "left"), Label(2, "submandibular", "left")])
+    paths["xfm"] = str(tmp_path / "xfm.mat")
+    savemat(paths["xfm"], {"AffineTransform_double_3_3": np.array([1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0], float)[:, None],
+                           "fixed": np.zeros((3, 1))})
+    return paths, {"parotid": 8.0, "submandibular": 5.0}
+
+
+@pytest.mark.parametrize("method", ["gtm", "rbv"])
+def test_measure_step_corrects_with_each_method(tmp_path, method):
+    """The workflow's own measurement call (glandpet.workflow.measure_glands) with ``pvc.method``
+    gtm and rbv: RBV used to crash there (its GTM means were computed and then not read)."""
+    import pandas as pd
+    from types import SimpleNamespace
+
+    from glandpet import workflow
+
+    paths, true = _session_on_disk(tmp_path)
+    out = SimpleNamespace(stats=str(tmp_path / "stats.parquet"), pet_dseg=str(tmp_path / "pet_dseg.nii.gz"))
+    workflow.measure_glands(SimpleNamespace(**paths), out, "01", "psma", "bw",
+                            {"method": method, "fwhm_mm": {"psma": FWHM}})
+    df = pd.read_parquet(out.stats).set_index("gland")
+    assert (df["pvc_method"] == method).all() and (df["pvc_fwhm_mm"] == FWHM).all()
+    for gland, value in true.items():
+        raw, pvc = df.loc[gland, "suv_mean"], df.loc[gland, "suv_mean_pvc"]
+        assert raw < 0.9 * value  # partial volume: biased low before correction
+        assert abs(pvc / value - 1) < 0.03, (method, gland, raw, pvc)
