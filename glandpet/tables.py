@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -145,12 +145,23 @@ def provenance(config: Mapping[str, Any] | None = None) -> dict[str, str]:
 
 
 def atomic_path(path: str | Path):
-    """A temporary path in the same folder as `path`; rename it onto `path` when complete."""
+    """A temporary path in the same folder as `path`; rename it onto `path` when complete.
+
+    The file is created empty with mode 0666 filtered by the process umask, like any file a tool
+    writes (``tempfile.mkstemp`` would make it 0600, and the rename would carry that onto the
+    result: colleagues could not read the tables). Private files (the linkage key) are written
+    elsewhere with an explicit 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"no free temporary name next to {path}")
 
 
 def to_table(rows_or_frame: Any, schema: pa.Schema) -> pa.Table:
