@@ -218,6 +218,24 @@ DEFAULT_REFINE = {
     "parotid": {"hu": [-100.0, 80.0], "dilate_mm": 3.0, "smooth_mm": 1.0},
 }
 
+
+def segment_kwargs(seg_config=None) -> dict:
+    """:func:`segment_subject`'s keyword arguments from a study config's ``segmentation:`` keys
+    (absent or None: the defaults). The one mapping, shared by the workflow's segment step
+    (:func:`glandpet.workflow.segment_glands`) and ``glandpet segment`` / ``glandpet atlas validate``."""
+    c = dict(seg_config or {})
+    refine_hu = c.get("refine_hu") or {}
+    per_gland, per_region = c.get("atlases_per_gland"), c.get("atlases_per_region")
+    return dict(
+        fusion=c.get("fusion") or "auto",
+        refine={gland: {"hu": list(window)} for gland, window in refine_hu.items()} or None,
+        atlases_per_gland=ATLASES_PER_GLAND if per_gland is None else int(per_gland),
+        atlases_per_region=ATLASES_PER_REGION if per_region is None else int(per_region),
+        preserve_volume=bool(c.get("preserve_volume", True)),
+        refine_intensity=bool(c.get("refine_intensity", True)),
+    )
+
+
 LABEL_BY_INDEX = {lab.index: lab for lab in DEFAULT_LABELS}
 
 

@@ -605,14 +605,13 @@ def segment_glands(inputs: Any, output: Any, session: str, atlases: list[Mapping
 
     set_threads(threads)
     if "atlases" in inputs.keys():
-        from .segmentation import ATLASES_PER_GLAND, ATLASES_PER_REGION, segment_subject
+        from .segmentation import segment_kwargs, segment_subject
 
-        refine = {gland: {"hu": list(window)} for gland, window in (refine_hu or {}).items()} or None
-        metrics = segment_subject(inputs.ct, [dict(a) for a in atlases], output.dseg, output.table, fusion=fusion,
-                                  threads=threads, refine=refine,
-                                  atlases_per_gland=ATLASES_PER_GLAND if atlases_per_gland is None else atlases_per_gland,
-                                  atlases_per_region=ATLASES_PER_REGION if atlases_per_region is None else atlases_per_region,
-                                  preserve_volume=preserve_volume, refine_intensity=refine_intensity)
+        kwargs = segment_kwargs(dict(fusion=fusion, refine_hu=refine_hu, atlases_per_gland=atlases_per_gland,
+                                     atlases_per_region=atlases_per_region, preserve_volume=preserve_volume,
+                                     refine_intensity=refine_intensity))
+        metrics = segment_subject(inputs.ct, [dict(a) for a in atlases], output.dseg, output.table,
+                                  threads=threads, **kwargs)
         message = None
         missing = metrics.get("labels_absent")
         if missing:
