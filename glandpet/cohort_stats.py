@@ -9,16 +9,22 @@ Choices
 * **Sides**: the left and right glands of one subject are not independent observations. By
   default (``combine_sides=True``) each subject contributes one value per gland, the mean of its
   available sides; ``combine_sides=False`` analyses each side separately (a ``side`` column).
-* **Group comparison** (:func:`compare_groups`): two-sided Mann-Whitney U (scipy, exact p for
-  small samples without ties, asymptotic otherwise), ``u_statistic`` is U of the pSS sample,
-  effect size the rank-biserial correlation ``r = 2 U / (n_pss n_control) - 1`` (positive: pSS
-  higher; +1 every pSS value above every control value).
+* **p-values** are permutation p-values, two-sided, never 0: **exact** (every permutation
+  enumerated; the observed one counts) when there are at most :data:`EXACT_MAX_PERMUTATIONS`
+  (Spearman: n <= 8 subjects; Mann-Whitney: C(n1 + n2, n1), e.g. 9 vs 9), otherwise from
+  :data:`N_PERMUTATIONS` seeded random permutations as ``(1 + #{as extreme}) / (N + 1)`` (so
+  p >= 1e-4). Ties are handled by the mid-ranks of the observed data, which the permutations
+  keep. The t / normal approximations are wrong at the n of a gland study (rho = -1 at n = 4
+  gave p = 0; the exact p is 2 / 4! = 0.083). See :func:`spearman_test`, :func:`mann_whitney_test`.
+* **Group comparison** (:func:`compare_groups`): two-sided Mann-Whitney U, ``u_statistic`` is U
+  of the pSS sample, effect size the rank-biserial correlation ``r = 2 U / (n_pss n_control) - 1``
+  (positive: pSS higher; +1 every pSS value above every control value).
 * **PSMA vs FAPI correlation** (:func:`psma_fapi_correlation`): Spearman rho across subjects of
-  one group (pSS by default), p from scipy, and a percentile bootstrap 95 % CI (``n_boot``
+  one group (pSS by default), its permutation p, and a percentile bootstrap 95 % CI (``n_boot``
   resamples of subjects, seeded per gland from ``seed`` and the gland name, so a gland's CI does
   not depend on which other glands are in the table). Resamples with a constant variable are
   dropped from the percentile. Fewer than 3 subjects: NaN.
-* **Clinical associations** (:func:`clinical_associations`): Spearman rho and p of a gland value
+* **Clinical associations** (:func:`clinical_associations`): Spearman rho and permutation p of a gland value
   against each clinical column present (``essdai, esspri, usf_ml_min, schirmer_mm`` by default).
   No multiplicity correction is applied; ``n_tests`` is reported for the reader (Bonferroni
   or Holm on ``p_value`` is one line).
@@ -26,6 +32,8 @@ Choices
 
 from __future__ import annotations
 
+import itertools
+import math
 import zlib
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -37,6 +45,10 @@ from scipy import stats
 
 CLINICAL_COLUMNS: tuple[str, ...] = ("essdai", "esspri", "usf_ml_min", "schirmer_mm")
 GROUPS: tuple[str, str] = ("pss", "control")
+#: Up to this many permutations a p-value is exact (all enumerated): 8! = 40320, C(18, 9) = 48620.
+EXACT_MAX_PERMUTATIONS: int = 50_000
+#: Random permutations beyond the exact range (p >= 1 / (N + 1) = 1e-4).
+N_PERMUTATIONS: int = 9_999
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,6 +113,69 @@ def _gland_seed(seed: int, key: tuple) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32("/".join(map(str, key)).encode())])
 
 
+def _perm_seed(seed: int, key: tuple) -> np.random.Generator:
+    """The permutation stream of one test (apart from the bootstrap's, which keeps its CIs)."""
+    return _gland_seed(seed, ("permutation", *key))
+
+
+def _p_from_null(null: np.ndarray, observed: float, exact: bool) -> float:
+    """Two-sided p: share of the null distribution of a centred statistic at least as extreme."""
+    tol = 1e-9 * max(abs(observed), 1.0)
+    k = int(np.count_nonzero(np.abs(null) >= abs(observed) - tol))
+    return k / null.size if exact else (k + 1) / (null.size + 1)
+
+
+def spearman_test(
+    x: np.ndarray, y: np.ndarray, *, rng: np.random.Generator | int | None = 0, n_perm: int = N_PERMUTATIONS
+) -> tuple[float, float]:
+    """Spearman rho and its two-sided permutation p (exact up to :data:`EXACT_MAX_PERMUTATIONS`
+    orderings, i.e. n <= 8; else ``n_perm`` seeded random permutations). NaN when n < 3 or a
+    variable is constant."""
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    n = x.size
+    if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan"), float("nan")
+    rx = stats.rankdata(x) - (n + 1) / 2.0
+    ry = stats.rankdata(y) - (n + 1) / 2.0
+    den = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
+    rho = float((rx * ry).sum() / den)
+    exact = math.factorial(n) <= EXACT_MAX_PERMUTATIONS
+    if exact:
+        perms = np.array(list(itertools.permutations(range(n))), dtype=np.intp)
+    else:
+        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        perms = rng.permuted(np.tile(np.arange(n), (int(n_perm), 1)), axis=1)
+    null = (ry[perms] @ rx) / den
+    return float(np.clip(rho, -1.0, 1.0)), _p_from_null(null, rho, exact)
+
+
+def mann_whitney_test(
+    a: np.ndarray, b: np.ndarray, *, rng: np.random.Generator | int | None = 0, n_perm: int = N_PERMUTATIONS
+) -> tuple[float, float]:
+    """Mann-Whitney U of sample ``a`` and its two-sided permutation p: every split of the pooled
+    mid-ranks into groups of the two sizes when there are at most :data:`EXACT_MAX_PERMUTATIONS`,
+    else ``n_perm`` seeded random splits. NaN when a sample is empty."""
+    a = np.asarray(a, dtype=float)
+    b = np.asarray(b, dtype=float)
+    n1, n2 = a.size, b.size
+    if n1 == 0 or n2 == 0:
+        return float("nan"), float("nan")
+    ranks = stats.rankdata(np.r_[a, b])
+    offset = n1 * (n1 + 1) / 2.0
+    u = float(ranks[:n1].sum() - offset)
+    centre = n1 * n2 / 2.0
+    exact = math.comb(n1 + n2, n1) <= EXACT_MAX_PERMUTATIONS
+    if exact:
+        idx = np.array(list(itertools.combinations(range(n1 + n2), n1)), dtype=np.intp)
+        null_u = ranks[idx].sum(axis=1) - offset
+    else:
+        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        perm = rng.permuted(np.tile(ranks, (int(n_perm), 1)), axis=1)
+        null_u = perm[:, :n1].sum(axis=1) - offset
+    return u, _p_from_null(null_u - centre, u - centre, exact)
+
+
 # --------------------------------------------------------------------------------------------
 # analyses
 # --------------------------------------------------------------------------------------------
@@ -111,8 +186,10 @@ def compare_groups(
     value: str = "suv_mean",
     groups: tuple[str, str] = GROUPS,
     combine_sides: bool = True,
+    seed: int = 0,
 ) -> pd.DataFrame:
-    """pSS vs control per gland: Mann-Whitney U, p, rank-biserial effect size, n and median per group.
+    """pSS vs control per gland: Mann-Whitney U, permutation p, rank-biserial effect size, n and
+    median per group (``seed``: the random permutations beyond the exact range, per gland).
 
     ``gland_stats``: the `gland_stats` table (filtered to ``session`` when given; pass
     ``session=None`` for a table with no session column, e.g. `gland_index` values).
@@ -137,8 +214,7 @@ def compare_groups(
         b = part.loc[part["group"] == g2, value].to_numpy()
         u = p = r = np.nan
         if a.size and b.size:
-            res = stats.mannwhitneyu(a, b, alternative="two-sided")
-            u, p = float(res.statistic), float(res.pvalue)
+            u, p = mann_whitney_test(a, b, rng=_perm_seed(seed, key))
             r = 2.0 * u / (a.size * b.size) - 1.0
         rows.append(dict(zip(unit, key), u_statistic=u, p_value=p, rank_biserial=r))
     out = pd.DataFrame(rows, columns=unit + ["u_statistic", "p_value", "rank_biserial"])
@@ -182,8 +258,7 @@ def psma_fapi_correlation(
         n = a.size
         rho = p = lo = hi = np.nan
         if n >= 3 and np.ptp(a) > 0 and np.ptp(b) > 0:
-            res = stats.spearmanr(a, b)
-            rho, p = float(res.statistic), float(res.pvalue)
+            rho, p = spearman_test(a, b, rng=_perm_seed(seed, key))
             lo, hi = bootstrap_spearman_ci(a, b, n_boot=n_boot, ci=ci, rng=_gland_seed(seed, key))
         rows.append(dict(zip(unit, key), group=group if group is not None else "all", n=n, rho=rho, p_value=p, ci_low=lo, ci_high=hi, n_boot=int(n_boot)))
     return pd.DataFrame(rows, columns=unit + ["group", "n", "rho", "p_value", "ci_low", "ci_high", "n_boot"])
@@ -215,8 +290,10 @@ def clinical_associations(
     group: str | None = "pss",
     session: str | None = None,
     combine_sides: bool = True,
+    seed: int = 0,
 ) -> pd.DataFrame:
-    """Spearman rho of a gland value against each clinical column present, per gland.
+    """Spearman rho (permutation p, see the module notes) of a gland value against each clinical
+    column present, per gland.
 
     ``table``: `gland_index` (default value: the index) or `gland_stats` (give ``session`` and e.g.
     ``value='suv_mean'``). ``subjects``: the subject sheet (``subject_id`` + clinical columns);
@@ -251,8 +328,7 @@ def clinical_associations(
         a, b = part[value].to_numpy(float), part["clinical_value"].to_numpy(float)
         rho = p = np.nan
         if a.size >= 3 and np.ptp(a) > 0 and np.ptp(b) > 0:
-            res = stats.spearmanr(a, b)
-            rho, p = float(res.statistic), float(res.pvalue)
+            rho, p = spearman_test(a, b, rng=_perm_seed(seed, key if isinstance(key, tuple) else (key,)))
         rows.append(dict(zip(unit + ["clinical"], key), group=group if group is not None else "all", n=int(a.size), rho=rho, p_value=p))
     out = pd.DataFrame(rows, columns=unit + ["clinical", "group", "n", "rho", "p_value"])
     out["n_tests"] = int(out["rho"].notna().sum())

@@ -137,3 +137,63 @@ def test_aggregate_tables(tmp_path):
     with pytest.raises(ValueError):
         aggregate_tables([])
     assert pq.read_table(paths[0]).num_rows == 2
+
+
+def _exact_spearman_p(x, y):
+    """Two-sided p of Spearman rho by a loop over every permutation of y (the reference)."""
+    import itertools
+
+    rho = stats.spearmanr(x, y).statistic
+    perms = [stats.spearmanr(x, np.asarray(y)[list(p)]).statistic for p in itertools.permutations(range(len(y)))]
+    return float(np.mean(np.abs(perms) >= abs(rho) - 1e-12))
+
+
+def test_spearman_p_is_exact_for_small_n_never_zero():
+    """rho = -1 with n = 4 was reported with p = 0 (scipy's t approximation): the exact permutation
+    p is 2 / 4! (the observed order and its reverse)."""
+    df = pd.DataFrame(dict(subject_id=list("abcd"), group="pss", gland="parotid", side="left",
+                           psma_suv_mean=[1.0, 2.0, 3.0, 4.0], fapi_suv_mean=[9.0, 7.0, 5.0, 3.0]))
+    row = psma_fapi_correlation(df, n_boot=100).iloc[0]
+    assert row.rho == -1.0 and row.p_value == pytest.approx(2 / 24)
+    # ties and n = 6: the loop over all 720 permutations
+    x, y = [1.0, 2.0, 2.0, 4.0, 5.0, 7.0], [3.0, 1.0, 4.0, 4.0, 9.0, 8.0]
+    df6 = pd.DataFrame(dict(subject_id=list("abcdef"), group="pss", gland="parotid", side="left",
+                            psma_suv_mean=x, fapi_suv_mean=y))
+    assert psma_fapi_correlation(df6, n_boot=100).iloc[0].p_value == pytest.approx(_exact_spearman_p(x, y))
+    # clinical association: rho = 1 at n = 8 (esspri below) -> p = 2 / 8!, not 0
+    d = _index_frame(n=12)
+    subjects = pd.DataFrame(dict(subject_id=[f"s{i:02d}" for i in range(12)]))
+    subjects["esspri"] = subjects.subject_id.map(d.groupby("subject_id").psma_fapi_index.mean().rank()).astype(float)
+    es = clinical_associations(d, subjects, group="pss", clinical=["esspri"]).iloc[0]
+    assert es.n == 8 and es.rho == pytest.approx(1.0) and es.p_value == pytest.approx(2 / 40320)
+
+
+def test_spearman_p_by_permutation_for_larger_n():
+    """n = 20, rho near -1: beyond the exact range the p comes from seeded permutations, at least
+    1 / (permutations + 1) and never 0; for a moderate rho it agrees with the t approximation."""
+    out = psma_fapi_correlation(_index_frame(), n_boot=100)
+    assert out.iloc[0].rho < -0.9 and 0 < out.iloc[0].p_value <= 2e-4
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=20)
+    y = 0.4 * x + rng.normal(size=20)
+    df = pd.DataFrame(dict(subject_id=[f"s{i}" for i in range(20)], group="pss", gland="parotid", side="left",
+                           psma_suv_mean=x, fapi_suv_mean=y))
+    row = psma_fapi_correlation(df, n_boot=100).iloc[0]
+    assert row.p_value == pytest.approx(stats.spearmanr(x, y).pvalue, abs=0.02)
+    pd.testing.assert_frame_equal(psma_fapi_correlation(df, n_boot=100), psma_fapi_correlation(df, n_boot=100))
+
+
+def test_mann_whitney_p_exact_with_ties():
+    """Ties at small n: the exact permutation distribution of U over every split of the pooled
+    sample (scipy's default falls back to the normal approximation there)."""
+    import itertools
+
+    out = compare_groups(_stats_frame()).set_index("gland")
+    a, b = np.array([6.0, 7.0, 8.0, 9.0]), np.array([9.0, 8.0, 7.0])  # submandibular subject means (ties)
+    pooled = np.r_[a, b]
+    u_obs = stats.mannwhitneyu(a, b).statistic
+    us = [stats.mannwhitneyu(pooled[list(i)], np.delete(pooled, list(i))).statistic
+          for i in itertools.combinations(range(7), 4)]
+    exact = np.mean(np.abs(np.array(us) - 6.0) >= abs(u_obs - 6.0) - 1e-12)
+    assert out.loc["submandibular", "p_value"] == pytest.approx(exact)
+    assert out.loc["parotid", "p_value"] == pytest.approx(2 / 35)  # complete separation, no ties
