@@ -13,10 +13,13 @@ Cohort figures (:func:`cohort_figures`, one PNG and one SVG per stem)
 ``fapi_by_group``  FAPI SUVmean (`gland_stats.suv_mean`) by group, one panel per gland: box of
                    the subject values (mean of the available sides, the unit of the
                    Mann-Whitney test in ``cohort_stats``) with the same values jittered on top;
-                   two-sided Mann-Whitney p and rank-biserial r when both groups have data.
+                   two-sided Mann-Whitney p (the permutation p of ``cohort_stats``) and
+                   rank-biserial r when both groups have data.
 ``psma_by_group``  the same for PSMA.
 ``index_by_group`` the PSMA/FAPI index (`gland_index.psma_fapi_index`) by group, the definition
-                   named in the title (from the table's ``index_definition``).
+                   named in the title (from the table's ``index_definition``). Only groups with
+                   an index are drawn; the title says "no control with both sessions" when a
+                   group of the table has none (the by-group figures likewise draw groups with data).
 ``voxel_rho``      within-gland voxel Spearman rho between PSMA and FAPI SUV, per gland (one
                    point per subject and side, box per gland).
 
@@ -205,15 +208,13 @@ def _box_strip(ax, values_by_group: list[tuple[str, np.ndarray]], rng: np.random
 
 
 def _mann_whitney(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    from scipy import stats
+    """Two-sided p and rank-biserial r, the permutation test of :mod:`glandpet.cohort_stats`."""
+    from .cohort_stats import mann_whitney_test
 
     if a.size < 1 or b.size < 1:
         return np.nan, np.nan
-    try:
-        res = stats.mannwhitneyu(a, b, alternative="two-sided")
-    except ValueError:
-        return np.nan, np.nan
-    return float(res.pvalue), float(2.0 * res.statistic / (a.size * b.size) - 1.0)
+    u, p = mann_whitney_test(a, b)
+    return float(p), float(2.0 * u / (a.size * b.size) - 1.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,8 +245,8 @@ def _fig_by_group(gs: pd.DataFrame, session: str, suv_type: str, rng):
     glands = _glands_in(d, ["suv_mean"])
     if not glands:
         return _no_data(title, f"no finite {name} SUVmean in gland_stats")
-    groups = _groups_in(d)
     sv = _subject_means(d, "suv_mean")
+    groups = _groups_in(sv)  # only groups with a value
     with _rc():
         fig, axes = _group_panels(sv, "suv_mean", glands, groups, rng)
         for ax in axes:
@@ -313,8 +314,10 @@ def _fig_index(gi: pd.DataFrame, rng):
     glands = _glands_in(gi, ["psma_fapi_index"])
     if not glands:
         return _no_data(title, "no finite PSMA/FAPI index (needs subjects with both sessions)")
-    groups = _groups_in(gi)
     sv = _subject_means(gi, "psma_fapi_index")
+    groups = _groups_in(sv)  # only groups with an index: a box of "Control (n=0)" says nothing
+    missing = [g for g in _groups_in(gi) if g not in groups]
+    note = "".join(f"; no {GROUP_LABEL.get(g, g).lower()} with both sessions" for g in missing)
     with _rc():
         fig, axes = _group_panels(sv, "psma_fapi_index", glands, groups, rng)
         for ax in axes:
@@ -323,7 +326,7 @@ def _fig_index(gi: pd.DataFrame, rng):
             lo, hi = ax.get_ylim()
             ax.set_ylim(lo, hi + 0.12 * (hi - lo))
         axes[0].set_ylabel(ylabel)
-        fig.suptitle(f"{title}\none point per subject (mean of left and right)", fontsize=10.5)
+        fig.suptitle(f"{title}\none point per subject (mean of left and right){note}", fontsize=10.5)
         fig.tight_layout()
     return fig
 

@@ -226,3 +226,19 @@ def test_pet_to_ct_transform_direction(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((n, n, n), np.float32), ct_aff), tmp_path / "ct.nii.gz")
     res2 = figures._ants_to_ct(tmp_path / "ct.nii.gz", tmp_path / "pet.nii.gz", [mat])
     assert np.abs(res2 - res).max() < 1e-3
+
+
+def test_index_by_group_shows_only_groups_with_data(tmp_path):
+    """The demo has no control with both sessions: the index figure drew an empty "Control (n=0)"
+    box; it now shows the groups with an index and says which group has none."""
+    gs, gi = _tables(n_pss=4, n_control=3, glands=("parotid",))  # controls: FAPI only
+    a, b = _write(tmp_path, gs, gi)
+    figures.cohort_figures(a, b, tmp_path / "f")
+    svg = (tmp_path / "f" / "index_by_group.svg").read_text()
+    assert "n=4" in svg and "n=0" not in svg
+    assert "no control with both sessions" in svg
+    # the p in the group panels is cohort_stats' permutation p (exact here: 4 vs 3, no ties)
+    from glandpet.cohort_stats import mann_whitney_test
+
+    x, y = np.array([5.0, 6, 7, 8]), np.array([1.0, 2, 3])
+    assert figures._mann_whitney(x, y) == (pytest.approx(mann_whitney_test(x, y)[1]), pytest.approx(1.0))
