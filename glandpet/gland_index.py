@@ -24,9 +24,21 @@ correlating, so that rho reflects structure inside the gland (fibrotic zones: FA
 a negative rho). Voxels where either image is non-finite are excluded. With fewer than
 ``min_voxels`` (default :data:`MIN_VOXELS` = 20) voxels left, rho is None: with fewer than ~20
 pairs the 95 % interval of rho spans most of [-1, 1]. There is deliberately no fall-back to the
-uneroded mask (it would mix an edge-dominated rho into the table); thin glands (lacrimal at
->= 3 mm voxels) will often report None, with their ``n_voxels`` showing why. A constant image
-inside the mask also gives None.
+uneroded mask (it would mix an edge-dominated rho into the table). A constant image inside the
+mask also gives None.
+
+Why thin glands get no rho, and why that is kept (``voxel_rho_note``)
+----------------------------------------------------------------------
+Lacrimal and tubarial glands are two to three PET voxels thick at 2-4 mm voxels: no voxel has
+all six face neighbours inside, so the erosion leaves none. Eroding less (or only where enough
+voxels remain) would not rescue a meaningful rho: a gland thinner than the PSF FWHM (~7 mm) has
+*every* voxel inside the shared edge fall-off, the very signal the erosion exists to remove
+(with a PSF sigma of 1.2 voxels even one voxel of erosion leaves rho 0.85 on a uniform gland,
+tests/test_gland_index.py; on a realistic phantom the erosion moved planted fibrotic glands from
+-0.12 to -0.43). Such a rho would be the PSF's profile, not the gland's structure. The rho stays
+null and :func:`voxel_rho_note` says why in ``gland_index.voxel_rho_note`` (null where a rho
+exists): too few voxels after the erosion (with the count), a constant image, or no PSMA/FAPI
+pair of sessions.
 """
 
 from __future__ import annotations
@@ -145,6 +157,21 @@ def voxel_spearman(
     return (float(rho) if math.isfinite(rho) else None), n
 
 
+def voxel_rho_note(rho, n_voxels, *, have_pair: bool = True, min_voxels: int = MIN_VOXELS) -> str | None:
+    """Why a voxel rho is null (None when it is not): see the module notes."""
+    if rho is not None and not (isinstance(rho, float) and math.isnan(rho)):
+        return None
+    if not have_pair:
+        return "needs both sessions (PSMA and FAPI) of the subject"
+    if n_voxels is None or (isinstance(n_voxels, float) and math.isnan(n_voxels)):
+        return "not computed"
+    n = int(n_voxels)
+    if n < max(int(min_voxels), 3):
+        return (f"{n} voxels after the one-voxel erosion (< {min_voxels} needed): the gland is too thin on the "
+                "PET grid; every voxel of it lies in the PSF's edge fall-off shared by both tracers")
+    return "SUV constant inside the eroded gland"
+
+
 def gland_index_table(
     gland_stats,
     definition: str = "ratio",
@@ -158,8 +185,9 @@ def gland_index_table(
     One row per subject x gland x side present in ``gland_stats`` (either session). The means
     are ``suv_mean_pvc`` when ``use_pvc`` (nulls stay nulls: no silent mix of corrected and
     uncorrected values), else ``suv_mean``. ``spearman``: optional DataFrame with ``subject_id,
-    gland, side, voxel_spearman_rho, n_voxels``. A subject with one session gets that session's
-    mean and a null index. Provenance columns are not added here (the writer's job).
+    gland, side, voxel_spearman_rho, n_voxels`` (and optionally ``voxel_rho_note``); rows without
+    one get a null rho. ``voxel_rho_note`` says why a rho is null (:func:`voxel_rho_note`). A
+    subject with one session gets that session's mean and a null index. Provenance columns are not added here (the writer's job).
     """
     import pandas as pd
 
@@ -189,9 +217,18 @@ def gland_index_table(
     )
     wide["index_definition"] = definition
     if spearman is not None:
-        sp = pd.DataFrame(spearman)[keys + ["voxel_spearman_rho", "n_voxels"]]
-        wide = wide.merge(sp, on=keys, how="left")
+        sp = pd.DataFrame(spearman)
+        sp = sp[keys + ["voxel_spearman_rho", "n_voxels"] + (["voxel_rho_note"] if "voxel_rho_note" in sp else [])]
+        wide = wide.merge(sp, on=keys, how="left", indicator="_pair")
+        have_pair = (wide.pop("_pair") == "both").to_numpy()
     else:
         wide["voxel_spearman_rho"] = np.nan
         wide["n_voxels"] = pd.array([pd.NA] * len(wide), dtype="Int64")
+        have_pair = np.zeros(len(wide), bool)
+    given = wide.pop("voxel_rho_note") if "voxel_rho_note" in wide else pd.Series([None] * len(wide), index=wide.index)
+    rho = pd.to_numeric(wide["voxel_spearman_rho"], errors="coerce").to_numpy(float)
+    notes = [g if isinstance(g, str) else
+             voxel_rho_note(None if not np.isfinite(r) else float(r), None if pd.isna(n) else int(n), have_pair=bool(p))
+             for g, r, n, p in zip(given, rho, wide["n_voxels"], have_pair)]
+    wide["voxel_rho_note"] = pd.array(notes, dtype="string")
     return wide.sort_values(keys, kind="stable").reset_index(drop=True)

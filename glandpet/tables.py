@@ -63,6 +63,7 @@ GLAND_INDEX = pa.schema(
         pa.field("index_definition", pa.string(), nullable=False),
         pa.field("voxel_spearman_rho", pa.float64()),
         pa.field("n_voxels", pa.int64()),
+        pa.field("voxel_rho_note", pa.string()),  # why voxel_spearman_rho is null (null when it is not)
         pa.field("suv_type", pa.string()),
     ]
     + PROVENANCE
@@ -124,7 +125,30 @@ COHORT_STATS = pa.schema(
     + PROVENANCE
 )
 
+# Leave-one-out validation of an atlas library (`glandpet atlas validate`, glandpet/atlas_validate.py):
+# one row per held-out atlas x gland x side of its contours; the automatic labels from the other atlases.
+ATLAS_VALIDATION = pa.schema(
+    [
+        pa.field("atlas", pa.string(), nullable=False),
+        pa.field("gland", pa.string(), nullable=False),
+        pa.field("side", pa.string(), nullable=False),
+        pa.field("n_atlases", pa.int64(), nullable=False),
+        pa.field("dice", pa.float64()),
+        pa.field("msd_mm", pa.float64()),
+        pa.field("hd95_mm", pa.float64()),
+        pa.field("volume_contour_ml", pa.float64()),
+        pa.field("volume_auto_ml", pa.float64()),
+        pa.field("volume_error_pct", pa.float64()),
+        pa.field("seconds", pa.float64()),
+        pa.field("cpu_seconds", pa.float64()),
+        pa.field("library", pa.string()),
+        pa.field("error", pa.string()),
+    ]
+    + PROVENANCE
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
+    "atlas_validation": ATLAS_VALIDATION,
     "cohort_stats": COHORT_STATS,
     "gland_stats": GLAND_STATS,
     "gland_index": GLAND_INDEX,

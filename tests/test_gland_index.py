@@ -127,3 +127,41 @@ def test_gland_index_table():
 
     tab = to_table(t.assign(**provenance()), GLAND_INDEX)
     assert tab.num_rows == 4 and tab.column("psma_fapi_index").null_count == 2
+
+
+def test_null_voxel_rho_says_why():
+    """Lacrimal and tubarial glands had an empty voxel rho with no word why: thin glands keep no
+    voxel after the one-voxel erosion. ``voxel_rho_note`` names the reason of every null rho."""
+    rows = []
+    for sid, sessions in (("s1", ("psma", "fapi")), ("s2", ("fapi",))):
+        for ses in sessions:
+            for gland in ("parotid", "submandibular", "lacrimal", "tubarial"):
+                rows.append(dict(subject_id=sid, group="pss", session=ses, gland=gland, side="left",
+                                 suv_mean=5.0, suv_mean_pvc=6.0, suv_type="bw"))
+    sp = pd.DataFrame([dict(subject_id="s1", gland="parotid", side="left", voxel_spearman_rho=-0.4, n_voxels=120),
+                       dict(subject_id="s1", gland="submandibular", side="left", voxel_spearman_rho=None, n_voxels=40),
+                       dict(subject_id="s1", gland="lacrimal", side="left", voxel_spearman_rho=None, n_voxels=0),
+                       dict(subject_id="s1", gland="tubarial", side="left", voxel_spearman_rho=None, n_voxels=7)])
+    t = gland_index_table(pd.DataFrame(rows), "ratio", spearman=sp).set_index(["subject_id", "gland"])
+    assert pd.isna(t.loc[("s1", "parotid"), "voxel_rho_note"])
+    assert "constant" in t.loc[("s1", "submandibular"), "voxel_rho_note"]
+    lac = t.loc[("s1", "lacrimal"), "voxel_rho_note"]
+    assert "0 voxels" in lac and "erosion" in lac and str(MIN_VOXELS) in lac
+    assert "7 voxels" in t.loc[("s1", "tubarial"), "voxel_rho_note"]
+    assert (t.loc["s2", "voxel_rho_note"].str.contains("both sessions")).all()
+    # the column is in the explicit schema, a string column even when every rho is present
+    from glandpet.tables import GLAND_INDEX, provenance, to_table
+
+    tab = to_table(t.reset_index().assign(**provenance()), GLAND_INDEX)
+    assert tab.column("voxel_rho_note").null_count == 1
+    only_rho = gland_index_table(pd.DataFrame(rows[:2]), "ratio", spearman=sp.iloc[:1])
+    assert str(only_rho["voxel_rho_note"].dtype) == "string"
+
+
+def test_thin_gland_keeps_no_voxel_after_erosion():
+    """Why the lacrimal/tubarial rho is null: a gland two PET voxels thick has no voxel whose six
+    neighbours are all inside, and every voxel of it lies within the PSF's edge fall-off."""
+    mask = np.zeros((20, 20, 12), bool)
+    mask[4:14, 6:8, 3:9] = True  # 10 x 2 x 6 voxels: a lacrimal gland at ~2.5 mm voxels
+    a = np.random.default_rng(0).normal(size=mask.shape)
+    assert voxel_spearman(a, a, mask) == (None, 0)
