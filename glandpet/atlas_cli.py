@@ -11,8 +11,8 @@ from pathlib import Path
 
 
 def add_subparser(subparsers) -> argparse.ArgumentParser:
-    """Register `glandpet atlas` (subcommand `add`) on the top-level subparsers."""
-    at = subparsers.add_parser("atlas", help="build segmentation atlases from a team's own contours (RTSTRUCT)")
+    """Register `glandpet atlas` (subcommands `add`, `validate`) on the top-level subparsers."""
+    at = subparsers.add_parser("atlas", help="build segmentation atlases from a team's own contours (RTSTRUCT); validate a library")
     asub = at.add_subparsers(dest="atlas_command", required=True, metavar="ATLAS_COMMAND")
     ad = asub.add_parser(
         "add", help="convert a CT series + RTSTRUCT into ATLAS_DIR/{ct.nii.gz, labels.nii.gz, labels.tsv}",
@@ -27,6 +27,9 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                     help="TSV roi_name, gland, side mapping ROI names (gland 'ignore' drops an ROI); overrides the default map")
     ad.add_argument("--force", action="store_true", help="overwrite an existing atlas in ATLAS_DIR")
     ad.set_defaults(func=run)
+    from .atlas_validate import add_subparser as add_validate
+
+    add_validate(asub)  # glandpet atlas validate
     return at
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__, atlas_cli, study_cli
+from . import __version__, atlas_cli, segment_cli, study_cli
 from .errors import UserError
 
 
@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("output")
     cv.add_argument("--suv", default="none", choices=["bw", "bsa", "lbm", "lbm_janmahasatian", "ibw", "none"])
     cv.set_defaults(func=_convert)
-    atlas_cli.add_subparser(sub)  # glandpet atlas add
+    segment_cli.add_subparser(sub)  # glandpet segment
+    atlas_cli.add_subparser(sub)  # glandpet atlas add, validate
     study_cli.add_subparsers(sub)  # glandpet init, check
     return p
 

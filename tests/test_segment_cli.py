@@ -1,0 +1,229 @@
+"""`glandpet segment` and `glandpet atlas validate`: real CTs from the shared folder (skipped where
+it is absent), and the error paths (instant, on tiny synthetic files)."""
+
+from __future__ import annotations
+
+import math
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from glandpet.atlas_validate import choose_library, choose_subjects, estimate_cost
+from glandpet.cli import main
+from glandpet.glands import read_label_table
+from glandpet.segment_cli import load_segmentation_config
+from glandpet.segmentation import relabel_to_default, segment_kwargs
+
+OKBP = "openkbp-parotid-ct"
+
+
+def _okbp(shared_data, *names):
+    d = shared_data / OKBP
+    if not d.is_dir():
+        pytest.skip(f"{d} is absent")
+    return [d / n for n in names]
+
+
+def _truth(atlas_dir) -> np.ndarray:
+    img = nib.load(atlas_dir / "labels.nii.gz")
+    return relabel_to_default(np.asanyarray(img.dataobj), read_label_table(atlas_dir / "labels.tsv"))
+
+
+def _dice(a, b) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def _one_error_line(capsys, argv, *must_contain) -> str:
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"glandpet {argv[0]}: error: "), err
+    for s in must_contain:
+        assert s in err, err
+    return err
+
+
+# ------------------------------------------------------------------------------ real scans
+def test_segment_real_ct_two_atlases(shared_data, tmp_path, capsys):
+    """One real CT, two other real CTs as atlases: the label map is on the CT's grid, the label
+    table beside it, and each parotid lies over the clinical contour (a lost registration gives
+    Dice 0.00-0.02; two atlases on these 4-5 mm grids give 0.5-0.75)."""
+    subject, *atlases = _okbp(shared_data, "okbp-train-4", "okbp-train-2", "okbp-train-3")
+    out = tmp_path / "out" / "sub_dseg.nii.gz"
+    argv = ["segment", subject / "ct.nii.gz", out]
+    for a in atlases:
+        argv += ["--atlas", a]
+    assert main([str(x) for x in argv]) == 0
+    text = capsys.readouterr().out
+    assert "parotid_left" in text and str(out) in text
+    ct, seg = nib.load(subject / "ct.nii.gz"), nib.load(out)
+    assert seg.shape == ct.shape
+    assert np.array_equal(seg.affine, ct.affine)
+    tsv = tmp_path / "out" / "sub_dseg.tsv"
+    table = pd.read_csv(tsv, sep="\t")
+    assert list(table.columns) == ["index", "gland", "side"]
+    assert set(zip(table.gland, table.side)) == {("parotid", "left"), ("parotid", "right")}
+    labels = {lab.name: lab.index for lab in read_label_table(tsv)}
+    auto = np.asanyarray(seg.dataobj)
+    assert set(np.unique(auto).tolist()) <= {0, *labels.values()}
+    truth = _truth(subject)
+    for name, value in labels.items():
+        d = _dice(auto == value, truth == value)
+        assert d > 0.3, (name, d)
+
+
+def test_atlas_validate_real_ct(shared_data, tmp_path, capsys):
+    """Leave-one-out on 3 real CTs, one held out, segmented with one of the others: the cost line
+    comes first, the table has one row per contoured parotid, its Dice and volumes are those of
+    the kept label map against the contours, and the medians are printed."""
+    dirs = _okbp(shared_data, "okbp-train-11", "okbp-train-12", "okbp-train-16")
+    table = tmp_path / "loo.tsv"
+    keep = tmp_path / "labels"
+    argv = ["atlas", "validate", *dirs, "--subjects", "1", "--atlases", "1", "-o", table, "--labels-dir", keep]
+    assert main([str(x) for x in argv]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("glandpet atlas validate: 3 atlases, 1 held out, each segmented with 1 others: "
+                             "1 registrations, estimated ")
+    assert any(line.startswith("parotid ") for line in out)
+    df = pd.read_csv(table, sep="\t")
+    assert list(df.columns[:10]) == ["atlas", "gland", "side", "n_atlases", "dice", "msd_mm", "hd95_mm",
+                                     "volume_contour_ml", "volume_auto_ml", "volume_error_pct"]
+    assert len(df) == 2 and df.atlas.nunique() == 1 and set(df.side) == {"left", "right"}
+    held = df.atlas[0]
+    assert held == choose_subjects([d.name for d in dirs], 1, 0)[0]
+    assert df.library[0] not in (held, "") and "," not in df.library[0] and (df.n_atlases == 1).all()
+    assert df.error.isna().all()
+    hdir = next(d for d in dirs if d.name == held)
+    truth = _truth(hdir)
+    auto_img = nib.load(keep / f"{held}_dseg.nii.gz")
+    auto = np.asanyarray(auto_img.dataobj)
+    vox_ml = abs(np.linalg.det(auto_img.affine[:3, :3])) / 1000
+    for r in df.itertuples():
+        value = 1 if r.side == "left" else 2  # default label values: parotid left 1, right 2
+        assert r.dice == pytest.approx(_dice(auto == value, truth == value), abs=1e-5)
+        assert r.volume_contour_ml == pytest.approx((truth == value).sum() * vox_ml, rel=1e-5)
+        assert r.volume_auto_ml == pytest.approx((auto == value).sum() * vox_ml, rel=1e-5)
+        assert r.volume_error_pct == pytest.approx(100 * (r.volume_auto_ml / r.volume_contour_ml - 1), abs=1e-3)
+        if r.dice > 0:  # surface distances in mm on 4-5 mm voxels: from a few to a few tens of mm
+            assert 0 < r.msd_mm < 60 and r.msd_mm <= r.hd95_mm < 150
+        assert r.seconds > 0 and r.cpu_seconds > 0
+
+
+# ------------------------------------------------------------------------------ error paths (instant)
+def _write(path, arr, spacing=(2.0, 2.0, 2.0)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(arr, np.diag([*spacing, 1.0])), str(path))
+
+
+def _atlas(d, labels=None):
+    ct = np.full((12, 12, 12), -100, np.int16)
+    lab = np.zeros((12, 12, 12), np.uint8) if labels is None else labels
+    _write(d / "ct.nii.gz", ct)
+    _write(d / "labels.nii.gz", lab)
+    (d / "labels.tsv").write_text("index\tgland\tside\n1\tparotid\tright\n2\tparotid\tleft\n")
+    return d
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    lab = np.zeros((12, 12, 12), np.uint8)
+    lab[2:5, 2:5, 2:5] = 1
+    good = _atlas(tmp_path / "good", lab)
+    ct = tmp_path / "ct.nii.gz"
+    _write(ct, np.zeros((12, 12, 12), np.int16))
+    return tmp_path, ct, good
+
+
+def test_segment_missing_ct(tiny, capsys):
+    tmp, _, good = tiny
+    _one_error_line(capsys, ["segment", tmp / "nope.nii.gz", tmp / "o_dseg.nii.gz", "--atlas", good],
+                    "CT", "nope.nii.gz", "not found")
+
+
+def test_segment_unreadable_ct(tiny, capsys):
+    tmp, ct, good = tiny
+    bad = tmp / "bad.nii.gz"
+    bad.write_bytes(b"this is not a NIfTI file")
+    _one_error_line(capsys, ["segment", bad, tmp / "o_dseg.nii.gz", "--atlas", good], "not a readable NIfTI")
+    cut = tmp / "cut.nii.gz"  # a truncated file: the header reads, the voxels do not
+    cut.write_bytes(ct.read_bytes()[: len(ct.read_bytes()) // 2])
+    _one_error_line(capsys, ["segment", cut, tmp / "o_dseg.nii.gz", "--atlas", good], "cut.nii.gz",
+                    "not a readable NIfTI")
+    assert not (tmp / "o_dseg.nii.gz").exists()
+
+
+def test_segment_atlas_without_glands(tiny, capsys):
+    tmp, ct, good = tiny
+    empty = _atlas(tmp / "empty")
+    _one_error_line(capsys, ["segment", ct, tmp / "o_dseg.nii.gz", "--atlas", good, "--atlas", empty],
+                    "empty", "holds none of the glands")
+    # labels present, but none the table names
+    other = np.zeros((12, 12, 12), np.uint8)
+    other[3:6, 3:6, 3:6] = 7
+    _one_error_line(capsys, ["segment", ct, tmp / "o_dseg.nii.gz", "--atlas", _atlas(tmp / "seven", other)],
+                    "holds none of the glands", "7")
+
+
+def test_segment_atlas_folder_problems(tiny, capsys):
+    tmp, ct, good = tiny
+    out = tmp / "o_dseg.nii.gz"
+    _one_error_line(capsys, ["segment", ct, out, "--atlas", tmp / "absent"], "atlas folder", "not found")
+    partial = tmp / "partial"
+    partial.mkdir()
+    (partial / "ct.nii.gz").write_bytes((good / "ct.nii.gz").read_bytes())
+    _one_error_line(capsys, ["segment", ct, out, "--atlas", partial], "lacks labels.nii.gz, labels.tsv")
+    broken = _atlas(tmp / "broken")
+    (broken / "labels.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    _one_error_line(capsys, ["segment", ct, out, "--atlas", broken], "label map", "not a readable NIfTI")
+    badtsv = _atlas(tmp / "badtsv", np.ones((12, 12, 12), np.uint8))
+    (badtsv / "labels.tsv").write_text("index\tgland\tside\n1\tthyroid\tleft\n")
+    _one_error_line(capsys, ["segment", ct, out, "--atlas", badtsv], "unknown gland 'thyroid'")
+    _one_error_line(capsys, ["segment", ct, tmp / "o_dseg.mha", "--atlas", good], ".nii.gz or .nii")
+
+
+def test_validate_error_paths(tiny, capsys):
+    tmp, ct, good = tiny
+    _one_error_line(capsys, ["atlas", "validate", good], "at least 2")
+    _one_error_line(capsys, ["atlas", "validate", good, _atlas(tmp / "empty")], "holds none of the glands")
+    _one_error_line(capsys, ["atlas", "validate", good, good], "given twice")
+
+
+def test_segmentation_config(tmp_path, capsys, tiny):
+    """--config: a study config's `segmentation:` keys (or those keys alone) over the defaults,
+    validated against the schema's segmentation section; mapped by segment_kwargs as the workflow does."""
+    defaults = load_segmentation_config(None)
+    assert segment_kwargs(defaults) == segment_kwargs({})  # config.yaml's defaults are segment_kwargs' own
+    study = tmp_path / "study.yaml"
+    study.write_text("results: r\nsegmentation:\n  fusion: majority\n  refine_hu: {parotid: [-100, 80]}\n")
+    seg = load_segmentation_config(study)
+    assert seg["fusion"] == "majority" and seg["atlases_per_gland"] == defaults["atlases_per_gland"]
+    kw = segment_kwargs(seg)
+    assert kw["fusion"] == "majority" and kw["refine"] == {"parotid": {"hu": [-100, 80]}}
+    keys_only = tmp_path / "seg.yaml"
+    keys_only.write_text("atlases_per_gland: 0\nrefine_intensity: false\n")
+    kw = segment_kwargs(load_segmentation_config(keys_only))
+    assert kw["atlases_per_gland"] == 0 and kw["refine_intensity"] is False and kw["fusion"] == "auto"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("segmentation:\n  fusion: best\n")
+    _, ct, good = tiny
+    _one_error_line(capsys, ["segment", ct, tmp_path / "o_dseg.nii.gz", "--atlas", good, "--config", bad],
+                    "key segmentation.fusion")
+    bad.write_text("segmentation:\n  atlas_per_gland: 3\n")
+    _one_error_line(capsys, ["segment", ct, tmp_path / "o_dseg.nii.gz", "--atlas", good, "--config", bad],
+                    "unknown key segmentation.atlas_per_gland")
+
+
+def test_choices_are_deterministic_and_seeded():
+    names = [f"a{i:02d}" for i in range(24)]
+    held = choose_subjects(names, 4, seed=0)
+    assert held == choose_subjects(list(reversed(names)), 4, seed=0) and len(set(held)) == 4
+    assert choose_subjects(names, None) == sorted(names) and choose_subjects(names, 30) == sorted(names)
+    lib = choose_library("a03", names, 5, seed=0)
+    assert len(lib) == 5 and "a03" not in lib and lib == sorted(lib)
+    assert lib == choose_library("a03", list(reversed(names)), 5, seed=0)
+    assert choose_library("a03", names, 5, seed=1) != lib or choose_library("a03", names, 5, seed=2) != lib
+    assert choose_library("a03", names, None) == [n for n in names if n != "a03"]
+    cost = estimate_cost(24 * 23, threads=2)
+    assert cost["cpu_hours"] > 0 and math.isclose(cost["wall_minutes"] * 60 * 1.7, cost["cpu_hours"] * 3600)
