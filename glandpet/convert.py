@@ -4,6 +4,10 @@
 - PET: float32 Bq/mL (`suv='none'`), or the SUV of the requested type (g/mL; cm2/mL for bsa),
   whatever units the series is stored in (see glandpet.suv).
 - Other modalities: float32 rescaled values.
+- A CT that glandpet's reader refuses for gantry tilt or unequal slice spacing is converted by
+  dcm2niix (glandpet.ct_dcm2niix: tilt corrected / slices made equidistant, grid placed and checked
+  against the DICOM); its sidecar's ConversionNotes say what was corrected. A PET is never
+  resampled: a tilted or irregular PET stays refused.
 - The NIfTI affine is RAS: diag(-1,-1,1,1) @ affine_lps (qform = sform, code 1 scanner).
 
 Sidecar (PET-BIDS names). Times follow the PET-BIDS convention: seconds relative to
@@ -24,7 +28,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from .dicom_series import Series, load_series
+from .dicom_series import GeometryError, Series, load_series
 from .errors import SUVError, UserError
 from .suv import SUV_CHOICES, suv_result
 from .tables import atomic_path
@@ -162,7 +166,14 @@ def convert_series(files_or_dir, out_nii, suv: str = "none", *, label: str | Non
     out_nii = Path(out_nii)
     if suv not in ("none", *SUV_CHOICES):
         raise UserError(f"--suv {suv!r}: expected one of none, {', '.join(SUV_CHOICES)}")
-    series = load_series(files_or_dir, label=label)
+    try:
+        series = load_series(files_or_dir, label=label)
+    except GeometryError as exc:
+        if exc.modality != "CT" or exc.kind not in ("tilt", "unequal_spacing"):
+            raise  # a tilted or irregular PET keeps its refusal (SUV needs glandpet's reader)
+        from .ct_dcm2niix import convert_ct
+
+        return convert_ct(files_or_dir, out_nii, label=label or _folder_label(files_or_dir), kind=exc.kind)
     ds = series.datasets[0]
     modality = series.modality
     data = series.data
@@ -224,11 +235,28 @@ def convert_series(files_or_dir, out_nii, suv: str = "none", *, label: str | Non
             out = data
     else:
         out = data
-    img = nib.Nifti1Image(out, series.affine_ras)
+    sidecar = {k: v for k, v in sidecar.items() if v is not None}
+    write_outputs(out, series.affine_ras, sidecar, out_nii)
+    return sidecar
+
+
+def _folder_label(files_or_dir) -> str:
+    """How messages name a series given without a label: its folder (as load_series does)."""
+    if isinstance(files_or_dir, (str, os.PathLike)):
+        p = Path(files_or_dir)
+        return str(p if p.is_dir() else p.parent)
+    first = next(iter(files_or_dir), None)
+    return str(Path(first).parent) if first is not None else "series"
+
+
+def write_outputs(data: np.ndarray, affine_ras: np.ndarray, sidecar: dict[str, Any], out_nii: Path,
+                  descrip: bytes = b"glandpet") -> None:
+    """Write the NIfTI (RAS affine as qform = sform, code 1) and its sidecar JSON, each atomically."""
+    img = nib.Nifti1Image(data, affine_ras)
     img.header.set_xyzt_units("mm", "sec")
-    img.set_qform(series.affine_ras, code=1)
-    img.set_sform(series.affine_ras, code=1)
-    img.header["descrip"] = b"glandpet"
+    img.set_qform(affine_ras, code=1)
+    img.set_sform(affine_ras, code=1)
+    img.header["descrip"] = descrip
     sidecar = {k: v for k, v in sidecar.items() if v is not None}
     _write_nifti(img, out_nii)
     side = _sidecar_path(out_nii)
@@ -240,7 +268,6 @@ def convert_series(files_or_dir, out_nii, suv: str = "none", *, label: str | Non
     finally:
         if tmp.exists():
             tmp.unlink()
-    return sidecar
 
 
 def _chmod_default(path: Path) -> None:

@@ -14,7 +14,8 @@ Policy (refuse, never resample; every message names the series):
 - a directory holding image instances of several SeriesInstanceUIDs is refused, listing them
   (non-image DICOM objects such as RTSTRUCT/SEG/SR and non-DICOM files are skipped);
 - slices are sorted by their position along the slice normal; unequal spacing (a missing
-  slice) and gantry tilt (positions not along the normal) are refused; so are differing
+  slice) and gantry tilt (positions not along the normal) are refused (`GeometryError`; a CT
+  is then converted through dcm2niix by glandpet.convert, a PET stays refused); so are differing
   orientations, pixel spacings, matrix sizes, and two different instances at one position
   (multiple stacks, dynamic frames);
 - duplicate SOP instances (same SOPInstanceUID) are de-duplicated (first kept);
@@ -43,6 +44,21 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _ABS_TOL_MM = 0.01
 _REL_TOL = 0.05  # real GE whole-body series jitter by ~0.08 mm (2.4 %) at bed overlaps; a missing slice is +100 %
 _ORIENT_TOL = 1e-4
+
+
+class GeometryError(UserError):
+    """The slices are not one regular volume. ``kind``: "same_position" (two instances at one
+    position), "unequal_spacing" or "tilt" (positions drift off the slice normal); ``modality`` of
+    the series. A CT refused for "unequal_spacing" or "tilt" is converted by
+    :mod:`glandpet.ct_dcm2niix` instead; a PET stays refused."""
+
+    def __init__(self, message: str, kind: str, modality: str):
+        super().__init__(message)
+        self.kind = kind
+        self.modality = modality
+
+    def __reduce__(self):  # picklable (process pools) despite the extra arguments
+        return (type(self), (str(self), self.kind, self.modality))
 
 
 @dataclass
@@ -290,6 +306,7 @@ def load_series(files_or_dir, *, read_pixels: bool = True, label: str | None = N
         raise UserError(f"{label}: ImageOrientationPatient row and column cosines are not orthogonal")
     n = np.cross(r, c)
     n /= np.linalg.norm(n)
+    modality = str(unique[0][1].get("Modality", ""))
     dist = np.array([float(s.position @ n) for s in slices])
     order = np.argsort(dist, kind="stable")
     slices = [slices[i] for i in order]
@@ -299,18 +316,19 @@ def load_series(files_or_dir, *, read_pixels: bool = True, label: str | None = N
         gaps = np.diff(dist)
         if np.any(gaps < _ABS_TOL_MM):
             k = int(np.argmin(gaps))
-            raise UserError(
+            raise GeometryError(
                 f"{label}: two different instances at the same slice position ({slices[k].path.name}, "
                 f"{slices[k + 1].path.name}, {dist[k]:.3f} mm): multiple stacks or dynamic frames; "
-                f"split the series (one volume per folder)"
+                f"split the series (one volume per folder)", "same_position", modality
             )
         step = (dist[-1] - dist[0]) / (len(slices) - 1)
         tol = _ABS_TOL_MM + _REL_TOL * step
         if np.max(np.abs(gaps - step)) > tol:
             k = int(np.argmax(np.abs(gaps - step)))
-            raise UserError(
+            raise GeometryError(
                 f"{label}: unequal slice spacing (gap {gaps[k]:.3f} mm between slices {k} and {k + 1}, "
-                f"median {np.median(gaps):.3f} mm): missing slices? Refusing rather than resampling"
+                f"median {np.median(gaps):.3f} mm): missing slices? Refusing rather than resampling",
+                "unequal_spacing", modality,
             )
         dev = float(np.max(np.abs(gaps - step)))
         if dev > _ABS_TOL_MM:
@@ -323,10 +341,10 @@ def load_series(files_or_dir, *, read_pixels: bool = True, label: str | None = N
             # slice positions drift sideways: gantry tilt (or sheared stack)
             k = int(np.argmax(off))
             angle = np.degrees(np.arctan2(off[k], abs(dist[k] - dist[0]) or 1.0))
-            raise UserError(
+            raise GeometryError(
                 f"{label}: slice positions are not along the slice normal (sideways drift {off[k]:.3f} mm "
                 f"over {abs(dist[k] - dist[0]):.1f} mm, about {angle:.2f} deg): gantry tilt or sheared stack; "
-                f"not supported (resample with a tilt-correcting converter first)"
+                f"not supported (resample with a tilt-correcting converter first)", "tilt", modality
             )
         slice_vec = (slices[-1].position - slices[0].position) / (len(slices) - 1)
     else:

@@ -71,7 +71,8 @@ pixels: a subject's folder missing or empty or without DICOM images, no PET (CT 
 FAPI tracer, an ambiguous session (``on_ambiguity="report"``), and for the selected PET and its CT: no
 CT, truncated files (file size against the pixel data length the header implies), not one regular
 volume (unequal spacing, missing slices, two instances at one position, gantry tilt: the converter's
-tolerances), a compressed transfer syntax without a decoder, a PET header that cannot give SUV (the
+tolerances; a CT whose only fault is unequal spacing is not a failure but a ``warning`` row: the
+converter makes its slices equidistant through dcm2niix, glandpet.ct_dcm2niix), a compressed transfer syntax without a decoder, a PET header that cannot give SUV (the
 rules of :mod:`glandpet.suv` on the first header) or not the requested ``suv_type``. Each row names
 the subject (``sub-<id>``), the session and the series (number and description) and the cause;
 ``status`` is ``failed`` (the selected PET's ``problem`` column holds the message, and the workflow
@@ -646,6 +647,14 @@ def _geometry(insts: list[dict]) -> dict:
             out["slice_spacing_mm"] = round(sp, 6)
             out["slice_spacing_uniform"] = bool(np.max(np.abs(d - sp)) <= max(0.01, 0.01 * sp))
         out["problem"] = _volume_problem(insts, normal, proj)
+        pos = np.array([insts[i]["ipp"] for i in np.argsort(proj, kind="stable")], dtype=float)
+        dist = np.sort(proj)
+        drift = np.linalg.norm((pos - pos[0]) - np.outer(dist - dist[0], normal), axis=1)
+        straight = float(drift.max()) <= 0.01 + 1e-3 * abs(dist[-1] - dist[0])
+        if out["problem"] and out["problem"].startswith("unequal slice spacing") and straight:
+            gaps = np.diff(dist)
+            out["resample_note"] = (f"unequal slice spacing ({gaps.min():.1f}-{gaps.max():.1f} mm) resampled by dcm2niix "
+                                    "to equidistant slices")
     out["order"] = order
     return out
 
@@ -754,9 +763,10 @@ def _series_causes(s: dict, suv_type: str | None) -> list[str]:
     if s["_bad_files"]:
         n = len(s["_bad_files"])
         causes.append(f"{n} of its files {'is' if n == 1 else 'are'} truncated ({s['_bad_files'][0]}); re-export the series")
-    if s["_geo_problem"] and not s["_bad_files"]:  # a skipped truncated file leaves a gap: say only why
+    if s["_geo_problem"] and not s["_bad_files"] and not _ct_resampled(s):  # a truncated file leaves a gap: say only why
         causes.append(s["_geo_problem"] + "; the series is not one regular volume (re-export it complete; "
-                      "tilted or irregular series are refused, not resampled)")
+                      + ("a tilted CT is refused: dcm2niix's tilt correction did not pass glandpet's placement check"
+                         if s["role"] == "ct" else "a tilted or irregular PET is refused, never resampled") + ")")
     dec = decoder_problem(s["transfer_syntax"])
     if dec:
         causes.append(dec)
@@ -772,6 +782,14 @@ def _series_causes(s: dict, suv_type: str | None) -> list[str]:
                 causes.append(f"cannot give SUV type '{suv_type}': the header lacks PatientSize and/or PatientSex "
                               f"(0010,1020 / 0010,0040); choose suv_type: bw")
     return causes
+
+
+def _ct_resampled(s: dict) -> str | None:
+    """What the converter will correct in this CT through dcm2niix (glandpet.ct_dcm2niix), else None:
+    unequal slice spacing of a stack that is otherwise regular (not tilted, no two slices at one position)."""
+    if s["role"] == "ct" and s["_resample_note"] and not s["_bad_files"]:
+        return s["_resample_note"]
+    return None
 
 
 def _failures(series_rows: list[dict], by_subject: Mapping[str, list[dict]], ambiguous: Mapping[tuple[str, str], str],
@@ -801,6 +819,10 @@ def _failures(series_rows: list[dict], by_subject: Mapping[str, list[dict]], amb
             else:
                 ct = keyed[p["paired_ct_key"]]
                 causes += [f"its {series_label(ct)}: {c}" for c in _series_causes(ct, None)]
+                note = _ct_resampled(ct)
+                if note and not causes:
+                    add(sid, ses, "warning", f"sub-{sid} ses-{ses}: its {series_label(ct)}: {note} "
+                        "(glandpet's reader refuses it; converted with a check against the DICOM)")
             if causes:
                 msg = f"sub-{sid} ses-{ses}: " + "; ".join(causes)
                 p["problem"] = msg
@@ -1037,6 +1059,7 @@ def index_tree(
                 "ci_tuple": first["corrected_image"],
                 "transfer_syntax": first["transfer_syntax"],
                 "_geo_problem": geo.get("problem") if (first["n_frames"] or 1) == 1 else None,
+                "_resample_note": geo.get("resample_note") if (first["n_frames"] or 1) == 1 else None,
                 "_bad_files": bad_files.get(suid, []),
                 "_suv_check": first.get("suv_check"),
                 "tracer": tr.tracer if tr else None,
@@ -1200,7 +1223,7 @@ def index_tree(
                         "stores those paths (keep it with the linkage key, not with shared results)")
 
     internal = {"ci_tuple", "desc_raw", "has_corrected_image", "tracer_session", "image_type_tuple", "iop", "start",
-                "study_uid", "frame_uid", "_ids", "_geo_problem", "_bad_files", "_suv_check"}
+                "study_uid", "frame_uid", "_ids", "_geo_problem", "_resample_note", "_bad_files", "_suv_check"}
     series_df = pd.DataFrame([{k: v for k, v in s.items() if k not in internal} for s in series_rows],
                              columns=SERIES_SCHEMA.names)
     if not series_df.empty:

@@ -526,12 +526,17 @@ def write_ct_series(
     *,
     acquisition_datetime: dt.datetime | None = None,
     kvp: float = 120.0,
+    slice_positions: np.ndarray | None = None,
 ) -> list[Path]:
     """Write a CT Image Storage series, one file per slice (returned in instance order).
 
     ``hu``: (x, y, z) Hounsfield units; stored as integers with RescaleSlope 1 and
     RescaleIntercept -1024, unsigned 12 bit (Siemens, Philips: HU clipped to -1024..3071) or
     signed 16 bit (GE). ``acquisition_datetime`` defaults to the study date and time.
+    A sheared affine (slice step not along the slice normal) writes a gantry-tilted series, with
+    GantryDetectorTilt the angle between step and normal. ``slice_positions`` ((z, 3) LPS mm)
+    replaces ``affine @ (0, 0, k, 1)`` as the position of slice k (unequally spaced stacks; ``hu``
+    must hold the values at those slices).
     """
     out_dir = Path(out_dir)
     hu = np.asarray(hu)
@@ -540,6 +545,12 @@ def write_ct_series(
     vendor = study.vendor.lower()
     vend = _vendor(study)
     iop, spacing, thickness, ipp, normal = _geometry(affine_lps, hu.shape)
+    step = np.asarray(affine_lps, dtype=float)[:3, 2]
+    tilt = math.degrees(math.atan2(float(np.linalg.norm(step - (step @ normal) * normal)), abs(float(step @ normal))))
+    if slice_positions is not None:
+        ipp = np.asarray(slice_positions, dtype=float)
+        if ipp.shape != (hu.shape[2], 3):
+            raise ValueError(f"slice_positions must be ({hu.shape[2]}, 3), got {ipp.shape}")
     if series_uid is None:
         series_uid = make_uid(study.study_uid, "CT", series_number, series_description)
     acq = acquisition_datetime or study.study_datetime
@@ -556,7 +567,7 @@ def write_ct_series(
     ds.ReconstructionDiameter = _ds(max(hu.shape[0] * spacing[1], hu.shape[1] * spacing[0]))
     ds.DistanceSourceToDetector = "1085.6"
     ds.DistanceSourceToPatient = "595"
-    ds.GantryDetectorTilt = "0"
+    ds.GantryDetectorTilt = _ds(round(tilt, 4)) if tilt > 1e-6 else "0"
     ds.TableHeight = "150"
     ds.RotationDirection = "CW"
     ds.ExposureTime = "500"
