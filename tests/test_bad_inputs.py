@@ -337,6 +337,22 @@ def test_gantry_tilt(mini):
     assert_fails(index(mini), "B", "psma", "gantry tilt", "about 10.", series="its CT series #2 'CT HeadNeck")
 
 
+def test_unequally_spaced_ct_is_a_warning_not_a_failure(mini):
+    """A CT whose only fault is unequal slice spacing is converted through dcm2niix (glandpet.ct_dcm2niix):
+    the index keeps the session and says what will be corrected."""
+    def shift(ds, k):
+        if k >= 6:
+            ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) - 1.5]
+
+    edit(files(mini, "B", "ct"), shift)
+    r = index(mini)
+    assert_clean(r)
+    warn = r.failures[(r.failures["subject_id"] == "B") & (r.failures["status"] == "warning")]
+    msg = " | ".join(warn["message"])
+    assert "sub-B ses-psma: its CT series #2 'CT HeadNeck" in msg and "unequal slice spacing (" in msg, msg
+    assert "resampled by dcm2niix" in msg, msg
+
+
 def test_mixed_series_in_one_folder(mini):
     """The index splits a folder by series: a PET and its CT in one folder are processed as usual."""
     for f in files(mini, "B", "pet"):
