@@ -24,6 +24,7 @@ atlases); failed subjects and sessions are left out and listed in qc.parquet.
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 import sys
 import time
@@ -43,6 +44,7 @@ __all__ = [
     "problems_table",
     "raise_for_problems",
     "run_check",
+    "config_error_line",
     "run_check_command",
     "validate_config",
 ]
@@ -112,8 +114,11 @@ def validate_config(config: Mapping[str, Any], schema_path: str | Path | None = 
         msg = err.message
         if err.validator == "additionalProperties":
             extra = re.findall(r"'([^']+)'", msg)
-            keys = [f"{key}.{e}" if key else e for e in extra]
-            out.append(Problem("", "", "config", f"unknown key {', '.join(keys)}"))
+            known = list((err.schema or {}).get("properties", {}) if isinstance(err.schema, Mapping) else [])
+            for e in extra:
+                close = difflib.get_close_matches(e, known, n=1, cutoff=0.6)
+                hint = f" (did you mean {key + '.' if key else ''}{close[0]}?)" if close else ""
+                out.append(Problem("", "", "config", f"unknown key {key + '.' if key else ''}{e}{hint}"))
             continue
         if err.validator == "required":
             m = re.match(r"'([^']+)'", msg)
@@ -122,6 +127,20 @@ def validate_config(config: Mapping[str, Any], schema_path: str | Path | None = 
             continue
         out.append(Problem("", "", "config", f"key {key or '(top level)'}: {msg}"))
     return out
+
+
+def config_error_line(config: Mapping[str, Any], schema_path: str | Path | None = None, *,
+                      raise_error: bool = False) -> str | None:
+    """The config's schema problems in one line (``config: unknown key pvc.methd (did you mean
+    pvc.method?)``), worded as ``glandpet check`` words them; None when the config is valid. With
+    `raise_error` a problem raises :class:`UserError` with that line (the Snakefile's check)."""
+    problems = [p for p in validate_config(config, schema_path) if p.severity == ERROR]
+    if not problems:
+        return None
+    line = "config: " + "; ".join(p.cause for p in problems)
+    if raise_error:
+        raise UserError(line)
+    return line
 
 
 # ------------------------------------------------------------------------------ subject sheet

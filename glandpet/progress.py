@@ -12,12 +12,14 @@ running, and one summary line at the end. ``quiet=True`` prints nothing at all.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator
-from typing import IO, TypeVar
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import IO, Any, TypeVar
 
-__all__ = ["Progress", "format_seconds", "track"]
+__all__ = ["PlanAfterCheckpoint", "Progress", "format_seconds", "plan_text", "track"]
 
 T = TypeVar("T")
 
@@ -127,3 +129,57 @@ def track(items: Iterable[T], label: str, *, total: int | None = None, unit: str
         for x in items:
             yield x
             bar.update()
+
+
+# ------------------------------------------------------------------------------ the workflow's plan
+def plan_text(to_run: Mapping[str, int], done: int, checkpoint: str = "index_dicom") -> str:
+    """The plan once a checkpoint has expanded it: jobs per rule, in the order given."""
+    total = sum(to_run.values())
+    width = max([len(r) for r in to_run] + [5])
+    lines = [f"glandpet: after the {checkpoint} step the plan is {total} job(s) to run ({done} done):"]
+    lines += [f"  {rule.ljust(width)}  {n}" for rule, n in to_run.items()]
+    return "\n".join(lines)
+
+
+class PlanAfterCheckpoint(logging.Handler):
+    """Added to Snakemake's logger by the Snakefile. Snakemake's "2 of 3 steps (67%) done" counts the
+    plan known before the index checkpoint ran; when the first job after the checkpoint starts (the
+    plan is expanded by then), print the real plan (jobs per rule) once. In a dry run whose checkpoint
+    has not run, say that the plan shown ends at it and how to see the rest."""
+
+    def __init__(self, dag: Callable[[], Any], checkpoint: str = "index_dicom", *,
+                 dryrun: Callable[[], bool] = lambda: False,
+                 checkpoint_done: Callable[[], bool] = lambda: False, stream: IO[str] | None = None):
+        super().__init__(logging.INFO)
+        self.dag, self.checkpoint, self.dryrun = dag, checkpoint, dryrun
+        self.checkpoint_done = checkpoint_done
+        self.stream = stream
+        self.armed = self.printed = False
+
+    def _print(self, text: str) -> None:
+        stream = self.stream if self.stream is not None else sys.stderr
+        stream.write(text + "\n")
+        stream.flush()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.printed:
+            return
+        try:
+            event = str(getattr(getattr(record, "event", None), "value", getattr(record, "event", "")) or "")
+            msg = record.getMessage() if record.msg is not None else ""
+            if event == "job_finished" and f"(Rule: {self.checkpoint})" in msg:
+                self.armed = True
+            elif self.armed and event in ("job_info", "job_started"):
+                self.printed = True
+                dag = self.dag()
+                counts = Counter(job.rule.name for job in dag.needrun_jobs())  # not finished ones
+                done = sum(1 for _ in dag.finished_jobs)  # an iterator in Snakemake 9
+                self._print(plan_text(dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))), done,
+                                      self.checkpoint))
+            elif msg.startswith("This was a dry-run") and self.dryrun() and not self.checkpoint_done():
+                self.printed = True
+                self._print(f"glandpet: this plan ends at the {self.checkpoint} step: the steps after it depend on "
+                            f"what it finds in the DICOM tree. `snakemake --until {self.checkpoint} --cores N` runs "
+                            f"only it; a dry run after that shows the whole plan.")
+        except Exception:  # noqa: BLE001 - a display must never break the run
+            self.printed = True

@@ -37,3 +37,32 @@ def test_bad_values_name_the_key(patch, key):
     with pytest.raises(Exception) as err:
         validate(cfg, SCHEMA)
     assert re.search(key, str(err.value))
+
+
+def test_a_typo_is_one_line_with_a_suggestion():
+    """Before: the workflow printed Snakemake's 50-line schema dump; `glandpet check` and the
+    workflow now share one wording (glandpet.preflight.config_error_line)."""
+    from glandpet.preflight import config_error_line, validate_config
+
+    cfg = default_config()
+    cfg["pvc"] = dict(cfg["pvc"], methd="gtm")
+    assert config_error_line(cfg, SCHEMA) == "config: unknown key pvc.methd (did you mean pvc.method?)"
+    assert [p.cause for p in validate_config(cfg, SCHEMA)] == ["unknown key pvc.methd (did you mean pvc.method?)"]
+    cfg = default_config()
+    cfg["zzz"] = 1
+    assert config_error_line(cfg, SCHEMA) == "config: unknown key zzz"
+    assert config_error_line(default_config(), SCHEMA) is None
+
+
+def test_the_workflow_says_a_typo_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "c.yaml").write_text("pvc:\n  methd: gtm\n")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
+                           str(tmp_path), "--configfile", str(tmp_path / "c.yaml"), "-n", "--cores", "1"],
+                          capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "config: unknown key pvc.methd (did you mean pvc.method?)" in out
+    assert "Failed validating" not in out and len(out.splitlines()) <= 8, out
