@@ -83,3 +83,54 @@ def write_report_tables(gland_stats: str, cohort_stats: str, qc: str, out_statis
         tmp = atomic_path(path)
         tmp.write_bytes(_page(title, body))
         tmp.replace(path)
+
+
+# ------------------------------------------------------------------ the report's landing graph
+def rulegraph_one_node_per_rule(dag) -> tuple[dict, int, int]:
+    """The landing page's step graph with **one node per rule** (same return value as Snakemake's
+    ``snakemake.report.rulegraph_spec.rulegraph_spec``).
+
+    Snakemake keeps one node per rule *and DAG level* (snakemake/snakemake#1938), and glandpet's
+    per-session steps sit at several depths: the reference session's segmentation is one step
+    nearer the CT conversion than the other session's (which waits for the session alignment), a
+    single-session subject is shallower again. The graph then listed segment_glands,
+    measure_glands and index_and_montage twice. Here a rule's node sits at the first level it
+    appears on; links join the rules' nodes (each pair once)."""
+    order, rep = [], {}
+    first: dict[str, object] = {}
+    for level in dag.toposorted():
+        for job in sorted(level, key=lambda j: j.rule.name):
+            name = job.rule.name
+            if name not in first:
+                first[name] = job
+                order.append(job)
+            rep[job] = first[name]
+    nodes = [{"rule": job.rule.name, "fx": 10, "fy": i * 50} for i, job in enumerate(order)]
+    idx = {job: i for i, job in enumerate(order)}
+    pairs: set[tuple[int, int]] = set()
+    for job, r in rep.items():
+        for dep in dag.dependencies[job]:
+            if dep in rep and idx[rep[dep]] != idx[r]:
+                pairs.add((idx[rep[dep]], idx[r]))
+
+    def link(s: int, t: int) -> dict:
+        return {"target": t, "source": s, "sourcerule": nodes[s]["rule"], "targetrule": nodes[t]["rule"], "value": 1}
+
+    spec = {"nodes": nodes,
+            "links": [link(s, t) for s, t in sorted(pairs) if t - s != 1],
+            "links_direct": [link(s, t) for s, t in sorted(pairs) if t - s == 1]}
+    return spec, 100, max((n["fy"] for n in nodes), default=0)
+
+
+def use_one_node_per_rule_graph() -> bool:
+    """Make ``snakemake --report`` draw :func:`rulegraph_one_node_per_rule` (called by
+    rules/report.smk). Replaces the name the HTML reporter looks up; does nothing (False) if a
+    Snakemake version no longer has it, so the report is then Snakemake's own."""
+    try:
+        from snakemake.report import html_reporter
+    except ImportError:
+        return False
+    if not callable(getattr(html_reporter, "rulegraph_spec", None)):
+        return False
+    html_reporter.rulegraph_spec = rulegraph_one_node_per_rule
+    return True

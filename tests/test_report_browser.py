@@ -1,7 +1,8 @@
 """The Snakemake report as a user sees it: results/report.html of the shared workflow run opened in
 headless Debian Chromium (driven by Selenium through Debian's chromedriver), rendered by its own
-JavaScript, then checked through the DOM: the result categories (Figures, QC montages,
-Statistics, Tables), every cohort figure, every subject's QC montage, the statistics table, and that a
+JavaScript, then checked through the DOM: the result categories (Figures, QC montages, Tables),
+one "Statistics" entry (Snakemake's own), every cohort figure, every subject's QC montage, the
+statistics table, and that a
 figure and a montage actually display. A screenshot of a displayed QC montage is saved to the
 test's tmp folder; with GLANDPET_REFRESH_SCREENSHOT=1 it also replaces docs/report_screenshot.png.
 
@@ -29,7 +30,7 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--window-size=1500,950")
-RESULT_CATEGORIES = ("Figures", "QC montages", "Statistics", "Tables")
+RESULT_CATEGORIES = ("Figures", "QC montages", "Tables")
 
 pytestmark = pytest.mark.slow
 
@@ -151,12 +152,9 @@ def test_report_renders_every_category_figure_table_and_montage(browser, report,
     assert sorted(listed) == figures
     rep.show(listed["psma_vs_fapi.png"])
 
-    rep.home()
-    rep.open("Statistics")
-    listed = rep.rows()
-    assert list(listed) == ["cohort_stats.parquet"]
-    href = listed["cohort_stats.parquet"].find_element(rep.By.CSS_SELECTOR, "a[iconname=eye]").get_attribute("href")
-    assert ";base64,UEFSM" in href  # the Parquet file itself ('PAR1'), embedded in the report
+    # one "Statistics" entry: Snakemake's runtime statistics (a result category of that name made
+    # two, and its Parquet file showed as an empty pane); the cohort statistics are under Tables
+    assert menu.count("Statistics") == 1, menu
 
     rep.home()
     rep.open("Tables")

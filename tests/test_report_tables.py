@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from glandpet import tables
 from glandpet.report_tables import gland_values_view, statistics_view, write_report_tables
@@ -56,3 +57,86 @@ def test_write_views_from_parquet(tmp_path):
     q = outs[2].read_text()
     assert "PatientWeight missing" in q and "sub-S9" in q and "failures and warnings" in q
     assert not list((tmp_path / "r").glob(".*part"))
+
+
+# ------------------------------------------------------------------ the report of the shared demo run
+def _report_var(html: str, name: str):
+    """A JSON variable the Snakemake report embeds (``var <name> = {...};``)."""
+    import json
+    import re
+
+    m = re.search(rf"var {name} = (.*?);\s*\n", html)
+    assert m, f"no {name} in the report"
+    return json.loads(m.group(1))
+
+
+@pytest.fixture(scope="module")
+def demo_report(workflow_run, tmp_path_factory):
+    """``snakemake --report`` of the shared run, its terminal output and the HTML."""
+    from workflow_run import snakemake
+
+    path = tmp_path_factory.mktemp("report") / "report.html"
+    proc = snakemake(workflow_run, "--report", str(path))
+    return proc.stdout + proc.stderr, path.read_text()
+
+
+@pytest.mark.slow
+def test_report_has_one_statistics_entry_and_no_warnings(demo_report):
+    """The menu showed "Statistics" twice (a result category of that name beside Snakemake's own
+    runtime statistics), the cohort_stats.parquet item was an empty pane, and every caption printed
+    `Duplicate explicit target name: "statistics"` (15 warnings)."""
+    out, html = demo_report
+    assert "Duplicate explicit target name" not in out, out[-3000:]
+    categories = _report_var(html, "categories")
+    assert "statistics" not in {c.lower() for c in categories}, sorted(categories)
+    files = [p for cat in categories.values() for sub in cat.values() for p in sub]
+    assert not [p for p in files if not p.endswith((".png", ".html"))], files  # what a browser can show
+    tables = [p.split("/")[-1] for sub in categories["Tables"].values() for p in sub]
+    assert sorted(tables) == ["gland_values.html", "qc.html", "statistics.html"]
+
+
+@pytest.mark.slow
+def test_report_graph_lists_each_step_once(demo_report):
+    """The landing page's graph showed steps twice (one node per rule and DAG level)."""
+    _, html = demo_report
+    spec = _report_var(html, "rulegraph_spec")
+    nodes = [n["rule"] for d in spec["data"] if d["name"] == "node-data" for n in d["values"]]
+    assert nodes and len(nodes) == len(set(nodes)), sorted(nodes)
+
+
+def test_graph_has_one_node_per_rule_on_a_staggered_dag():
+    """A rule whose jobs sit at two DAG depths (the other session's segmentation waits for the
+    session alignment) gets one node; Snakemake's own spec gives it one per depth."""
+    from types import SimpleNamespace
+
+    from snakemake.report.rulegraph_spec import rulegraph_spec
+
+    from glandpet.report_tables import rulegraph_one_node_per_rule
+
+    class Job:  # hashable by identity, like Snakemake's jobs
+        def __init__(self, rule):
+            self.rule = SimpleNamespace(name=rule)
+
+    def job(rule, tag):
+        return Job(rule)
+
+    ct1, ct2 = job("convert_ct", 1), job("convert_ct", 2)
+    align, seg1, seg2 = job("align_sessions", 0), job("segment_glands", 1), job("segment_glands", 2)
+    m1, m2 = job("measure_glands", 1), job("measure_glands", 2)
+    deps = {ct1: set(), ct2: set(), align: {ct1, ct2}, seg1: {ct1}, seg2: {align, seg1}, m1: {seg1}, m2: {seg2}}
+
+    class Dag:
+        dependencies = deps
+
+        def toposorted(self):
+            return [{ct1, ct2}, {align, seg1}, {seg2, m1}, {m2}]
+
+    theirs = [n["rule"] for n in rulegraph_spec(Dag())[0]["nodes"]]
+    assert theirs.count("segment_glands") == 2 and theirs.count("measure_glands") == 2
+    spec, _, _ = rulegraph_one_node_per_rule(Dag())
+    nodes = [n["rule"] for n in spec["nodes"]]
+    assert sorted(nodes) == ["align_sessions", "convert_ct", "measure_glands", "segment_glands"]
+    edges = {(lk["sourcerule"], lk["targetrule"]) for lk in spec["links"] + spec["links_direct"]}
+    assert edges == {("convert_ct", "align_sessions"), ("convert_ct", "segment_glands"),
+                     ("align_sessions", "segment_glands"), ("segment_glands", "measure_glands")}
+    assert len(spec["links"] + spec["links_direct"]) == len(edges)
