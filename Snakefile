@@ -3,6 +3,8 @@ import os
 
 from snakemake.utils import min_version, validate
 
+from glandpet.preflight import config_error_line
+
 min_version("9.0")
 
 
@@ -10,6 +12,11 @@ min_version("9.0")
 configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
+# one line naming the key (as `glandpet check` words it), not the schema dump; then Snakemake's
+# validation, which also fills the schema's defaults
+config_error_line(
+    config, os.path.join(workflow.basedir, "config.schema.yaml"), raise_error=True
+)
 validate(config, "config.schema.yaml")
 
 
@@ -21,6 +28,14 @@ include: "rules/segment.smk"
 include: "rules/measure.smk"
 include: "rules/index.smk"
 include: "rules/report.smk"
+
+
+onsuccess:
+    run_finished(failed=False)
+
+
+onerror:
+    run_finished(failed=True)
 
 
 rule all:

@@ -80,27 +80,32 @@ def _selected(series_path: str, mtime: float) -> dict[str, dict[str, str]]:
     return out
 
 
-def selected_sessions(series_path: str, subject: str) -> dict[str, str]:
+def selected_sessions(series_path: str, subject: str, rule_params: Mapping[str, str] | None = None) -> dict[str, str]:
     """{session: tracer slug} of the PET series the index selected for a subject, without the sessions
     the index found unusable (the series' ``problem``) and those whose job failed in an earlier run
-    (a failure record in ``<results>/work/failed/``, see :func:`failure_records`)."""
+    and still would (a current failure record in ``<results>/work/failed/``, see :func:`failure_records`
+    and :func:`left_out`). `rule_params`: {rule: params digest} of this run (:func:`params_digest`)."""
     out = dict(_selected(str(series_path), os.path.getmtime(series_path)).get(subject, {}))
-    results = Path(series_path).parent.parent
-    for rec in failure_records(results):
-        if rec["subject_id"] == subject:
-            if rec["session"] is None:
-                return {}
-            out.pop(rec["session"], None)
-    return out
+    drop = left_out(Path(series_path).parent.parent, subject, list(out), rule_params)
+    if drop is None:
+        return {}
+    return {k: v for k, v in out.items() if k not in drop}
 
 
 # --------------------------------------------------------------------------- job failure records
 # A job that fails (any exception in a step run under `log_to`) leaves a record
-# `<results>/work/failed/<rule>/<log name>.json` {subject_id, session, stage, status, message}.
-# On the next run the failed subject / session is left out of the DAG (so `--keep-going` runs end in
-# complete cohort tables) and the cohort tables step copies the record into qc.parquet. Delete the
-# record (or the folder) to try the job again; a job that succeeds removes its own record.
+# `<results>/work/failed/<rule>/<log name>.json` {subject_id, session, stage, status, message, fingerprint}.
+# While the record is current (the job's inputs, the rule's params and the code are those of the failed
+# attempt: `fingerprint`), later runs leave the failed session out of the DAG (see `left_out`), so a
+# `--keep-going` run ends in complete cohort tables, and the cohort tables step copies the record into
+# qc.parquet. Once any of the three changes the record is stale: it is ignored and the job runs again
+# (success removes the record, a new failure rewrites it). Deleting the record also retries the job.
 _LOG_NAME = re.compile(r"^sub-(?P<subject>[A-Za-z0-9]+)(?:_ses-(?P<session>psma|fapi))?(?:_|\.log$)")
+# a failure of one of these subject-level jobs leaves out the subject's product of it, not its sessions
+SUBJECT_PRODUCT_RULES = {"index_and_montage"}
+# the session alignment failing leaves out the session that needs it (the non-reference one)
+ALIGN_RULE = "align_sessions"
+_PACKAGE = Path(__file__).resolve().parent
 
 
 def failure_record_path(log_path: str | os.PathLike) -> Path | None:
@@ -112,8 +117,65 @@ def failure_record_path(log_path: str | os.PathLike) -> Path | None:
     return results / "work" / "failed" / log_path.parent.name / (log_path.name[: -len(".log")] + ".json")
 
 
-def failure_records(results: str | os.PathLike) -> list[dict]:
-    """The job failure records under `<results>/work/failed/` (subject_id, session, stage, status, message).
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """Digest of the step code: the glandpet package and the Snakemake wrapper scripts (a changed
+    line anywhere in them makes earlier failure records stale)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = sorted(_PACKAGE.rglob("*.py")) + sorted((_PACKAGE.parent / "scripts").glob("*.py"))
+    for f in files:
+        try:
+            h.update(str(f.relative_to(_PACKAGE.parent)).encode() + b"\0" + f.read_bytes())
+        except OSError:
+            continue
+    return h.hexdigest()[:16]
+
+
+def params_digest(params: Any) -> str:
+    """Digest of a rule's (or job's) params: the same value for Snakemake's rule params and the job's
+    ``snakemake.params`` (JSON of the named items; callables by name only)."""
+    import hashlib
+
+    items = params.items() if hasattr(params, "items") else []
+    plain = {str(k): (f"<callable {getattr(v, '__name__', '?')}>" if callable(v) else v) for k, v in items}
+    text = json.dumps(plain, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _file_state(path: str) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def job_fingerprint(job: Any = None) -> dict:
+    """What a failed job depended on: its input files (size, mtime), its params and the code."""
+    inputs, params = {}, None
+    if job is not None:
+        inputs = {os.path.abspath(str(f)): _file_state(str(f)) for f in job.input}
+        params = params_digest(job.params)
+    return {"inputs": inputs, "params": params, "code": code_digest()}
+
+
+def record_is_current(rec: Mapping[str, Any], rule_params: Mapping[str, str] | None = None) -> bool:
+    """A failure record applies while its job's inputs, its rule's params (when `rule_params` is
+    given) and the code are those it failed with. A record without a fingerprint is stale."""
+    fp = rec.get("fingerprint")
+    if not isinstance(fp, Mapping) or fp.get("code") != code_digest():
+        return False
+    if rule_params is not None and fp.get("params") is not None and rule_params.get(rec.get("stage")) != fp["params"]:
+        return False
+    return all(_file_state(path) == state for path, state in (fp.get("inputs") or {}).items())
+
+
+def failure_records(results: str | os.PathLike, rule_params: Mapping[str, str] | None = None, *,
+                    stale: bool = False) -> list[dict]:
+    """The current job failure records under `<results>/work/failed/` (subject_id, session, stage,
+    status, message, fingerprint); with ``stale=True`` the stale ones instead.
 
     Called for every subject while Snakemake builds the DAG: the records are read once per state of
     the folder (its rule subfolders' modification times), not once per call."""
@@ -121,7 +183,7 @@ def failure_records(results: str | os.PathLike) -> list[dict]:
     if not folder.is_dir():
         return []
     state = tuple((d.name, d.stat().st_mtime_ns) for d in sorted(folder.iterdir()))
-    return _read_failure_records(str(folder), state)
+    return [r for r in _read_failure_records(str(folder), state) if record_is_current(r, rule_params) != stale]
 
 
 @functools.lru_cache(maxsize=8)
@@ -129,13 +191,44 @@ def _read_failure_records(folder: str, _state: tuple) -> list[dict]:
     out = []
     for p in sorted(Path(folder).glob("*/*.json")):
         try:
-            out.append(json.loads(p.read_text()))
+            rec = json.loads(p.read_text())
         except (OSError, ValueError):
             continue
+        rec["_mtime"] = p.stat().st_mtime
+        out.append(rec)
     return out
 
 
-def _record_failure(log_path: str | os.PathLike, exc: BaseException) -> None:
+def left_out(results: str | os.PathLike, subject: str, sessions: list[str],
+             rule_params: Mapping[str, str] | None = None) -> set[str] | None:
+    """The sessions of `subject` that current failure records leave out (None: the whole subject).
+
+    A session's own job failing leaves that session out; the session alignment failing leaves out
+    the session that needed it (the non-reference one); the subject's index/montage failing leaves
+    out no session (only that job's products, :func:`product_failed`); any other subject-level
+    failure leaves the subject out."""
+    drop: set[str] = set()
+    for rec in failure_records(results, rule_params):
+        if rec["subject_id"] != subject or rec.get("stage") in SUBJECT_PRODUCT_RULES:
+            continue
+        if rec.get("session"):
+            drop.add(rec["session"])
+        elif rec.get("stage") == ALIGN_RULE:
+            kept = [s for s in sessions if s not in drop]
+            if len(kept) > 1:
+                drop.add(next(s for s in kept if s != reference_session(kept)))
+        else:
+            return None
+    return drop
+
+
+def product_failed(results: str | os.PathLike, subject: str, rule: str,
+                   rule_params: Mapping[str, str] | None = None) -> bool:
+    """A current failure record of the subject-level `rule` (e.g. index_and_montage) for `subject`."""
+    return any(r["subject_id"] == subject and r.get("stage") == rule for r in failure_records(results, rule_params))
+
+
+def _record_failure(log_path: str | os.PathLike, exc: BaseException, job: Any = None) -> None:
     path = failure_record_path(log_path)
     if path is None:
         return
@@ -149,15 +242,131 @@ def _record_failure(log_path: str | os.PathLike, exc: BaseException) -> None:
     if not message.startswith(prefix):
         message = f"{prefix}: {message}"
     rec = {"subject_id": m["subject"], "session": m["session"], "stage": Path(log_path).parent.name,
-           "status": "failed", "message": message[:2000], "log": str(Path(log_path).name)}
+           "status": "failed", "message": message[:2000], "log": str(Path(log_path).name),
+           "fingerprint": job_fingerprint(job)}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(rec, path)
 
 
+# --------------------------------------------------------------------------- end of a run
+_SUMMARY_DONE: list[bool] = []
+MAX_PASSES = 3  # a --keep-going run plans again without newly failed sessions at most this often
+
+
+def left_out_summary(results: str | os.PathLike, subjects: list[str], sessions_of: Any,
+                     rule_params: Mapping[str, str] | None = None, *, causes: int = 3) -> str | None:
+    """What the run leaves out, for the terminal: subjects and sessions, the first `causes` causes and
+    where the rest is. None when nothing is left out. `sessions_of(subject)` -> the usable sessions."""
+    import pandas as pd
+
+    results = Path(results)
+    rows: list[tuple[str, str | None, str, str]] = []  # subject, session, stage, message
+    idx = results / "work" / "index_failures.parquet"
+    if idx.is_file():
+        f = pd.read_parquet(idx)
+        for r in f[f["status"] == "failed"].itertuples():
+            rows.append((r.subject_id, r.session if isinstance(r.session, str) else None, r.stage, r.message))
+    for r in failure_records(results, rule_params):
+        rows.append((r["subject_id"], r.get("session"), r.get("stage", "?"), r.get("message") or ""))
+    if not rows:
+        return None
+    gone = [s for s in subjects if not sessions_of(s)]
+    sessions = {(s, ses) for s, ses, _, _ in rows if ses and s not in gone}
+    products = {(s, st) for s, ses, st, _ in rows if st in SUBJECT_PRODUCT_RULES and s not in gone}
+    parts = [f"{len(gone)} of {len(subjects)} subject(s)", f"{len(sessions)} more session(s)"]
+    if products:
+        parts.append(f"{len(products)} subject index/montage job(s)")
+    lines = [f"glandpet: this run left out {', '.join(parts)}; causes:"]
+    for s, ses, stage, msg in rows[:causes]:
+        msg = " ".join(str(msg).split())
+        lines.append(f"  [{stage}] {msg[:200] + ('...' if len(msg) > 200 else '')}")
+    more = len(rows) - causes
+    qc = results / "tables" / "qc.parquet"
+    lines.append(f"  {'and ' + str(more) + ' more; ' if more > 0 else ''}every cause, one row each (status 'failed'): {qc}")
+    lines.append(f"  A failed job runs again once its inputs, its rule's params or the code change; to retry it "
+                 f"unchanged, delete its record in {results / 'work' / 'failed'}/.")
+    return "\n".join(lines)
+
+
+def plan_after_index(workflow: Any, series_path: str) -> None:
+    """Print the real plan once the index checkpoint has expanded it (glandpet.progress)."""
+    import logging as _logging
+
+    from .progress import PlanAfterCheckpoint
+
+    if not getattr(workflow, "is_main_process", False):
+        return
+    handler = PlanAfterCheckpoint(lambda: workflow.dag, "index_dicom", dryrun=lambda: bool(workflow.dryrun),
+                                  checkpoint_done=lambda: os.path.isfile(series_path))
+    # on the parent of Snakemake's logger: Snakemake resets its own logger's handlers after parsing
+    _logging.getLogger("snakemake").addHandler(handler)
+
+
+def _snakemake_argv() -> list[str] | None:
+    """The command line of this snakemake run, to run it again (None when not run from the CLI)."""
+    import sys
+
+    exe = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if exe is None or "snakemake" not in str(exe):
+        return None
+    return [sys.executable, "-m", "snakemake", *sys.argv[1:]]
+
+
+def finish_run(workflow: Any, results: str | os.PathLike, subjects: list[str], sessions_of: Any,
+               rule_params: Mapping[str, str] | None, *, failed: bool, run_start: float) -> None:
+    """End of a run (the Snakefile's onsuccess/onerror, and at exit for a run with nothing to do).
+
+    With ``--keep-going``, jobs that failed in this run leave failure records; nothing downstream of
+    them ran, the cohort tables included. The run is then planned again (the same command, at most
+    MAX_PASSES times), now without the failed sessions, so every healthy session of the cohort reaches
+    the tables in this one run. Then the terminal gets the summary of what was left out."""
+    import subprocess
+    import sys
+
+    if _SUMMARY_DONE or os.environ.get("GLANDPET_PASS_OF"):
+        _SUMMARY_DONE.append(True)
+        return
+    _SUMMARY_DONE.append(True)
+    main = getattr(workflow, "is_main_process", True)
+    if not main:
+        return
+    dryrun = bool(getattr(workflow, "dryrun", False))
+    keep_going = bool(getattr(getattr(workflow, "execution_settings", None), "keep_going", False))
+    argv = _snakemake_argv()
+    passes = 1
+    while failed and keep_going and not dryrun and argv and passes < MAX_PASSES:
+        new = [r for r in failure_records(results, rule_params) if r.get("_mtime", 0) >= run_start]
+        if not new:
+            break
+        print(f"glandpet: {len(new)} subject job(s) failed in this run; planning again without what they leave "
+              f"out, so that the healthy sessions reach the cohort tables (pass {passes + 1})", file=sys.stderr,
+              flush=True)
+        run_start = __import__("time").time()
+        env = dict(os.environ, GLANDPET_PASS_OF="1")
+        rc = subprocess.run([*argv, "--nolock"], env=env).returncode
+        passes += 1
+        failed = rc != 0
+        _read_failure_records.cache_clear()
+        _selected.cache_clear()
+    try:
+        text = left_out_summary(results, subjects, sessions_of, rule_params)
+    except Exception as exc:  # noqa: BLE001 - the summary must not hide the run's own outcome
+        text = f"glandpet: could not summarise what the run left out ({type(exc).__name__}: {exc})"
+    if text:
+        print(text, file=sys.stderr, flush=True)
+
+
 # --------------------------------------------------------------------------- run time
 @contextlib.contextmanager
-def log_to(path: str | os.PathLike | None) -> Iterator[logging.Logger]:
-    """Send the step's logging, stdout and stderr to its Snakemake log file; log tracebacks."""
+def log_to(path: str | os.PathLike | None, job: Any = None) -> Iterator[logging.Logger]:
+    """Send the step's logging, stdout and stderr to its Snakemake log file; log tracebacks.
+
+    A failing per-subject step leaves a failure record with the fingerprint of `job` (the step's
+    Snakemake object: inputs, params; default: the ``snakemake`` object of the running script)."""
+    if job is None:
+        import sys
+
+        job = getattr(sys.modules.get("__main__"), "snakemake", None)
     if path is None:
         yield log
         return
@@ -173,7 +382,7 @@ def log_to(path: str | os.PathLike | None) -> Iterator[logging.Logger]:
         except Exception as exc:
             traceback.print_exc(file=fh)
             try:
-                _record_failure(path, exc)
+                _record_failure(path, exc, job)
             except Exception:  # noqa: BLE001 - the record is a courtesy; the job fails anyway
                 traceback.print_exc(file=fh)
             raise
@@ -440,7 +649,8 @@ def gland_index(inputs: Any, out_path: str, subject: str, index_cfg: Mapping[str
     stats = pd.concat([pd.read_parquet(p) for p in inputs.stats], ignore_index=True)
     stats["subject_id"] = subject
     spearman = None
-    if "psma_suv" in inputs.keys():
+    # both sessions measured (the montage's inputs name each session's SUV even for one session)
+    if {"psma_pet_dseg", "psma_suv", "fapi_suv", "affine"} <= set(inputs.keys()):
         spearman = _voxel_correlations(inputs, subject)
     definition = index_cfg.get("definition", "ratio")
     df = gland_index_table(stats, definition, index_cfg.get("reference") or None, use_pvc=True, spearman=spearman)

@@ -1,16 +1,24 @@
 # Shared paths, subject list and input functions. Every rule reads "inputs -> one call -> outputs".
+import atexit
 import functools
 import os
+import time
 
 import pandas as pd
 
 from glandpet.workflow import (
     atlas_list,
     config_digest,
+    finish_run,
+    params_digest,
+    plan_after_index,
+    product_failed,
     reference_session,
     selected_sessions,
     subject_ids,
 )
+
+RUN_START = time.time()
 
 RESULTS = config["results"]
 DEMO = config["subjects"] == ""
@@ -25,6 +33,7 @@ ATLASES = atlas_list(config, PHANTOM_ATLAS_DIR)
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
 SUV_DESC = f"suv{config['suv_type']}"
+plan_after_index(workflow, f"{RESULTS}/tables/series.parquet")
 
 
 wildcard_constraints:
@@ -43,7 +52,39 @@ def series_table():
     """
     if not _INDEX_DONE:
         _INDEX_DONE.append(checkpoints.index_dicom.get().output.series)
+        if (
+            workflow.is_main_process
+        ):  # a run that planned past the index: say what it leaves out
+            atexit.register(run_finished, failed=False)
     return _INDEX_DONE[0]
+
+
+_RULE_PARAMS = {}
+
+
+def rule_params():
+    """{rule: params digest} of this run: a failure record of a job whose rule's params changed since
+    it failed no longer applies (glandpet.workflow.record_is_current)."""
+    if not _RULE_PARAMS:
+        _RULE_PARAMS.update({r.name: params_digest(r.params) for r in workflow.rules})
+    return _RULE_PARAMS
+
+
+def run_finished(failed):
+    """onsuccess / onerror (and at exit): plan again without failed jobs (--keep-going), then print
+    what the run left out."""
+    series = f"{RESULTS}/tables/series.parquet"
+    if not os.path.isfile(series):
+        return
+    finish_run(
+        workflow,
+        RESULTS,
+        SUBJECTS,
+        lambda s: selected_sessions(series, s, rule_params()),
+        rule_params(),
+        failed=failed,
+        run_start=RUN_START,
+    )
 
 
 def subject_selection(w):
@@ -53,12 +94,12 @@ def subject_selection(w):
 
 
 def sessions(subject):
-    """The sessions (psma, fapi) the index selected for a subject."""
-    return selected_sessions(series_table(), subject)
+    """The sessions (psma, fapi) the index selected for a subject, without failed ones."""
+    return selected_sessions(series_table(), subject, rule_params())
 
 
 def tracer(subject, session):
-    return selected_sessions(series_table(), subject)[session]
+    return sessions(subject)[session]
 
 
 def ses_file(subject, session, suffix):
@@ -171,6 +212,16 @@ def processed_subjects():
     return [s for s in SUBJECTS if sessions(s)]
 
 
+def indexed_subjects():
+    """The processed subjects whose index/montage job has not failed (with the same inputs, params
+    and code) in an earlier run: their sessions still reach gland_stats."""
+    return [
+        s
+        for s in processed_subjects()
+        if not product_failed(RESULTS, s, "index_and_montage", rule_params())
+    ]
+
+
 def all_subject_files(pattern_fn):
     return [f for s in SUBJECTS for f in pattern_fn(s)]
 
@@ -194,4 +245,4 @@ def final_outputs(_w=None):
         f"{RESULTS}/tables/cohort_stats.parquet",
         f"{RESULTS}/figures/.done",
         f"{RESULTS}/tables/report/statistics.html",
-    ] + [f"{RESULTS}/figures/qc/sub-{s}_qc.png" for s in processed_subjects()]
+    ] + [f"{RESULTS}/figures/qc/sub-{s}_qc.png" for s in indexed_subjects()]

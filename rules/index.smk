@@ -1,4 +1,4 @@
-# Per subject, once both sessions are measured: the per-gland PSMA/FAPI index and within-gland voxel
+# Per subject, once its sessions are measured: the per-gland PSMA/FAPI index and (both sessions) within-gland voxel
 # correlation after session alignment, and the QC montage (CT + gland contours, each session's PET
 # fused). One job: both read the same images, and the DAG of a large cohort grows with its jobs.
 

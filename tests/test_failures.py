@@ -1,0 +1,236 @@
+"""A faulty cohort (issue 17): a session dropped at the index or failing at run time never takes a
+healthy one down; failure records stop applying when what failed changes; the run says at its end
+what it left out.
+
+Fast tests on the functions first; then ONE small sheet-based workflow scenario (2 subjects, 1 atlas)
+shared by the end-to-end assertions."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace as NS
+
+import pandas as pd
+import pytest
+
+from glandpet import workflow as wf
+from glandpet.errors import UserError
+
+
+class Job:
+    """The parts of a Snakemake job object a failure record reads."""
+
+    def __init__(self, inputs, **params):
+        self.input = [str(p) for p in inputs]
+        self.params = params
+
+    # Snakemake's Params has items(); a dict does too
+
+
+def _series(results: Path, subject: str, sessions=("psma", "fapi")) -> str:
+    from glandpet.series_index import SERIES_SCHEMA
+    from glandpet.tables import write_table
+
+    path = results / "tables" / "series.parquet"
+    rows = [dict(subject_id=subject, session=s, role="pet_ac", selected=True, tracer_slug=s, series_key=s)
+            for s in sessions]
+    write_table(rows, SERIES_SCHEMA, path)
+    wf._selected.cache_clear()
+    return str(path)
+
+
+def _fail(results: Path, rule: str, name: str, job=None, message="boom"):
+    with pytest.raises(UserError):
+        with wf.log_to(results / "logs" / rule / name, job=job):
+            raise UserError(message)
+
+
+def test_index_and_montage_failure_keeps_the_subjects_sessions(tmp_path):
+    """Before: a failed subject-level job (index_and_montage) dropped every session of the subject."""
+    results = tmp_path / "results"
+    series = _series(results, "B")
+    _fail(results, "index_and_montage", "sub-B.log")
+    assert wf.selected_sessions(series, "B") == {"psma": "psma", "fapi": "fapi"}
+    assert wf.product_failed(results, "B", "index_and_montage")
+    # the session alignment failing leaves out the session that needs it, not the reference one
+    _fail(results, "align_sessions", "sub-B.log")
+    assert wf.selected_sessions(series, "B") == {"psma": "psma"}
+
+
+def test_failure_record_is_stale_once_inputs_params_or_code_change(tmp_path, monkeypatch):
+    """Before: a record applied forever (not tied to the inputs, params or code that failed)."""
+    results = tmp_path / "results"
+    series = _series(results, "B")
+    suv = tmp_path / "suv.nii.gz"
+    suv.write_bytes(b"corrupt")
+    job = Job([suv], pvc={"method": "rbv"}, suv_type="bw")
+    _fail(results, "measure_glands", "sub-B_ses-psma.log", job=job)
+    rec = json.loads((results / "work" / "failed" / "measure_glands" / "sub-B_ses-psma.json").read_text())
+    assert set(rec["fingerprint"]) == {"inputs", "params", "code"}
+    params_now = {"measure_glands": wf.params_digest(job.params)}
+    assert wf.selected_sessions(series, "B", params_now) == {"fapi": "fapi"}  # current: left out
+    # the rule's params changed (e.g. back to the default PVC method): the job is retried
+    params_default = {"measure_glands": wf.params_digest({"pvc": {"method": "gtm"}, "suv_type": "bw"})}
+    assert wf.selected_sessions(series, "B", params_default) == {"psma": "psma", "fapi": "fapi"}
+    assert wf.failure_records(results, params_default) == []
+    assert len(wf.failure_records(results, params_default, stale=True)) == 1
+    # the code changed
+    monkeypatch.setattr(wf, "code_digest", lambda: "0" * 16)
+    assert wf.selected_sessions(series, "B", params_now) == {"psma": "psma", "fapi": "fapi"}
+    monkeypatch.undo()
+    assert wf.selected_sessions(series, "B", params_now) == {"fapi": "fapi"}
+    # the input was replaced
+    time.sleep(0.01)
+    suv.write_bytes(b"fixed image")
+    assert wf.selected_sessions(series, "B", params_now) == {"psma": "psma", "fapi": "fapi"}
+    # a record without a fingerprint (written before fingerprints existed) no longer applies
+    p = results / "work" / "failed" / "convert_pet" / "sub-B_ses-fapi_trc-fapi.json"
+    p.parent.mkdir(parents=True)
+    p.write_text(json.dumps({"subject_id": "B", "session": "fapi", "stage": "convert_pet", "status": "failed",
+                             "message": "old"}))
+    assert wf.selected_sessions(series, "B", params_now) == {"psma": "psma", "fapi": "fapi"}
+
+
+def test_single_session_index_does_not_need_the_other_session(tmp_path, monkeypatch):
+    """Before: a subject left with its PSMA session (its FAPI dropped at the index) crashed with
+    AttributeError: 'InputFiles' object has no attribute 'psma_pet_dseg' (the montage's psma_suv key
+    made gland_index ask for the voxel correlation)."""
+    import glandpet.gland_index as gi
+
+    stats = tmp_path / "stats.parquet"
+    pd.DataFrame({"subject_id": ["A"], "gland": ["parotid"]}).to_parquet(stats)
+    seen = {}
+
+    def table(df, definition, reference, use_pvc, spearman):
+        seen["spearman"] = spearman
+        return pd.DataFrame({"subject_id": ["A"]})
+
+    monkeypatch.setattr(gi, "gland_index_table", table)
+
+    class Inputs(NS):
+        def keys(self):
+            return list(vars(self))
+
+    inputs = Inputs(stats=[str(stats)], psma_suv="x_suv.nii.gz", psma_xfm="x.mat", ct="ct.nii.gz", dseg="d.nii.gz")
+    wf.gland_index(inputs, str(tmp_path / "index.parquet"), "A", {"definition": "ratio"})
+    assert seen == {"spearman": None}
+
+
+def test_left_out_summary_counts_and_points_to_qc(tmp_path):
+    from glandpet.series_index import FAILURES_SCHEMA
+    from glandpet.tables import write_table
+
+    results = tmp_path / "results"
+    write_table([dict(subject_id="A", session="fapi", stage="index", status="failed",
+                      message="sub-A ses-fapi: CT series #2 'CT': 1 of its files is truncated"),
+                 dict(subject_id="C", session=None, stage="index", status="failed",
+                      message="sub-C: its dicom_dir folder holds no files"),
+                 dict(subject_id="A", session="psma", stage="index", status="warning", message="a warning")],
+                FAILURES_SCHEMA, results / "work" / "index_failures.parquet")
+    _fail(results, "measure_glands", "sub-B_ses-fapi.log", message="sub-B ses-fapi: corrupt SUV image")
+    usable = {"A": {"psma": "x"}, "B": {}, "C": {}}
+    text = wf.left_out_summary(results, ["A", "B", "C"], lambda s: usable[s], causes=2)
+    lines = text.splitlines()
+    assert lines[0] == "glandpet: this run left out 2 of 3 subject(s), 1 more session(s); causes:"
+    assert "[index] sub-A ses-fapi: CT series #2 'CT': 1 of its files is truncated" in lines[1]
+    assert "[index] sub-C" in lines[2] and "warning" not in text
+    assert lines[3].startswith("  and 1 more; every cause") and str(results / "tables" / "qc.parquet") in lines[3]
+    assert "params or the code change" in lines[4]
+    assert wf.left_out_summary(tmp_path / "empty", ["A"], lambda s: {"psma": "x"}) is None
+
+
+# ------------------------------------------------------------------------------------------ the workflow
+SITECUSTOMIZE = '''
+import os
+_poison = os.environ.get("GLANDPET_TEST_POISON")
+if _poison:
+    import glandpet.workflow as _wf
+    _measure = _wf.measure_glands
+
+    def measure_glands(inputs, output, subject, session, *args, **kw):
+        if os.path.isfile(_poison) and open(_poison).read().strip() == f"{subject}:{session}":
+            raise ValueError(f"injected failure: the SUV image {os.path.basename(str(inputs.suv))} is corrupt")
+        return _measure(inputs, output, subject, session, *args, **kw)
+
+    _wf.measure_glands = measure_glands
+'''
+
+
+@pytest.mark.slow
+def test_faulty_cohort_ends_in_one_keep_going_run_and_a_fixed_job_is_taken_up(small_cohort, tmp_path, monkeypatch):
+    """The issue's "done when": S001 (pSS, PSMA + FAPI) has one truncated file in its FAPI CT (dropped
+    at the index); S002's only session (FAPI) fails at run time in measure_glands (an injected
+    failure). ONE `snakemake --keep-going` run ends with S001's PSMA session in gland_stats and
+    gland_index (single-session rows), both failures in qc.parquet with their causes, and a summary on
+    the terminal. A dry run with nothing changed says the same at its end (no silent exit 0); once the
+    failed job's input is replaced, the next run takes it up, nothing deleted by hand."""
+    import yaml
+
+    from test_bad_inputs import _series_dirs
+    from workflow_run import snakemake
+
+    dicom = tmp_path / "dicom"
+    shutil.copytree(small_cohort / "dicom", dicom, copy_function=os.link)
+    ct = sorted(_series_dirs(dicom / "S001", "fapi")["ct"].iterdir())[3]
+    data = ct.read_bytes()
+    ct.unlink()
+    ct.write_bytes(data[:-4000])
+    shutil.copy(small_cohort / "subjects.tsv", tmp_path / "subjects.tsv")
+    atlas = small_cohort / "atlases" / "atlas01"
+    results = tmp_path / "results"
+    cfg = {"results": str(results), "subjects": str(tmp_path / "subjects.tsv"), "dicom_root": str(dicom),
+           "atlases": [{"name": "atlas01", "ct": str(atlas / "ct.nii.gz"), "labels": str(atlas / "labels.nii.gz"),
+                        "label_table": str(atlas / "labels.tsv")}]}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    poison = tmp_path / "poison"
+    poison.write_text("S002:fapi")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("GLANDPET_TEST_POISON", str(poison))
+
+    t0 = time.perf_counter()
+    run = snakemake(tmp_path, "--cores", "2", "--keep-going", check=False)
+    out = run.stdout + run.stderr
+    print(f"keep-going run: {time.perf_counter() - t0:.0f} s")
+    assert run.returncode != 0, out[-3000:]  # a job failed: the run says so in its exit status too
+    assert "after the index_dicom step the plan is" in out, out[-6000:]
+    tables = results / "tables"
+    stats = pd.read_parquet(tables / "gland_stats.parquet")
+    assert set(zip(stats["subject_id"], stats["session"])) == {("S001", "psma")}, out[-6000:]
+    index = pd.read_parquet(tables / "gland_index.parquet")
+    assert set(index["subject_id"]) == {"S001"}
+    qc = pd.read_parquet(tables / "qc.parquet")
+    bad = qc[qc["status"] == "failed"]
+    got = {(r.subject_id, r.session, r.stage) for r in bad.itertuples()}
+    assert got == {("S001", "fapi", "index"), ("S002", "fapi", "measure_glands")}, bad.to_string()
+    msgs = dict(zip(bad["subject_id"], bad["message"]))
+    assert "truncated" in msgs["S001"] and "injected failure" in msgs["S002"]
+    summary = out[out.rindex("glandpet: this run left out"):]
+    assert summary.startswith("glandpet: this run left out 1 of 2 subject(s), 1 more session(s)"), summary
+    assert "truncated" in summary and "injected failure" in summary and str(tables / "qc.parquet") in summary
+
+    # nothing changed: a dry run plans nothing of S002 and still says what is left out
+    poison.unlink()
+    dry = snakemake(tmp_path, "-n", "--cores", "2")
+    dout = dry.stdout + dry.stderr
+    assert "subject=S002" not in dout and "glandpet: this run left out" in dout, dout[-3000:]
+
+    # the failed job's input is replaced (same image, rewritten): the next run takes the job up
+    suv = next((results / "sub-S002" / "ses-fapi").glob("*_desc-suvbw_pet.nii.gz"))
+    suv.write_bytes(suv.read_bytes())
+    t0 = time.perf_counter()
+    again = snakemake(tmp_path, "--cores", "2")
+    print(f"run after the fix: {time.perf_counter() - t0:.0f} s")
+    aout = again.stdout + again.stderr
+    assert "rule measure_glands" in aout
+    stats = pd.read_parquet(tables / "gland_stats.parquet")
+    assert set(zip(stats["subject_id"], stats["session"])) == {("S001", "psma"), ("S002", "fapi")}
+    qc = pd.read_parquet(tables / "qc.parquet")
+    assert set(qc.loc[qc["status"] == "failed", "subject_id"]) == {"S001"}
+    assert not list((results / "work" / "failed").rglob("*.json"))
