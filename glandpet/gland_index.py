@@ -166,9 +166,11 @@ def voxel_rho_note(rho, n_voxels, *, have_pair: bool = True, min_voxels: int = M
     if n_voxels is None or (isinstance(n_voxels, float) and math.isnan(n_voxels)):
         return "not computed"
     n = int(n_voxels)
+    if n == 0:
+        return (f"0 voxels after the one-voxel erosion (< {min_voxels} needed): the gland is under 3 PET voxels "
+                "thick, all of it within the PSF's edge fall-off shared by both tracers")
     if n < max(int(min_voxels), 3):
-        return (f"{n} voxels after the one-voxel erosion (< {min_voxels} needed): the gland is too thin on the "
-                "PET grid; every voxel of it lies in the PSF's edge fall-off shared by both tracers")
+        return f"{n} voxels after the one-voxel erosion (< {min_voxels} needed for a usable rho)"
     return "SUV constant inside the eroded gland"
 
 
