@@ -197,3 +197,10 @@ def test_mann_whitney_p_exact_with_ties():
     exact = np.mean(np.abs(np.array(us) - 6.0) >= abs(u_obs - 6.0) - 1e-12)
     assert out.loc["submandibular", "p_value"] == pytest.approx(exact)
     assert out.loc["parotid", "p_value"] == pytest.approx(2 / 35)  # complete separation, no ties
+
+
+@pytest.mark.slow
+def test_demo_run_p_values_are_never_zero(workflow_results):
+    cs = pd.read_parquet(workflow_results / "tables" / "cohort_stats.parquet")
+    p = cs.loc[cs["statistic"] == "p_value", "value"].dropna()
+    assert len(p) and (p > 0).all() and (p <= 1).all()

@@ -165,3 +165,15 @@ def test_thin_gland_keeps_no_voxel_after_erosion():
     mask[4:14, 6:8, 3:9] = True  # 10 x 2 x 6 voxels: a lacrimal gland at ~2.5 mm voxels
     a = np.random.default_rng(0).normal(size=mask.shape)
     assert voxel_spearman(a, a, mask) == (None, 0)
+
+
+@pytest.mark.slow
+def test_demo_run_says_why_each_voxel_rho_is_null(workflow_results):
+    """On the shared demo run: every null voxel rho has its reason, every rho has none."""
+    gi = pd.read_parquet(workflow_results / "tables" / "gland_index.parquet")
+    null = gi["voxel_spearman_rho"].isna()
+    assert null.any() and (~null).any()
+    assert gi.loc[null, "voxel_rho_note"].notna().all(), gi.loc[null, ["subject_id", "gland", "side"]]
+    assert gi.loc[~null, "voxel_rho_note"].isna().all()
+    thin = gi[null & gi["gland"].isin(["lacrimal", "tubarial"]) & gi["psma_fapi_index"].notna()]
+    assert thin["voxel_rho_note"].str.contains("erosion").all()

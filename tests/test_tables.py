@@ -72,3 +72,18 @@ def test_outputs_follow_the_umask_linkage_key_stays_private(tmp_path, umask):
         assert mode(p) == 0o666 & ~umask, (p.name, oct(mode(p)))
     assert mode(tmp_path / "linkage.tsv") == 0o600
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+@pytest.mark.slow
+def test_demo_run_tables_follow_the_umask(workflow_results):
+    """The shared demo run (run with this process's umask): its tables, QC JSON and report tables
+    are readable as the umask allows, not owner-only."""
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [*(workflow_results / "tables").glob("*.parquet"), *(workflow_results / "tables" / "report").glob("*.html"),
+             *workflow_results.glob("sub-*/ses-*/*_qc.json")]
+    assert len(files) > 6
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, (p.name, oct(p.stat().st_mode))
