@@ -330,3 +330,37 @@ def test_write_speed(tmp_path):
     t_ct = time.perf_counter() - t0
     assert t_pet < 1.0, t_pet
     assert t_ct < 1.5, t_ct
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+@pytest.mark.parametrize("tilt", [15.0, -15.0])
+@pytest.mark.parametrize("table_down", [False, True])
+def test_ct_gantry_tilt_as_a_scanner_writes_it(tmp_path, vendor, tilt, table_down):
+    """A gantry-tilted CT as scanners write it: the image columns tilt in the y-z plane
+    (ImageOrientationPatient 1\\0\\0\\0\\cos t\\sin t), ImagePositionPatient advances along the table
+    (z) only, and GantryDetectorTilt carries the SIGNED angle. DICOM PS3.3 (Gantry/Detector Tilt):
+    "negative degrees are when the top of the gantry is tilted away from where the table enters the
+    gantry". Head first supine, the table enters from the feet side and the top of the gantry is
+    anterior (the first image row): a column vector with +z (top of the image towards the feet) is a
+    positive tilt, whichever way the table steps. The writer wrote |t| for both signs."""
+    t = math.radians(tilt)
+    a = np.eye(4)
+    a[:3, 1] = [0.0, 2.0 * math.cos(t), 2.0 * math.sin(t)]
+    a[:3, 2] = [0.0, 0.0, -3.0 if table_down else 3.0]
+    a[:3, 3] = [-10.0, -20.0, 40.0]
+    paths = write_ct_series(tmp_path / "ct", np.zeros((8, 6, 5), np.float32), a, PATIENT, _study(vendor), 2, "CT")
+    dss = [pydicom.dcmread(p) for p in paths]
+    assert {d.PatientPosition for d in dss} == {"HFS"}
+    assert float(dss[0].GantryDetectorTilt) == pytest.approx(tilt, abs=1e-3)
+    iop = [float(v) for v in dss[0].ImageOrientationPatient]
+    assert iop == pytest.approx([1, 0, 0, 0, math.cos(t), math.sin(t)], abs=1e-9)
+    ipp = np.array(sorted([[float(v) for v in d.ImagePositionPatient] for d in dss], key=lambda p: p[2]))
+    assert np.allclose(ipp[:, :2], ipp[0, :2]) and np.allclose(np.diff(ipp[:, 2]), 3.0)
+    # the slice planes are 3 cos(t) mm apart
+    assert float(dss[0].SliceThickness) == pytest.approx(3.0 * math.cos(t))
+
+
+def test_ct_untilted_writes_zero_tilt(tmp_path):
+    paths = write_ct_series(tmp_path / "ct", np.zeros((4, 4, 3), np.float32), _affine((1, 1, 2), (0, 0, 0), True),
+                            PATIENT, _study("siemens"), 2, "CT")
+    assert float(pydicom.dcmread(paths[0]).GantryDetectorTilt) == 0.0

@@ -534,7 +534,11 @@ def write_ct_series(
     RescaleIntercept -1024, unsigned 12 bit (Siemens, Philips: HU clipped to -1024..3071) or
     signed 16 bit (GE). ``acquisition_datetime`` defaults to the study date and time.
     A sheared affine (slice step not along the slice normal) writes a gantry-tilted series, with
-    GantryDetectorTilt the angle between step and normal. ``slice_positions`` ((z, 3) LPS mm)
+    GantryDetectorTilt the angle between step and normal, signed as DICOM PS3.3 defines it (negative
+    when the top of the gantry leans away from where the table enters; head first supine: positive
+    when the image columns run towards +z). A scanner writes ImageOrientationPatient
+    1\\0\\0\\0\\cos t\\sin t with ImagePositionPatient stepping along z only: give such an affine
+    (columns (0, cos t, sin t) x spacing, slice step (0, 0, +-table feed)). ``slice_positions`` ((z, 3) LPS mm)
     replaces ``affine @ (0, 0, k, 1)`` as the position of slice k (unequally spaced stacks; ``hu``
     must hold the values at those slices).
     """
@@ -547,6 +551,12 @@ def write_ct_series(
     iop, spacing, thickness, ipp, normal = _geometry(affine_lps, hu.shape)
     step = np.asarray(affine_lps, dtype=float)[:3, 2]
     tilt = math.degrees(math.atan2(float(np.linalg.norm(step - (step @ normal) * normal)), abs(float(step @ normal))))
+    # DICOM's sign: negative when the top of the gantry leans away from where the table enters. Head
+    # first supine (the writer's PatientPosition) the table enters from the feet and the top of the gantry
+    # is the first image row (anterior): columns running towards +z (the top towards the feet) = positive.
+    col_z = float(np.asarray(affine_lps, dtype=float)[2, 1])
+    if col_z < 0:
+        tilt = -tilt
     if slice_positions is not None:
         ipp = np.asarray(slice_positions, dtype=float)
         if ipp.shape != (hu.shape[2], 3):
@@ -567,7 +577,7 @@ def write_ct_series(
     ds.ReconstructionDiameter = _ds(max(hu.shape[0] * spacing[1], hu.shape[1] * spacing[0]))
     ds.DistanceSourceToDetector = "1085.6"
     ds.DistanceSourceToPatient = "595"
-    ds.GantryDetectorTilt = _ds(round(tilt, 4)) if tilt > 1e-6 else "0"
+    ds.GantryDetectorTilt = _ds(round(tilt, 4)) if abs(tilt) > 1e-6 else "0"
     ds.TableHeight = "150"
     ds.RotationDirection = "CW"
     ds.ExposureTime = "500"
