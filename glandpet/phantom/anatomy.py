@@ -640,7 +640,9 @@ class _Builder:
             gc = np.array(self.extra[f"globe_{side}"])
             dirv = np.array([0.62 * s, -0.32, 0.72])
             dirv /= np.linalg.norm(dirv)
-            cosl = math.cos(math.radians(rng.uniform(30, 38)))
+            # angular half-width: 24-30 degrees gives a gland 4-5 mm thick at 0.5-0.9 mL (30-38 made
+            # a 2.7 mm sheet whose CT number read 20-50 HU low, partial volume with the orbital fat)
+            cosl = math.cos(math.radians(rng.uniform(24, 30)))
             rmid = 12.0 + 3.0 + rng.uniform(-0.5, 0.5)
 
             def shell(X, Y, Z, gc=gc, dirv=dirv, cosl=cosl, rmid=rmid):

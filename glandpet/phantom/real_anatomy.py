@@ -695,6 +695,18 @@ class _Builder:
         rim = _dilate(gm, 1) & ~gm & _isin(T, (Tissue.MUSCLE,))
         T[rim] = Tissue.FAT
         T[gm] = Tissue.SOFT
+        # no bone against the small glands: a real lacrimal gland lies in orbital fat below the
+        # fossa's periosteum, a tubarial gland under the mucosa; bone within ~2 mm in-plane and one
+        # slice would read as the gland's CT number after the CT's slice profile (lacrimal glands of
+        # the label maps overlap the synthesised orbital wall: 140-180 HU before)
+        for gname, fill in (("lacrimal", Tissue.FAT), ("tubarial", Tissue.SOFT)):
+            gmask = np.isin(glands, [label_value(gname, "left"), label_value(gname, "right")])
+            near = _dilate(gmask, 1)
+            bb = _bbox(near, (2, 2, 0))
+            if bb is None:
+                continue
+            near[bb] |= ndi.binary_dilation(near[bb], np.array([[[0], [1], [0]], [[1], [1], [1]], [[0], [1], [0]]], bool))
+            T[near & ~gmask & _isin(T, (Tissue.BONE_CORTICAL, Tissue.BONE_SPONGY, Tissue.TEETH))] = fill
         T[~body] = Tissue.AIR
         glands[~body] = 0
         self.info["gland_volumes_ml"] = {

@@ -48,17 +48,64 @@ _GLAND_SUV = {
     "fapi": {"parotid": 1.8, "submandibular": 2.2, "sublingual": 1.6, "lacrimal": 1.6, "tubarial": 1.7},
 }
 
-#: CT numbers (HU) by tissue: (mean, individual SD).
+#: CT numbers (HU) by tissue: (mean, individual SD). Muscle: real head-and-neck planning CTs
+#: (24 scans) have their muscle peak at 45-55 HU (drawn within that band, see draw_ct_params);
+#: fat: -103 HU median in the muscle-free fat of a real 1 mm PET/CT (docs/phantom_calibration.md).
 _TISSUE_HU = {
-    Tissue.AIR: (-1000, 0), Tissue.FAT: (-100, 6), Tissue.SOFT: (45, 5), Tissue.MUSCLE: (52, 4),
+    Tissue.AIR: (-1000, 0), Tissue.FAT: (-100, 6), Tissue.SOFT: (45, 5), Tissue.MUSCLE: (50, 2.5),
     Tissue.BONE_CORTICAL: (1250, 120), Tissue.BONE_SPONGY: (380, 60), Tissue.BRAIN: (34, 2), Tissue.CSF: (6, 2),
     Tissue.AIRWAY: (-985, 5), Tissue.EYE: (12, 3), Tissue.TONGUE: (62, 5), Tissue.LUNG: (-840, 25),
     Tissue.TEETH: (2200, 250), Tissue.SPINAL_CORD: (38, 3), Tissue.VESSEL: (42, 4), Tissue.MUCOSA: (55, 5),
     Tissue.THYROID: (105, 15), Tissue.LYMPH_NODE: (38, 4), Tissue.TUMOUR: (45, 5),
 }
+#: muscle CT number band of real planning CTs (HU): the draw is clipped to it
+MUSCLE_HU_RANGE = (45.0, 55.0)
 
-_GLAND_HU = {"parotid": (10.0, 13.0), "submandibular": (42.0, 5.0), "sublingual": (40.0, 5.0),
-             "lacrimal": (42.0, 5.0), "tubarial": (48.0, 4.0)}
+#: Per-patient gland CT numbers (HU): (median, SD of a normal draw, clip low, clip high). From the
+#: per-patient mean HU inside manual gland contours of 50 real PSMA PET/CT scans (1 mm class CT),
+#: median (IQR): parotid R -12 (-29 to 16), L -4 (-27 to 18) -> -8 (-28 to 17), SD = IQR / 1.349
+#: = 33; submandibular 30 (13 to 52) -> SD 29; lacrimal R 48 (39 to 59), L 41 (32 to 54) -> 45 (35
+#: to 57), SD 16. The parotid's clip is the range of per-scan parotid medians on 24 real planning CTs
+#: (-44 to +49 HU, non-enhanced) widened by ~15 HU. Sublingual and tubarial glands were not
+#: measured: the sublingual gland follows the subject's submandibular draw (same kind of tissue,
+#: +- 5 HU), the tubarial (seromucous, under the nasopharyngeal mucosa) stays near mucosa.
+GLAND_HU = {"parotid": (-8.0, 33.0, -60.0, 65.0), "submandibular": (30.0, 29.0, -35.0, 95.0),
+            "lacrimal": (45.0, 16.0, 5.0, 90.0), "tubarial": (48.0, 4.0, 35.0, 60.0)}
+#: left-right difference of one patient's gland (SD, HU): the two parotids of a real planning CT
+#: differ by a median 4 HU (24 scans)
+GLAND_SIDE_SD_HU = 4.0
+#: parotid CT number change per year of age around the cohort mean (fatty involution)
+PAROTID_HU_PER_YEAR = -0.4
+MEAN_AGE, AGE_SD = 58.0, 12.0
+
+#: Fat around the glands (what a one-voxel ring around a real parotid holds): on 24 real planning
+#: CTs (3.8-5.1 mm voxels) the ring held 5-71 % voxels below -30 HU, median 38 % (IQR 29-46 %),
+#: the more the fattier the gland (-45 HU glands: 58-62 %, +50 HU glands: 5-33 %), and its median
+#: differed from the gland's by -48..+19 HU (median -6, |difference| median 9, IQR 4-18). The
+#: phantom paints fat septa (a smooth random field, 2.5 mm correlation) into the soft tissue of a
+#: shell of PERIGLAND_MM around each parotid and submandibular gland (its soft tissue, fat and
+#: muscle become a fat / soft-tissue mixture), with a per-subject fat fraction that follows the
+#: gland's CT number (PERIGLAND_FAT); the lacrimal glands have the orbital fat of the anatomy
+#: beside them.
+PERIGLAND_MM = 6.0
+#: correlation length of the fat septa field (mm): fat lobules that fill a 4 mm voxel
+PERIGLAND_CORR_MM = 6.0
+#: Glands whose shell's non-fat part has the gland's own CT number (fat-infiltrated connective
+#: tissue, fascia, intraparotid nodes): with soft tissue (45 HU) there instead, the ring's median
+#: stood 25-45 HU above a fatty parotid's, where real rings read 6 HU below the gland (median).
+PERIGLAND_LIKE_GLAND = ("parotid",)
+#: (fat fraction at gland -5 HU, change per HU of the gland, SD, low, high) of the shell. Submandibular: "mostly bordered by fat" (submandibular space), no real
+#: ring figure measured: half of the shell, less for dense glands.
+#: Painted fractions read about 0.6x lower in the coarse (4 mm) ring, as partial volume mixes the
+#: septa with soft tissue: 0.5 at -5 HU gives about the real median ring fat fraction (0.38).
+PERIGLAND_FAT = {"parotid": (0.5, -0.004, 0.07, 0.2, 0.85), "submandibular": (0.65, -0.004, 0.08, 0.3, 0.85)}
+
+#: CT noise (HU SD) and texture. A real 1 mm PET/CT (GE, 140 kV) gave a noise SD of 11-13 HU in
+#: muscle and fat (after removing a 9 x 9 in-plane local mean) and neighbour correlations of
+#: 0.14-0.35 (x), 0.66-0.71 (y) in-plane, 0.22-0.28 between 3.3 mm slices: Gaussian-filtered
+#: white noise with NOISE_SIGMA_VOX (in-plane, slices) gives 0.40 in-plane and 0.25 across slices.
+NOISE_SD_HU = (10.0, 15.0)
+NOISE_SIGMA_VOX = (0.52, 0.52, 0.42)
 
 
 @dataclass
@@ -306,29 +353,63 @@ def suv_to_bqml(suv: np.ndarray, injected_activity_bq: float, weight_kg: float, 
 
 
 def draw_ct_params(rng: np.random.Generator, age: float = 50.0) -> dict:
-    """Individual CT numbers: tissue LUT and gland HU (parotid fattier with age)."""
+    """Individual CT numbers: tissue LUT, gland HU per label (:data:`GLAND_HU`, the parotid
+    fattier with age), the fat fraction of each gland's surrounding shell (:data:`PERIGLAND_FAT`)
+    and the noise SD."""
     lut = np.zeros(N_TISSUE, np.float32)
     for t, (m, sd) in _TISSUE_HU.items():
         lut[int(t)] = m + sd * rng.normal()
-    gl = {}
-    par = float(np.clip(_GLAND_HU["parotid"][0] + 0.4 * (50 - age) + rng.normal(0, _GLAND_HU["parotid"][1]), -25, 35))
+    lut[int(Tissue.MUSCLE)] = np.clip(lut[int(Tissue.MUSCLE)], *MUSCLE_HU_RANGE)
+    person = {}
+    for g, (med, sd, lo, hi) in GLAND_HU.items():
+        v = med + sd * rng.normal()
+        if g == "parotid":
+            # age explains part of the spread: keep the total SD at `sd`
+            v = med + PAROTID_HU_PER_YEAR * (age - MEAN_AGE) + math.sqrt(max(sd ** 2 - (PAROTID_HU_PER_YEAR * AGE_SD) ** 2, 1.0)) * rng.normal()
+        person[g] = float(np.clip(v, lo, hi))
+    person["sublingual"] = person["submandibular"] + 5.0 * rng.normal()
+    gl, shell = {}, {}
     for lab in DEFAULT_LABELS:
-        if lab.gland == "parotid":
-            gl[lab.index] = par + rng.normal(0, 3)
-        else:
-            m, sd = _GLAND_HU[lab.gland]
-            gl[lab.index] = m + sd * rng.normal()
-    return {"lut": lut, "gland_hu": gl, "noise_sd": float(rng.uniform(10, 15))}
+        gl[lab.index] = person[lab.gland] + GLAND_SIDE_SD_HU * rng.normal()
+        if lab.gland in PERIGLAND_FAT:
+            f0, slope, fsd, lo, hi = PERIGLAND_FAT[lab.gland]
+            shell[lab.index] = float(np.clip(f0 + slope * (gl[lab.index] + 5.0) + fsd * rng.normal(), lo, hi))
+    return {"lut": lut, "gland_hu": gl, "perigland_fat": shell, "noise_sd": float(rng.uniform(*NOISE_SD_HU))}
+
+
+_SHELL_SOFT = np.zeros(256, bool)
+for _t in (Tissue.FAT, Tissue.SOFT, Tissue.MUSCLE, Tissue.LYMPH_NODE):
+    _SHELL_SOFT[int(_t)] = True
 
 
 def ct_hu_map(anat: Anatomy, ct: dict, rng: np.random.Generator) -> np.ndarray:
-    """Noise-free HU on the anatomy grid (with fat/gland texture), before pose, blur and noise."""
+    """Noise-free HU on the anatomy grid, before pose, blur and noise: the tissue LUT, the glands
+    (own HU, lobulation texture) and the fat septa of each gland's surrounding shell."""
     hu = ct["lut"][anat.tissue]
     sp = _spacing(anat.affine)
-    # fat and marrow texture, parotid lobulation (fatty septa)
+    fat_hu, soft_hu = np.float32(ct["lut"][int(Tissue.FAT)]), np.float32(ct["lut"][int(Tissue.SOFT)])
+    shells = ct.get("perigland_fat", {})
+    pad = np.ceil(PERIGLAND_MM / sp).astype(int) + 1
     for lab, sl in _gland_boxes(anat).items():
-        m = anat.glands[sl] == lab
         gname = next(L.gland for L in DEFAULT_LABELS if L.index == lab)
+        if lab in shells:
+            # fat septa around the gland: within PERIGLAND_MM, soft tissue becomes fat where a smooth
+            # field is low, so that `shells[lab]` of the shell is fat (the fat already there counts)
+            bsl = tuple(slice(max(s.start - p, 0), min(s.stop + p, n)) for s, p, n in zip(sl, pad, anat.glands.shape))
+            g = anat.glands[bsl] == lab
+            d = ndimage.distance_transform_edt(~g, sampling=sp)
+            t = anat.tissue[bsl]
+            shell = (d > 0) & (d <= PERIGLAND_MM) & _SHELL_SOFT[t] & (anat.glands[bsl] == 0)
+            if shell.any():
+                # the shell's own tissue (fat planes of the anatomy, muscle, the 1-voxel rim of the
+                # real-label individuals) is replaced by the drawn mixture: no continuous outline
+                field = _smooth_field(g.shape, rng, corr_vox=PERIGLAND_CORR_MM / sp)
+                thr = np.quantile(field[shell], float(shells[lab]))
+                sub = hu[bsl]
+                sub[shell & (field <= thr)] = fat_hu
+                other = soft_hu if gname not in PERIGLAND_LIKE_GLAND else np.float32(ct["gland_hu"][lab])
+                sub[shell & (field > thr)] = other
+        m = anat.glands[sl] == lab
         tex = _smooth_field(m.shape, rng, corr_vox=3.0 / sp) * np.float32(12.0 if gname == "parotid" else 4.0)
         v = np.float32(ct["gland_hu"][lab]) + tex
         sub = hu[sl]
@@ -348,7 +429,7 @@ def render_ct(hu_anat: np.ndarray, anat_affine: np.ndarray, ct_shape, ct_affine:
     :func:`slice_profile`), slight in-plane blur, correlated noise."""
     img = _resample(hu_anat, anat_affine, ct_shape, ct_affine, np.linalg.inv(anat_to_ct), order=1, cval=-1000.0)
     z = rng.standard_normal(ct_shape, dtype=np.float32)
-    z = ndimage.gaussian_filter(z, (0.7, 0.7, 0.0))
+    z = ndimage.gaussian_filter(z, NOISE_SIGMA_VOX)
     z *= np.float32(noise_sd / (z.std() + 1e-6))
     img = ndimage.gaussian_filter(img, (0.5, 0.5, 0.0)) + z
     return img
