@@ -5,8 +5,9 @@
   whatever units the series is stored in (see glandpet.suv).
 - Other modalities: float32 rescaled values.
 - A CT that glandpet's reader refuses for gantry tilt or unequal slice spacing is converted by
-  dcm2niix (glandpet.ct_dcm2niix: tilt corrected / slices made equidistant, grid placed and checked
-  against the DICOM); its sidecar's ConversionNotes say what was corrected. A PET is never
+  glandpet.ct_dcm2niix (tilt: each slice shifted within its plane from the slice positions;
+  spacing: slices made equidistant by dcm2niix through nipype; both checked against the DICOM
+  pixels); its sidecar's ConversionNotes say what was corrected. A PET is never
   resampled: a tilted or irregular PET stays refused.
 - The NIfTI affine is RAS: diag(-1,-1,1,1) @ affine_lps (qform = sform, code 1 scanner).
 

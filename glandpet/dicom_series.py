@@ -344,7 +344,7 @@ def load_series(files_or_dir, *, read_pixels: bool = True, label: str | None = N
             raise GeometryError(
                 f"{label}: slice positions are not along the slice normal (sideways drift {off[k]:.3f} mm "
                 f"over {abs(dist[k] - dist[0]):.1f} mm, about {angle:.2f} deg): gantry tilt or sheared stack; "
-                f"not supported (resample with a tilt-correcting converter first)", "tilt", modality
+                f"not supported for a PET (a CT is de-sheared by glandpet.convert)", "tilt", modality
             )
         slice_vec = (slices[-1].position - slices[0].position) / (len(slices) - 1)
     else:

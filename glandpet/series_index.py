@@ -71,8 +71,9 @@ pixels: a subject's folder missing or empty or without DICOM images, no PET (CT 
 FAPI tracer, an ambiguous session (``on_ambiguity="report"``), and for the selected PET and its CT: no
 CT, truncated files (file size against the pixel data length the header implies), not one regular
 volume (unequal spacing, missing slices, two instances at one position, gantry tilt: the converter's
-tolerances; a CT whose only fault is unequal spacing is not a failure but a ``warning`` row: the
-converter makes its slices equidistant through dcm2niix, glandpet.ct_dcm2niix), a compressed transfer syntax without a decoder, a PET header that cannot give SUV (the
+tolerances; a CT whose only fault is unequal spacing or gantry tilt is not a failure but a ``warning``
+row: the converter makes its slices equidistant through dcm2niix, or de-shears the tilt from the slice
+positions, glandpet.ct_dcm2niix), a compressed transfer syntax without a decoder, a PET header that cannot give SUV (the
 rules of :mod:`glandpet.suv` on the first header) or not the requested ``suv_type``. Each row names
 the subject (``sub-<id>``), the session and the series (number and description) and the cause;
 ``status`` is ``failed`` (the selected PET's ``problem`` column holds the message, and the workflow
@@ -655,6 +656,10 @@ def _geometry(insts: list[dict]) -> dict:
             gaps = np.diff(dist)
             out["resample_note"] = (f"unequal slice spacing ({gaps.min():.1f}-{gaps.max():.1f} mm) resampled by dcm2niix "
                                     "to equidistant slices")
+        elif out["problem"] and out["problem"].startswith("slice positions are not along the slice normal"):
+            angle = float(np.degrees(np.arctan2(drift[-1], abs(dist[-1] - dist[0]) or 1.0)))
+            out["resample_note"] = (f"gantry tilt {angle:.1f} deg corrected by glandpet (each slice shifted within its "
+                                    "plane onto a rectangular grid, from the slice positions)")
     out["order"] = order
     return out
 
@@ -765,8 +770,9 @@ def _series_causes(s: dict, suv_type: str | None) -> list[str]:
         causes.append(f"{n} of its files {'is' if n == 1 else 'are'} truncated ({s['_bad_files'][0]}); re-export the series")
     if s["_geo_problem"] and not s["_bad_files"] and not _ct_resampled(s):  # a truncated file leaves a gap: say only why
         causes.append(s["_geo_problem"] + "; the series is not one regular volume (re-export it complete; "
-                      + ("a tilted CT is refused: dcm2niix's tilt correction did not pass glandpet's placement check"
-                         if s["role"] == "ct" else "a tilted or irregular PET is refused, never resampled") + ")")
+                      + ("a CT is converted when tilted or unequally spaced, not both, and never with two "
+                         "instances at one position" if s["role"] == "ct"
+                         else "a tilted or irregular PET is refused, never resampled") + ")")
     dec = decoder_problem(s["transfer_syntax"])
     if dec:
         causes.append(dec)
@@ -785,8 +791,9 @@ def _series_causes(s: dict, suv_type: str | None) -> list[str]:
 
 
 def _ct_resampled(s: dict) -> str | None:
-    """What the converter will correct in this CT through dcm2niix (glandpet.ct_dcm2niix), else None:
-    unequal slice spacing of a stack that is otherwise regular (not tilted, no two slices at one position)."""
+    """What the converter will correct in this CT (glandpet.ct_dcm2niix), else None: unequal slice
+    spacing of a stack that is otherwise regular (dcm2niix), or a gantry tilt of an equally spaced stack
+    (glandpet's de-shear); never both, nor two slices at one position."""
     if s["role"] == "ct" and s["_resample_note"] and not s["_bad_files"]:
         return s["_resample_note"]
     return None

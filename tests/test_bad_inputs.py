@@ -329,12 +329,21 @@ def test_missing_slices(mini):
 
 
 def test_gantry_tilt(mini):
-    def tilt(ds, k):  # a CT tilted by ~10 degrees: positions drift along y
+    """A tilted CT is converted (glandpet.ct_dcm2niix.deshear): a warning saying what is corrected, not a
+    failure; a tilted PET stays refused."""
+    def tilt(ds, k):  # ~10 degrees: positions drift along y
         x, y, z = (float(v) for v in ds.ImagePositionPatient)
         ds.ImagePositionPatient = [x, y + 0.53 * k, z]
 
     edit(files(mini, "B", "ct"), tilt)
-    assert_fails(index(mini), "B", "psma", "gantry tilt", "about 10.", series="its CT series #2 'CT HeadNeck")
+    r = index(mini)
+    assert_clean(r)
+    warn = r.failures[(r.failures["subject_id"] == "B") & (r.failures["status"] == "warning")]
+    msg = " | ".join(warn["message"])
+    assert "sub-B ses-psma: its CT series #2 'CT HeadNeck" in msg and "gantry tilt 10." in msg, msg
+    assert "deg corrected" in msg, msg
+    edit(files(mini, "B", "pet"), tilt)
+    assert_fails(index(mini), "B", "psma", "gantry tilt", "about 10.", "PET is refused")
 
 
 def test_unequally_spaced_ct_is_a_warning_not_a_failure(mini):
