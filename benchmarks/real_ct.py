@@ -1,0 +1,127 @@
+"""Parotid segmentation on real CT: leave-one-out on the OpenKBP scans (24 real head-and-neck
+planning CTs with clinical parotid contours, in atlas layout), with libraries of N atlases.
+
+    python benchmarks/real_ct.py [--data DIR] [--cases K] [--atlases 5 10 23] [--seed 0]
+                                 [--threads 2] [--config CONFIG] [--out DIR]
+
+Each held-out scan (all, or K chosen by a seeded draw: ``--cases``) is segmented with N of the
+other scans (a seeded draw per held-out scan, the same for every run; N >= 23: all the others),
+by the workflow's segmentation with default settings (or ``--config``'s ``segmentation:`` keys),
+through :func:`glandpet.atlas_validate.validate_atlases` -- the function behind
+``glandpet atlas validate``. Prints per scan the Dice, surface distances and volume error of each
+parotid and the scan's wall and CPU time; per N the medians, the time per scan and the CPU-hours
+(and what the full 24-scan run would cost); at the end one summary row per N beside the issue's
+target (median Dice >= 0.82, median |volume error| <= 12 %). The per-scan tables go to
+``--out`` (default: a temporary folder) as ``real_ct_<N>atlases.tsv``.
+
+The full run (24 scans x 5 + 10 + 23 atlases = 912 registrations) takes hours; a subset proves the
+set-up: ``--cases 2 --atlases 2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "openkbp-parotid-ct"
+TARGET_DICE = 0.82
+TARGET_ABS_VOLUME_ERROR_PCT = 12.0
+
+
+def read_cases(data: Path) -> list[str]:
+    """Case folders listed in cases.tsv (all of them when it is absent) that hold an atlas."""
+    tsv = data / "cases.tsv"
+    if tsv.is_file():
+        with open(tsv, newline="") as fh:
+            names = [row["case"] for row in csv.DictReader(fh, delimiter="\t")]
+    else:
+        names = sorted(p.name for p in data.iterdir() if p.is_dir())
+    return [n for n in names if (data / n / "labels.nii.gz").is_file()]
+
+
+def scan_line(name: str, rows: list[dict], info: dict) -> str:
+    if info.get("error"):
+        return f"  {name:<14} FAILED ({info['error']})  {info['seconds']:6.0f} s"
+    parts = []
+    for r in sorted(rows, key=lambda r: (r["gland"], r["side"])):
+        parts.append(f"{r['gland']}_{r['side']}: Dice {r['dice']:.3f} MSD {r['msd_mm']:5.2f} mm "
+                     f"HD95 {r['hd95_mm']:5.1f} mm vol {r['volume_auto_ml']:5.1f}/{r['volume_contour_ml']:5.1f} mL "
+                     f"({r['volume_error_pct']:+5.1f} %)")
+    return (f"  {name:<14} " + " | ".join(parts)
+            + f"  [{info['seconds']:.0f} s wall, {info['cpu_seconds']:.0f} CPU-s]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of the OpenKBP atlases (cases.tsv)")
+    ap.add_argument("--cases", type=int, default=None, metavar="K", help="hold out only K scans (seeded choice)")
+    ap.add_argument("--atlases", type=int, nargs="+", default=[5, 10, 23], metavar="N",
+                    help="library sizes (default 5 10 23; N >= number of other scans: all of them)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the scan and library choices (default 0)")
+    ap.add_argument("--threads", type=int, default=2, help="threads per segmentation (default 2, as the workflow)")
+    ap.add_argument("--config", default=None, help="a study config whose segmentation: keys to use (default: defaults)")
+    ap.add_argument("--out", type=Path, default=None, help="folder for the per-scan tables (TSV)")
+    args = ap.parse_args(argv)
+
+    from glandpet.atlas_validate import (
+        choose_library,
+        choose_subjects,
+        estimate_cost,
+        format_medians,
+        medians_per_gland,
+        validate_atlases,
+    )
+    from glandpet.segment_cli import load_segmentation_config, read_atlas_dir
+
+    if not args.data.is_dir():
+        print(f"real_ct: {args.data} not found (the OpenKBP atlases; see --data)", file=sys.stderr)
+        return 2
+    names = read_cases(args.data)
+    atlases = [read_atlas_dir(args.data / n) for n in names]
+    seg = load_segmentation_config(args.config)
+    held = choose_subjects(names, args.cases, args.seed)
+    out = args.out or Path(tempfile.mkdtemp(prefix="real_ct_"))
+    out.mkdir(parents=True, exist_ok=True)
+    n_reg = sum(len(choose_library(h, names, n, args.seed)) for n in args.atlases for h in held)
+    cost = estimate_cost(n_reg, args.threads)
+    print(f"real_ct: {len(names)} scans in {args.data}; {len(held)} held out ({', '.join(held)}); libraries of "
+          f"{', '.join(map(str, args.atlases))} atlases; {n_reg} registrations, estimated "
+          f"{cost['wall_minutes']:.0f} min on {args.threads} thread(s) ({cost['cpu_hours']:.2f} CPU-hours)", flush=True)
+    summary = []
+    for n in args.atlases:
+        n_eff = len(choose_library(held[0], names, n, args.seed))
+        print(f"\n== {n_eff} atlases per held-out scan ==", flush=True)
+        t0 = time.perf_counter()
+        df = validate_atlases(atlases, seg_config=seg, subjects=held, n_atlases=n, seed=args.seed, threads=args.threads,
+                              out_tsv=out / f"real_ct_{n_eff}atlases.tsv", progress=False,
+                              on_scan=lambda name, rows, info: print(scan_line(name, rows, info), flush=True))
+        wall = time.perf_counter() - t0
+        per_scan = df.drop_duplicates("atlas")
+        med = medians_per_gland(df)
+        print(format_medians(med))
+        cpu_h = per_scan["cpu_seconds"].sum() / 3600.0
+        s_scan, cpu_scan = per_scan["seconds"].median(), per_scan["cpu_seconds"].median()
+        print(f"time per scan (median): {s_scan:.0f} s wall, {cpu_scan:.0f} CPU-s; this run {wall / 60:.1f} min, "
+              f"{cpu_h:.3f} CPU-hours; all {len(names)} scans: ~{cpu_scan * len(names) / 3600:.2f} CPU-hours")
+        par = med[med.gland == "parotid"]
+        if len(par):
+            summary.append((n_eff, int(par.n.iloc[0]), float(par.dice.iloc[0]), float(par.abs_volume_error_pct.iloc[0]),
+                            float(par.volume_error_pct.iloc[0]), s_scan, cpu_scan, cpu_h))
+    print(f"\nsummary (parotid, medians over left and right; target Dice >= {TARGET_DICE}, "
+          f"|volume error| <= {TARGET_ABS_VOLUME_ERROR_PCT:.0f} %):")
+    print("| atlases | parotids | Dice | abs vol err % | vol err % | s / scan | CPU-s / scan | CPU-h (run) | target met |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n_eff, n, d, ave, ve, s, c, h in summary:
+        met = "yes" if d >= TARGET_DICE and ave <= TARGET_ABS_VOLUME_ERROR_PCT else "no"
+        print(f"| {n_eff} | {n} | {d:.3f} | {ave:.1f} | {ve:+.1f} | {s:.0f} | {c:.0f} | {h:.3f} | {met} |")
+    print(f"tables: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
