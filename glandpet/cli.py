@@ -34,8 +34,14 @@ def _convert(args: argparse.Namespace) -> int:
     return run_convert(args)
 
 
+# What `glandpet --help` says (the module docstring is for developers).
+DESCRIPTION = ("Dual-tracer (PSMA/FAPI) PET/CT of the salivary and lacrimal glands: synthetic phantoms, DICOM "
+               "indexing and conversion, atlases, and a study's set-up and pre-flight check. The workflow "
+               "itself (DICOM to per-gland tables) runs with `snakemake --cores all` in the glandpet folder.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="glandpet", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="glandpet", description=DESCRIPTION)
     p.add_argument("--version", action="version", version=f"glandpet {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -57,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("-o", "--output", required=True, help="series table (.parquet)")
     ix.add_argument("--subjects", default=None, help="subject sheet (TSV) giving pseudonymous ids")
     ix.add_argument("--overrides", default=None, help="TSV (subject_id, session, series_key) choosing series by hand")
-    ix.add_argument("--jobs", type=int, default=1)
+    ix.add_argument("--jobs", type=int, default=1, help="parallel header readers (default 1)")
     ix.set_defaults(func=_index)
 
     sf = sub.add_parser("suv-factors", help="print the SUV factors of a PET series as JSON")
@@ -67,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     cv = sub.add_parser("convert", help="convert one DICOM series to NIfTI (+ JSON sidecar)")
     cv.add_argument("series_dir")
     cv.add_argument("output")
-    cv.add_argument("--suv", default="none", choices=["bw", "bsa", "lbm", "lbm_janmahasatian", "ibw", "none"])
+    cv.add_argument("--suv", default="none", choices=["bw", "bsa", "lbm", "lbm_janmahasatian", "ibw", "none"],
+                    help="a PET in this SUV type instead of Bq/mL (default none)")
     cv.set_defaults(func=_convert)
     segment_cli.add_subparser(sub)  # glandpet segment
     atlas_cli.add_subparser(sub)  # glandpet atlas add, validate
