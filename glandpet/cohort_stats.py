@@ -36,7 +36,7 @@ import itertools
 import math
 import zlib
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -333,6 +333,411 @@ def clinical_associations(
     out = pd.DataFrame(rows, columns=unit + ["clinical", "group", "n", "rho", "p_value"])
     out["n_tests"] = int(out["rho"].notna().sum())
     return out[cols]
+
+
+# --------------------------------------------------------------------------------------------
+# the study's registered outcomes (issue 19): typed clinical variables, multiplicity, diagnosis
+# --------------------------------------------------------------------------------------------
+#: Gland values analysed per session (`gland_stats`), and the index (`gland_index`, no session).
+SESSION_VALUES: tuple[str, ...] = ("suv_max", "suv_mean", "suv_mean_pvc")
+INDEX_VALUE = "psma_fapi_index"
+SESSIONS: tuple[str, ...] = ("psma", "fapi")
+#: The pre-specified primary outcome: parotid SUVmax and SUVmean, pSS vs control, per tracer.
+PRIMARY_GLAND = "parotid"
+PRIMARY_VALUES: tuple[str, ...] = ("suv_max", "suv_mean")
+#: Family definitions, stored in the outcome table's Parquet metadata.
+FAMILY_DEFINITION = {
+    "primary": "parotid SUVmax and SUVmean, pSS vs control, one test per tracer session (psma, fapi); "
+               "pre-specified; q_value = Benjamini-Hochberg within these tests",
+    "secondary": "every other test of the table as one family: pSS vs control for every other gland x value "
+                 "(SUVmax, SUVmean, SUVmean after PVC per session; the PSMA/FAPI index), and every gland x value "
+                 "against every declared clinical variable present in the sheet (within pSS subjects); "
+                 "q_value = Benjamini-Hochberg over the family's tests with a p-value",
+}
+
+
+def bh_qvalues(p: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (q-values) of one family; NaN p stay NaN and do not count.
+    q >= p, monotone in p, capped at 1."""
+    p = np.asarray(p, dtype=float)
+    q = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
+    m = int(ok.sum())
+    if m == 0:
+        return q
+    pv = p[ok]
+    order = np.argsort(pv, kind="stable")
+    ranked = pv[order] * m / np.arange(1, m + 1)
+    ranked = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.minimum(ranked, 1.0)
+    q[ok] = np.maximum(out, pv)
+    return q
+
+
+def _bootstrap_auc(a: np.ndarray, b: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """U / (n_a n_b) (probability a > b, ties half) of ``n_boot`` resamples drawn within each sample."""
+    n1, n2 = a.size, b.size
+    ra = a[rng.integers(0, n1, size=(int(n_boot), n1))]
+    rb = b[rng.integers(0, n2, size=(int(n_boot), n2))]
+    ranks = _rank_rows(np.concatenate([ra, rb], axis=1))
+    return (ranks[:, :n1].sum(axis=1) - n1 * (n1 + 1) / 2.0) / (n1 * n2)
+
+
+def _percentile_ci(x: np.ndarray, ci: float) -> tuple[float, float]:
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return float("nan"), float("nan")
+    a = (1.0 - ci) / 2.0
+    lo, hi = np.quantile(x, [a, 1.0 - a])
+    return float(lo), float(hi)
+
+
+def rank_biserial_test(
+    a: np.ndarray, b: np.ndarray, *, n_boot: int = 2000, ci: float = 0.95, seed_key: tuple = (), seed: int = 0
+) -> dict:
+    """Mann-Whitney U of ``a`` vs ``b`` (permutation p of :func:`mann_whitney_test`), the rank-biserial
+    r = 2U/(n_a n_b) - 1 (positive: ``a`` higher) and its percentile bootstrap CI (resampling within
+    each sample). NaN when a sample is empty; CI NaN when a sample has one value."""
+    a = np.asarray(a, dtype=float)
+    b = np.asarray(b, dtype=float)
+    out = dict(statistic=np.nan, effect=np.nan, ci_low=np.nan, ci_high=np.nan, p_value=np.nan)
+    if a.size == 0 or b.size == 0:
+        return out
+    u, p = mann_whitney_test(a, b, rng=_perm_seed(seed, seed_key))
+    out.update(statistic=u, effect=2.0 * u / (a.size * b.size) - 1.0, p_value=p)
+    if a.size >= 2 and b.size >= 2:
+        boot = 2.0 * _bootstrap_auc(a, b, n_boot, _gland_seed(seed, seed_key)) - 1.0
+        out["ci_low"], out["ci_high"] = _percentile_ci(boot, ci)
+    return out
+
+
+def kruskal_wallis_test(
+    values: np.ndarray, labels: Sequence, *, rng: np.random.Generator | int | None = 0, n_perm: int = N_PERMUTATIONS
+) -> tuple[float, float, float]:
+    """Kruskal-Wallis H (tie-corrected) across the categories of ``labels``, its permutation p (the
+    labels permuted over the mid-ranks: every assignment when there are at most
+    :data:`EXACT_MAX_PERMUTATIONS`, else ``n_perm`` seeded ones; never 0), and the effect size
+    epsilon-squared = H / (n - 1). NaN with fewer than 2 categories or constant values."""
+    x = np.asarray(values, dtype=float)
+    lab = pd.Series(list(labels)).astype(str).to_numpy()
+    cats, codes = np.unique(lab, return_inverse=True)
+    n = x.size
+    if cats.size < 2 or n < 3 or np.ptp(x) == 0:
+        return float("nan"), float("nan"), float("nan")
+    r = stats.rankdata(x)
+    counts = np.bincount(codes, minlength=cats.size).astype(float)
+    _, t = np.unique(x, return_counts=True)
+    tie = 1.0 - float((t ** 3 - t).sum()) / (n ** 3 - n)
+
+    def h_of(code_rows: np.ndarray) -> np.ndarray:  # rows of group codes -> H per row
+        sums = np.stack([(r[None, :] * (code_rows == k)).sum(axis=1) for k in range(cats.size)], axis=1)
+        return (12.0 / (n * (n + 1)) * (sums ** 2 / counts).sum(axis=1) - 3.0 * (n + 1)) / tie
+
+    h = float(h_of(codes[None, :])[0])
+    n_assign = math.factorial(n)
+    for c in counts:
+        n_assign //= math.factorial(int(c))
+    exact = n_assign <= EXACT_MAX_PERMUTATIONS
+    if exact:
+        rows = []
+
+        def place(free: tuple, k: int, cur: np.ndarray) -> None:
+            if k == cats.size - 1:
+                c = cur.copy()
+                c[list(free)] = k
+                rows.append(c)
+                return
+            for pick in itertools.combinations(free, int(counts[k])):
+                c = cur.copy()
+                c[list(pick)] = k
+                place(tuple(i for i in free if i not in pick), k + 1, c)
+
+        place(tuple(range(n)), 0, np.zeros(n, dtype=np.intp))
+        null = h_of(np.array(rows))
+    else:
+        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        null = h_of(rng.permuted(np.tile(codes, (int(n_perm), 1)), axis=1))
+    return h, _p_from_null(null, h, exact), h / (n - 1)
+
+
+def _gland_values(gland_stats: pd.DataFrame | None, gland_index: pd.DataFrame | None) -> pd.DataFrame:
+    """Long frame: subject_id, group, gland, session (None for the index), value (name), x (the
+    subject's mean of its available sides)."""
+    parts = []
+    if gland_stats is not None and len(gland_stats):
+        vals = [v for v in SESSION_VALUES if v in gland_stats.columns]
+        sv = subject_values(gland_stats, vals, extra_keys=["session"])
+        parts.append(sv.melt(id_vars=["subject_id", "group", "session", "gland"], value_vars=vals,
+                             var_name="value", value_name="x"))
+    if gland_index is not None and len(gland_index) and INDEX_VALUE in gland_index.columns:
+        sv = subject_values(gland_index, [INDEX_VALUE])
+        sv.insert(2, "session", None)
+        parts.append(sv.melt(id_vars=["subject_id", "group", "session", "gland"], value_vars=[INDEX_VALUE],
+                             var_name="value", value_name="x"))
+    cols = ["subject_id", "group", "session", "gland", "value", "x"]
+    if not parts:
+        return pd.DataFrame(columns=cols)
+    out = pd.concat(parts, ignore_index=True)[cols]
+    out["session"] = out["session"].astype(object).where(out["session"].notna(), None)
+    return out[out["x"].notna()]
+
+
+_OUTCOME_COLS = ["family", "analysis", "gland", "session", "value", "variable", "variable_type", "subjects", "test",
+                 "n", "n_a", "n_b", "label_a", "label_b", "effect_name", "effect", "ci_low", "ci_high", "statistic",
+                 "p_value", "q_value", "n_boot"]
+
+
+def registered_outcomes(
+    gland_stats: pd.DataFrame | None,
+    gland_index: pd.DataFrame | None,
+    subjects: pd.DataFrame | None = None,
+    clinical: Mapping[str, str] | None = None,
+    *,
+    clinical_group: str | None = "pss",
+    n_boot: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, dict]:
+    """Every registered outcome test, one row each (tidy long form, table `outcomes`).
+
+    Units: subjects (the mean of a gland's available sides). Values: per session SUVmax, SUVmean and
+    SUVmean after PVC, and the PSMA/FAPI index, per gland.
+
+    * ``analysis = group_comparison``: pSS (a) vs control (b), Mann-Whitney U with the rank-biserial
+      r (positive: pSS higher) and its bootstrap CI. Parotid SUVmax and SUVmean are the ``primary``
+      family, every other comparison ``secondary``.
+    * ``analysis = clinical_association`` (``secondary``), every value against every declared clinical
+      variable present in ``subjects`` with at least one value, within ``clinical_group`` subjects:
+      continuous and ordinal: Spearman rho with its bootstrap CI (``statistic`` = rho); binary:
+      Mann-Whitney by status, a = positive, b = negative, rank-biserial r (positive: higher value in
+      the positive subjects) with its CI; categorical: Kruskal-Wallis H, effect epsilon-squared (no CI).
+
+    p-values are the permutation p-values of this module (exact for small samples, never 0); q-values
+    are Benjamini-Hochberg within each family. Returns (table, notes): notes holds the family
+    definitions, the declared clinical columns absent from the sheet (not analysed) and those
+    present but empty.
+    """
+    from .subjects import DEFAULT_CLINICAL
+
+    clinical = dict(DEFAULT_CLINICAL if clinical is None else clinical)
+    long = _gland_values(gland_stats, gland_index)
+    rows: list[dict] = []
+    ci_kw = dict(n_boot=n_boot, ci=ci, seed=seed)
+    # group comparisons
+    for (gland, session, value), part in long.groupby(["gland", "session", "value"], sort=True, dropna=False):
+        session = session if isinstance(session, str) else None
+        a = part.loc[part["group"] == "pss", "x"].to_numpy(float)
+        b = part.loc[part["group"] == "control", "x"].to_numpy(float)
+        res = rank_biserial_test(a, b, seed_key=("group", gland, session, value), **ci_kw)
+        primary = gland == PRIMARY_GLAND and value in PRIMARY_VALUES and session in SESSIONS
+        rows.append(dict(family="primary" if primary else "secondary", analysis="group_comparison", gland=gland,
+                         session=session, value=value, variable="group", variable_type="group",
+                         subjects="pss_vs_control", test="mann_whitney", n=a.size + b.size, n_a=a.size, n_b=b.size,
+                         label_a="pss", label_b="control", effect_name="rank_biserial", **res))
+    # clinical associations
+    notes = {"clinical_declared": clinical, "clinical_absent": [], "clinical_empty": []}
+    if subjects is not None:
+        _require(subjects, ["subject_id"], "subject sheet")
+        present = []
+        for col in clinical:
+            if col not in subjects.columns:
+                notes["clinical_absent"].append(col)
+            elif subjects[col].notna().any():
+                present.append(col)
+            else:
+                notes["clinical_empty"].append(col)
+        clin = subjects[["subject_id", *present]].drop_duplicates("subject_id")
+        sub = long if clinical_group is None else long[long["group"] == clinical_group]
+        sub = sub.merge(clin, on="subject_id", how="left")
+        for (gland, session, value), part in sub.groupby(["gland", "session", "value"], sort=True, dropna=False):
+            session = session if isinstance(session, str) else None
+            for col in present:
+                kind = clinical[col]
+                d = part[part[col].notna()]
+                x = d["x"].to_numpy(float)
+                key = ("clinical", gland, session, value, col)
+                row = dict(family="secondary", analysis="clinical_association", gland=gland, session=session,
+                           value=value, variable=col, variable_type=kind,
+                           subjects=clinical_group if clinical_group is not None else "all", n=int(x.size))
+                if kind in ("continuous", "ordinal"):
+                    y = pd.to_numeric(d[col], errors="coerce").to_numpy(float)
+                    rho = p = lo = hi = np.nan
+                    if x.size >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
+                        rho, p = spearman_test(x, y, rng=_perm_seed(seed, key))
+                        lo, hi = bootstrap_spearman_ci(x, y, n_boot=n_boot, ci=ci, rng=_gland_seed(seed, key))
+                    row.update(test="spearman", effect_name="spearman_rho", effect=rho, ci_low=lo, ci_high=hi,
+                               statistic=rho, p_value=p)
+                elif kind == "binary":
+                    status = d[col].astype(bool).to_numpy()
+                    res = rank_biserial_test(x[status], x[~status], seed_key=key, **ci_kw)
+                    row.update(test="mann_whitney", effect_name="rank_biserial", n_a=int(status.sum()),
+                               n_b=int((~status).sum()), label_a="positive", label_b="negative", **res)
+                else:
+                    h, p, eps = kruskal_wallis_test(x, d[col].to_numpy(), rng=_perm_seed(seed, key))
+                    row.update(test="kruskal_wallis", effect_name="epsilon_squared", effect=eps, statistic=h,
+                               p_value=p, label_a=",".join(sorted(map(str, d[col].unique()))))
+                rows.append(row)
+    out = pd.DataFrame(rows, columns=_OUTCOME_COLS)
+    out["n_boot"] = int(n_boot)
+    for fam in ("primary", "secondary"):
+        m = out["family"] == fam
+        out.loc[m, "q_value"] = bh_qvalues(out.loc[m, "p_value"].to_numpy(float))
+    for c in ("n", "n_a", "n_b"):
+        out[c] = pd.to_numeric(out[c]).astype("Int64")
+    notes["families"] = FAMILY_DEFINITION
+    notes["n_tests"] = {f: int(out.loc[out["family"] == f, "p_value"].notna().sum()) for f in ("primary", "secondary")}
+    notes["p_values"] = (f"two-sided permutation p: exact up to {EXACT_MAX_PERMUTATIONS} permutations, else "
+                         f"{N_PERMUTATIONS} seeded ones ((1 + k) / (N + 1)); never 0")
+    notes["ci"] = f"percentile bootstrap {ci:.0%} CI, {n_boot} resamples of subjects (within groups for U), seed {seed}"
+    notes["units"] = "one value per subject and gland: the mean of the available sides"
+    return out.sort_values(["family", "analysis", "gland", "session", "value", "variable"], kind="stable",
+                           na_position="first").reset_index(drop=True), notes
+
+
+# ------------------------------------------------------------------ diagnostic value (ROC)
+#: Markers of the ROC analysis and the direction pre-specified for pSS: PSMA uptake falls with
+#: salivary gland damage, FAPI uptake rises with fibrosis, so the index (FAPI relative to PSMA) rises.
+DIAGNOSTIC_MARKERS: dict[str, str] = {
+    "psma_fapi_index": "higher_in_pss",
+    "psma_suv_mean": "lower_in_pss",
+    "fapi_suv_mean": "higher_in_pss",
+}
+#: The subject-level combination: the mean of these glands' subject values.
+COMBINED_GLANDS: tuple[str, ...] = ("parotid", "submandibular")
+COMBINED_NAME = "parotid+submandibular"
+
+
+def roc_points(pss: np.ndarray, control: np.ndarray, direction: str = "higher_in_pss") -> pd.DataFrame:
+    """ROC curve of a marker (pSS positive): one row per threshold (every distinct value, plus one
+    beyond the range), columns cutoff, sensitivity, specificity, fpr. A subject is called pSS when
+    its value is >= cutoff (``higher_in_pss``) or <= cutoff (``lower_in_pss``)."""
+    a, b = np.asarray(pss, dtype=float), np.asarray(control, dtype=float)
+    sign = 1.0 if direction == "higher_in_pss" else -1.0
+    sa, sb = sign * a, sign * b
+    cuts = np.unique(np.r_[sa, sb])[::-1]
+    cuts = np.r_[np.inf, cuts]
+    sens = (sa[None, :] >= cuts[:, None]).mean(axis=1) if a.size else np.full(cuts.size, np.nan)
+    spec = (sb[None, :] < cuts[:, None]).mean(axis=1) if b.size else np.full(cuts.size, np.nan)
+    return pd.DataFrame({"cutoff": sign * cuts, "sensitivity": sens, "specificity": spec, "fpr": 1.0 - spec})
+
+
+def roc_auc(pss: np.ndarray, control: np.ndarray, direction: str = "higher_in_pss", *, n_boot: int = 2000,
+            ci: float = 0.95, rng: np.random.Generator | int | None = 0) -> dict:
+    """AUC (= P(pSS value more pSS-like than a control's), ties half: the Mann-Whitney U / (n1 n2)),
+    its percentile bootstrap CI (resampling within groups), the Youden cut-off (maximal
+    sensitivity + specificity - 1; the first, i.e. the strictest, on ties) with its sensitivity and
+    specificity. NaN when a group is empty."""
+    a, b = np.asarray(pss, dtype=float), np.asarray(control, dtype=float)
+    out = dict(auc=np.nan, auc_ci_low=np.nan, auc_ci_high=np.nan, youden_cutoff=np.nan, youden_j=np.nan,
+               sensitivity=np.nan, specificity=np.nan)
+    if a.size == 0 or b.size == 0:
+        return out
+    sign = 1.0 if direction == "higher_in_pss" else -1.0
+    ranks = stats.rankdata(np.r_[sign * a, sign * b])
+    out["auc"] = float((ranks[: a.size].sum() - a.size * (a.size + 1) / 2.0) / (a.size * b.size))
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    if a.size >= 2 and b.size >= 2:
+        out["auc_ci_low"], out["auc_ci_high"] = _percentile_ci(_bootstrap_auc(sign * a, sign * b, n_boot, rng), ci)
+    pts = roc_points(a, b, direction).iloc[1:]  # the cut-off beyond the range calls nobody pSS
+    j = (pts["sensitivity"] + pts["specificity"] - 1.0).to_numpy()
+    k = int(np.argmax(j))
+    out.update(youden_cutoff=float(pts["cutoff"].iloc[k]), youden_j=float(j[k]),
+               sensitivity=float(pts["sensitivity"].iloc[k]), specificity=float(pts["specificity"].iloc[k]))
+    return out
+
+
+def diagnostic_markers(gland_index: pd.DataFrame, *, complete_cases: bool = True) -> pd.DataFrame:
+    """Subject values of each ROC marker per gland and for :data:`COMBINED_NAME` (the mean of the
+    subject's parotid and submandibular values; both needed). ``complete_cases``: only subjects with
+    every marker of that gland, so the markers are compared on the same subjects. Columns
+    subject_id, group, gland, marker, x."""
+    markers = [m for m in DIAGNOSTIC_MARKERS if m in gland_index.columns]
+    cols = ["subject_id", "group", "gland", "marker", "x"]
+    if gland_index is None or gland_index.empty or not markers:
+        return pd.DataFrame(columns=cols)
+    sv = subject_values(gland_index, markers)
+    sv = sv[sv["group"].isin(GROUPS)]
+    if complete_cases:
+        sv = sv.dropna(subset=markers)
+    comb = sv[sv["gland"].isin(COMBINED_GLANDS)]
+    comb = comb.groupby(["subject_id", "group"], observed=True)
+    both = comb["gland"].nunique() == len(COMBINED_GLANDS)
+    cm = comb[markers].mean()[both.to_numpy()]
+    if not complete_cases:  # a marker of the combination needs both glands' values
+        cnt = sv[sv["gland"].isin(COMBINED_GLANDS)].groupby(["subject_id", "group"], observed=True)[markers].count()
+        cm = cm.where(cnt.loc[cm.index] == len(COMBINED_GLANDS))
+    cm = cm.reset_index().assign(gland=COMBINED_NAME)
+    allv = pd.concat([sv, cm[sv.columns]], ignore_index=True) if len(cm) else sv
+    long = allv.melt(id_vars=["subject_id", "group", "gland"], value_vars=markers, var_name="marker", value_name="x")
+    return long[long["x"].notna()][cols].reset_index(drop=True)
+
+
+def diagnostic_table(gland_index: pd.DataFrame, *, n_boot: int = 2000, ci: float = 0.95, seed: int = 0,
+                     complete_cases: bool = True) -> pd.DataFrame:
+    """ROC analysis of pSS vs control per gland and for the parotid+submandibular combination, for
+    the PSMA/FAPI index and for PSMA and FAPI SUVmean alone (:data:`DIAGNOSTIC_MARKERS`, with their
+    pre-specified direction). One row per gland x marker: n_pss, n_control, auc with its bootstrap CI,
+    Youden cut-off, J, sensitivity and specificity at it."""
+    long = diagnostic_markers(gland_index, complete_cases=complete_cases)
+    rows = []
+    for (gland, marker), part in long.groupby(["gland", "marker"], sort=True):
+        a = part.loc[part["group"] == "pss", "x"].to_numpy(float)
+        b = part.loc[part["group"] == "control", "x"].to_numpy(float)
+        d = DIAGNOSTIC_MARKERS[marker]
+        res = roc_auc(a, b, d, n_boot=n_boot, ci=ci, rng=_gland_seed(seed, ("roc", gland, marker)))
+        rows.append(dict(gland=gland, marker=marker, direction=d, n_pss=a.size, n_control=b.size, **res,
+                         n_boot=int(n_boot)))
+    cols = ["gland", "marker", "direction", "n_pss", "n_control", "auc", "auc_ci_low", "auc_ci_high",
+            "youden_cutoff", "youden_j", "sensitivity", "specificity", "n_boot"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+# ------------------------------------------------------------------ the paper's results table
+VALUE_LABEL = {"suv_max": "SUVmax", "suv_mean": "SUVmean", "suv_mean_pvc": "SUVmean (PVC)",
+               "psma_fapi_index": "PSMA/FAPI index"}
+
+
+def results_table(outcomes: pd.DataFrame, gland_stats: pd.DataFrame | None, gland_index: pd.DataFrame | None,
+                  *, digits: int = 2) -> pd.DataFrame:
+    """A table a paper can print: per gland, session and value, median (IQR) per group, the group
+    effect (rank-biserial r, positive = pSS higher) with its CI, p and q (from ``outcomes``' group
+    comparisons), the family. Subject values as in :func:`registered_outcomes`."""
+    long = _gland_values(gland_stats, gland_index)
+    cols = ["family", "gland", "session", "value", "pss", "control", "effect_ci", "p", "q"]
+    if long.empty:
+        return pd.DataFrame(columns=cols)
+    key = ["gland", "session", "value"]
+    long = long.assign(session=long["session"].fillna(""))
+
+    def fmt(v: pd.Series) -> str:
+        if v.empty:
+            return ""
+        q1, med, q3 = np.quantile(v.to_numpy(float), [0.25, 0.5, 0.75])
+        return f"{med:.{digits}f} ({q1:.{digits}f}\u2013{q3:.{digits}f}), n={v.size}"
+
+    summ = long.groupby(key + ["group"], sort=True)["x"].apply(fmt).unstack("group")
+    for g in GROUPS:
+        if g not in summ.columns:
+            summ[g] = ""
+    summ = summ[list(GROUPS)].fillna("").reset_index()
+    gc = outcomes[outcomes["analysis"] == "group_comparison"].assign(session=lambda d: d["session"].fillna(""))
+    out = summ.merge(gc[key + ["family", "effect", "ci_low", "ci_high", "p_value", "q_value"]], on=key, how="left")
+
+    def pfmt(p: float) -> str:
+        return "" if not np.isfinite(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
+
+    out["effect_ci"] = [
+        "" if not np.isfinite(e) else (f"{e:+.2f} ({lo:+.2f} to {hi:+.2f})" if np.isfinite(lo) else f"{e:+.2f}")
+        for e, lo, hi in zip(out["effect"].astype(float), out["ci_low"].astype(float), out["ci_high"].astype(float))]
+    out["p"] = [pfmt(p) for p in out["p_value"].astype(float)]
+    out["q"] = [pfmt(q) for q in out["q_value"].astype(float)]
+    out["value"] = out["value"].map(lambda v: VALUE_LABEL.get(v, v))
+    out["family"] = out["family"].fillna("secondary")
+    order = {"primary": 0, "secondary": 1}
+    out = out.sort_values(["family", "gland", "session", "value"], key=lambda s: s.map(order) if s.name == "family"
+                          else s, kind="stable")
+    return out[cols].reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,15 @@ Cohort figures (:func:`cohort_figures`, one PNG and one SVG per stem)
                    group of the table has none (the by-group figures likewise draw groups with data).
 ``voxel_rho``      within-gland voxel Spearman rho between PSMA and FAPI SUV, per gland (one
                    point per subject and side, box per gland).
+``roc``            ROC curves of pSS vs control per gland and for the parotid+submandibular
+                   combination: the PSMA/FAPI index, PSMA SUVmean and FAPI SUVmean alone (subject
+                   means; subjects with all three), AUC with its bootstrap CI from the
+                   `diagnostic` table, the Youden point marked.
+``clinical_forest`` forest plot of the clinical associations (`outcomes` table): per clinical
+                   variable and gland the effect with its 95 % CI (Spearman rho; rank-biserial r by
+                   status for binary variables) for PSMA SUVmean, FAPI SUVmean and the index; filled
+                   markers: q < 0.05 (Benjamini-Hochberg). Categorical variables (Kruskal-Wallis,
+                   no signed effect) are in the table only.
 
 Panels without data are left out; a figure with no data at all says so (the file is still
 written, so the set of outputs is fixed).
@@ -90,7 +99,13 @@ GLAND_COLOUR = {
     "tubarial": "#ffffff",
 }
 
-STEMS: tuple[str, ...] = ("psma_vs_fapi", "fapi_by_group", "psma_by_group", "index_by_group", "voxel_rho")
+STEMS: tuple[str, ...] = ("psma_vs_fapi", "fapi_by_group", "psma_by_group", "index_by_group", "voxel_rho", "roc",
+                          "clinical_forest")
+#: Markers of the ROC figure and their labels; colours per marker; glands in the forest plot.
+MARKER_LABEL = {"psma_fapi_index": "PSMA/FAPI index", "psma_suv_mean": "PSMA SUVmean", "fapi_suv_mean": "FAPI SUVmean"}
+MARKER_COLOUR = {"psma_fapi_index": "#7570b3", "psma_suv_mean": "#1f78b4", "fapi_suv_mean": "#e6550d"}
+FOREST_GLAND_COLOUR = {"parotid": "#1b9e77", "submandibular": "#d95f02", "sublingual": "#e7298a",
+                       "lacrimal": "#7570b3", "tubarial": "#666666"}
 
 
 def _figure(width_in: float, height_in: float):
@@ -375,6 +390,112 @@ def _fig_rho(gi: pd.DataFrame, rng):
     return fig
 
 
+def _fig_roc(gi: pd.DataFrame, diagnostic: pd.DataFrame):
+    from .cohort_stats import COMBINED_NAME, DIAGNOSTIC_MARKERS, diagnostic_markers, roc_auc, roc_points
+
+    title = "ROC, pSS vs control"
+    long = diagnostic_markers(gi) if len(gi) else pd.DataFrame(columns=["gland", "marker", "group", "x"])
+    glands = [g for g in [*GLANDS, COMBINED_NAME] if g in set(long["gland"])]
+    glands = [g for g in glands if {"pss", "control"} <= set(long.loc[long["gland"] == g, "group"])]
+    if not glands:
+        return _no_data(title, "needs pSS and control subjects with both a PSMA and a FAPI session")
+    diag = diagnostic.set_index(["gland", "marker"]) if len(diagnostic) else None
+    with _rc():
+        fig = _figure(max(6.0, 3.0 * min(len(glands), 4) + 0.4), 3.3 * int(np.ceil(len(glands) / 4)) + 0.8)
+        axes = _panel_grid(fig, len(glands), max_cols=4)
+        for ax, gland in zip(axes, glands):
+            ax.plot([0, 1], [0, 1], color="#bbbbbb", linewidth=0.8, linestyle="--")
+            part = long[long["gland"] == gland]
+            for marker, direction in DIAGNOSTIC_MARKERS.items():
+                m = part[part["marker"] == marker]
+                a = m.loc[m["group"] == "pss", "x"].to_numpy(float)
+                b = m.loc[m["group"] == "control", "x"].to_numpy(float)
+                if not (a.size and b.size):
+                    continue
+                pts = roc_points(a, b, direction)
+                if diag is not None and (gland, marker) in diag.index:
+                    r = diag.loc[(gland, marker)]
+                    auc, lo, hi = float(r["auc"]), float(r["auc_ci_low"]), float(r["auc_ci_high"])
+                    sens, spec = float(r["sensitivity"]), float(r["specificity"])
+                else:
+                    r = roc_auc(a, b, direction, n_boot=0)
+                    auc, lo, hi, sens, spec = r["auc"], np.nan, np.nan, r["sensitivity"], r["specificity"]
+                ci = f" ({lo:.2f}\u2013{hi:.2f})" if np.isfinite(lo) else ""
+                c = MARKER_COLOUR[marker]
+                ax.plot(pts["fpr"], pts["sensitivity"], color=c, linewidth=1.5,
+                        label=f"{MARKER_LABEL[marker]}: AUC {auc:.2f}{ci}")
+                ax.plot([1 - spec], [sens], marker="o", color=c, markersize=4.5, zorder=4)
+            ax.set_xlim(-0.02, 1.02)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_aspect("equal")
+            n = part.groupby("group")["subject_id"].nunique()
+            ax.set_title(f"{gland}\n(pSS n={n.get('pss', 0)}, control n={n.get('control', 0)})", fontsize=9)
+            ax.set_xlabel("1 \u2212 specificity")
+            ax.legend(loc="lower right", frameon=False, fontsize=6.5)
+        axes[0].set_ylabel("sensitivity")
+        fig.suptitle(f"{title}: subject means of both sides; dot = Youden cut-off", fontsize=10.5)
+        fig.tight_layout()
+    return fig
+
+
+def _fig_forest(outcomes: pd.DataFrame):
+    title = "Clinical associations (pSS subjects)"
+    need = {"analysis", "variable_type", "session", "value", "variable", "gland", "effect", "ci_low", "ci_high"}
+    if outcomes.empty or not need <= set(outcomes.columns):
+        return _no_data(title, "no clinical variable in the subject sheet")
+    d = outcomes[(outcomes["analysis"] == "clinical_association") & outcomes["variable_type"].isin(
+        ["continuous", "ordinal", "binary"])]
+    d = d[np.isfinite(pd.to_numeric(d["effect"], errors="coerce").to_numpy(float))]
+    panels = [(("psma", "suv_mean"), "PSMA SUVmean"), (("fapi", "suv_mean"), "FAPI SUVmean"),
+              ((None, "psma_fapi_index"), "PSMA/FAPI index")]
+    sess = d["session"].where(d["session"].notna(), None)
+    keep = [(k, lab) for k, lab in panels if ((sess == k[0]) if k[0] else sess.isna()).mul(d["value"] == k[1]).any()]
+    if d.empty or not keep:
+        return _no_data(title, "no clinical association with an effect (too few subjects or no clinical values)")
+    variables = list(dict.fromkeys(d["variable"]))
+    glands = [g for g in GLANDS if g in set(d["gland"])] + sorted(set(d["gland"]) - set(GLANDS))
+    step = 0.7 / max(len(glands), 1)
+    with _rc():
+        fig = _figure(3.2 * len(keep) + 1.6, 0.32 * len(variables) * max(len(glands), 1) * 0.55 + 1.8)
+        axes = [fig.add_subplot(1, len(keep), i + 1) for i in range(len(keep))]
+        for ax, ((session, value), label) in zip(axes, keep):
+            m = ((sess == session) if session else sess.isna()) & (d["value"] == value)
+            part = d[m]
+            ax.axvline(0.0, color="#999999", linewidth=0.8, linestyle="--", zorder=0)
+            for j, gland in enumerate(glands):
+                g = part[part["gland"] == gland].set_index("variable")
+                y = [len(variables) - 1 - variables.index(v) + (len(glands) - 1) / 2 * step - j * step
+                     for v in g.index]
+                e = g["effect"].to_numpy(float)
+                lo, hi = g["ci_low"].to_numpy(float), g["ci_high"].to_numpy(float)
+                sig = (pd.to_numeric(g.get("q_value"), errors="coerce").to_numpy(float) < 0.05) if "q_value" in g else \
+                    np.zeros(len(g), bool)
+                c = FOREST_GLAND_COLOUR.get(gland, OTHER_COLOUR)
+                ok = np.isfinite(lo) & np.isfinite(hi)
+                ax.hlines(np.asarray(y)[ok], lo[ok], hi[ok], color=c, linewidth=1.0)
+                ax.scatter(np.asarray(y) * 0 + e, y, s=18, color=c, zorder=3,
+                           facecolors=[c if s_ else "white" for s_ in sig], edgecolors=c, linewidths=1.0,
+                           label=gland)
+            ax.set_xlim(-1.05, 1.05)
+            ax.set_ylim(-0.6, len(variables) - 0.4)
+            ax.set_yticks(range(len(variables)))
+            ax.set_yticklabels(variables[::-1] if ax is axes[0] else [])
+            ax.set_title(label)
+            ax.set_xlabel("effect (95% CI)")
+        h, lab = axes[0].get_legend_handles_labels()
+        for ax in axes[1:]:
+            for hh, ll in zip(*ax.get_legend_handles_labels()):
+                if ll not in lab:
+                    h.append(hh)
+                    lab.append(ll)
+        if h:
+            fig.legend(h, lab, loc="lower center", ncol=len(lab), frameon=False)
+        fig.suptitle(f"{title}: Spearman \u03c1 (continuous, ordinal) or rank-biserial r by status (binary); "
+                     "filled: q < 0.05", fontsize=9.5)
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
 def _read(path) -> pd.DataFrame:
     try:
         return pd.read_parquet(path)
@@ -383,7 +504,8 @@ def _read(path) -> pd.DataFrame:
         return pd.DataFrame()
 
 
-def cohort_figures(gland_stats_path, gland_index_path, out_dir) -> list[Path]:
+def cohort_figures(gland_stats_path, gland_index_path, out_dir, *, outcomes_path=None,
+                   diagnostic_path=None) -> list[Path]:
     """Write the cohort figures (PNG + SVG per stem in :data:`STEMS`) into ``out_dir``.
 
     Returns the written paths (two per stem, PNG then SVG). Never raises on thin data: a figure
@@ -406,6 +528,8 @@ def cohort_figures(gland_stats_path, gland_index_path, out_dir) -> list[Path]:
             num = c not in ("group", "gland", "side", "subject_id")
             gi[c] = pd.Series(np.nan if num else None, index=gi.index, dtype=float if num else object)
     suv_type = _suv_type(gs, gi)
+    outcomes = _read(outcomes_path) if outcomes_path else pd.DataFrame()
+    diagnostic = _read(diagnostic_path) if diagnostic_path else pd.DataFrame()
     rng = np.random.default_rng(0)
     makers = {
         "psma_vs_fapi": lambda: _fig_scatter(gi, suv_type),
@@ -413,6 +537,8 @@ def cohort_figures(gland_stats_path, gland_index_path, out_dir) -> list[Path]:
         "psma_by_group": lambda: _fig_by_group(gs, "psma", suv_type, rng),
         "index_by_group": lambda: _fig_index(gi, rng),
         "voxel_rho": lambda: _fig_rho(gi, rng),
+        "roc": lambda: _fig_roc(gi, diagnostic),
+        "clinical_forest": lambda: _fig_forest(outcomes),
     }
     written: list[Path] = []
     for stem in STEMS:

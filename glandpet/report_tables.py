@@ -64,6 +64,66 @@ def gland_values_view(gland_stats: pd.DataFrame) -> str:
     return _table(out.reset_index(), "per-gland values (left and right pooled): median and quartiles")
 
 
+def _notes(path) -> dict:
+    from .tables import table_notes
+
+    try:
+        return table_notes(path)
+    except Exception:  # noqa: BLE001 - a table without notes
+        return {}
+
+
+def results_view(outcomes: pd.DataFrame, gland_stats: pd.DataFrame, gland_index: pd.DataFrame,
+                 diagnostic: pd.DataFrame | None = None, notes: dict | None = None) -> str:
+    """The results a paper prints: the primary outcome on its own, then per gland and group the median
+    (IQR) of each value with the group effect (rank-biserial r, CI), p and q; the index's diagnostic
+    value (ROC); every clinical association with its q-value; the family definitions and the declared
+    clinical columns the sheet lacks (not analysed)."""
+    from .cohort_stats import results_table
+
+    notes = notes or {}
+    parts = []
+    t = results_table(outcomes, gland_stats, gland_index) if len(outcomes) else pd.DataFrame()
+    label = {"pss": "pSS median (IQR)", "control": "control median (IQR)", "effect_ci": "r (95% CI)"}
+    if len(t):
+        t = t.rename(columns=label)
+        parts.append(_table(t[t["family"] == "primary"].drop(columns="family"),
+                            "Primary outcome: parotid SUVmax and SUVmean, pSS vs control, per tracer (Mann-Whitney; "
+                            "r = rank-biserial, positive: pSS higher; q: Benjamini-Hochberg within the primary tests)"))
+        parts.append(_table(t[t["family"] != "primary"].drop(columns="family"),
+                            "Secondary: every gland and value, pSS vs control (q: Benjamini-Hochberg over the "
+                            "secondary family)"))
+    else:
+        parts.append("<p>No group comparison (no measured gland).</p>")
+    if diagnostic is not None and len(diagnostic):
+        d = diagnostic.drop(columns=[c for c in ("pipeline_version", "config_hash", "n_boot") if c in diagnostic])
+        parts.append(_table(d, "Diagnostic value, pSS vs control: ROC AUC (bootstrap 95% CI), Youden cut-off, "
+                               "sensitivity and specificity at it (subjects with the index and both SUVs)"))
+    assoc = outcomes[outcomes["analysis"] == "clinical_association"] if len(outcomes) else outcomes
+    if len(assoc):
+        cols = ["gland", "session", "value", "variable", "variable_type", "test", "n", "effect_name", "effect",
+                "ci_low", "ci_high", "p_value", "q_value"]
+        parts.append(_table(assoc.sort_values(["p_value", "gland"], na_position="last")[cols],
+                            "Secondary: clinical associations within pSS subjects, by smallest p (continuous and "
+                            "ordinal: Spearman rho; binary: rank-biserial r by status, positive: higher value in "
+                            "the positive subjects; categorical: Kruskal-Wallis epsilon-squared)"))
+    items = []
+    for fam, text in (notes.get("families") or {}).items():
+        items.append(f"<li><b>{html.escape(fam)}</b>: {html.escape(str(text))}</li>")
+    if notes.get("clinical_absent"):
+        items.append("<li>declared clinical columns absent from the subject sheet, not analysed: "
+                     f"{html.escape(', '.join(notes['clinical_absent']))}</li>")
+    if notes.get("clinical_empty"):
+        items.append("<li>clinical columns present but empty, not analysed: "
+                     f"{html.escape(', '.join(notes['clinical_empty']))}</li>")
+    for k in ("p_values", "ci", "units"):
+        if notes.get(k):
+            items.append(f"<li>{html.escape(k.replace('_', '-'))}: {html.escape(str(notes[k]))}</li>")
+    if items:
+        parts.append("<h3>Notes</h3><ul>" + "".join(items) + "</ul>")
+    return "".join(parts)
+
+
 def qc_view(qc: pd.DataFrame) -> str:
     counts = qc.groupby(["stage", "status"]).size().rename("rows").reset_index()
     issues = qc.loc[qc["status"] != "ok", ["subject_id", "session", "stage", "status", "message"]]
@@ -72,13 +132,21 @@ def qc_view(qc: pd.DataFrame) -> str:
 
 
 def write_report_tables(gland_stats: str, cohort_stats: str, qc: str, out_statistics: str,
-                        out_gland_values: str, out_qc: str) -> None:
-    """Write the three HTML views (atomically) from the cohort Parquet tables."""
+                        out_gland_values: str, out_qc: str, *, outcomes: str | None = None,
+                        gland_index: str | None = None, diagnostic: str | None = None,
+                        out_results: str | None = None) -> None:
+    """Write the HTML views (atomically) from the cohort Parquet tables (the results page when
+    ``out_results`` and the outcome table are given)."""
     views = {
         out_statistics: ("Cohort statistics", statistics_view(pd.read_parquet(cohort_stats))),
         out_gland_values: ("Per-gland values by session and group", gland_values_view(pd.read_parquet(gland_stats))),
         out_qc: ("Quality control", qc_view(pd.read_parquet(qc))),
     }
+    if out_results and outcomes:
+        gi = pd.read_parquet(gland_index) if gland_index else None
+        diag = pd.read_parquet(diagnostic) if diagnostic else None
+        views[out_results] = ("Results: registered outcomes", results_view(
+            pd.read_parquet(outcomes), pd.read_parquet(gland_stats), gi, diag, _notes(outcomes)))
     for path, (title, body) in views.items():
         tmp = atomic_path(path)
         tmp.write_bytes(_page(title, body))

@@ -11,6 +11,7 @@ line 1) and the column.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -19,11 +20,69 @@ import pandas as pd
 from .errors import UserError
 from .glands import GROUPS
 
-__all__ = ["read_subject_sheet", "subject_folders", "ID_PATTERN", "NUMERIC_CLINICAL_COLUMNS"]
+__all__ = ["read_subject_sheet", "subject_folders", "ID_PATTERN", "NUMERIC_CLINICAL_COLUMNS", "CLINICAL_TYPES",
+           "DEFAULT_CLINICAL", "parse_binary", "clinical_types"]
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9]+$")
 #: Clinical columns that must be numeric when present (empty cells are allowed: missing value).
 NUMERIC_CLINICAL_COLUMNS = ("essdai", "esspri", "usf_ml_min", "schirmer_mm", "age_years", "disease_duration_years")
+#: The types a clinical variable can be declared with (config key ``clinical``).
+CLINICAL_TYPES = ("continuous", "ordinal", "binary", "categorical")
+#: The study's registered clinical outcomes (the default of the config's ``clinical`` section; config.yaml and
+#: config.schema.yaml hold the same mapping, a test keeps them equal).
+DEFAULT_CLINICAL: dict[str, str] = {
+    "usf_ml_min": "continuous", "essdai": "continuous", "esspri": "continuous", "anti_ssa": "binary",
+    "anti_ssb": "binary", "igg_g_l": "continuous", "esr_mm_h": "continuous", "crp_mg_l": "continuous",
+    "schirmer_mm": "continuous",
+}
+#: Spellings a binary column accepts (case-insensitive); an empty cell is a missing value.
+BINARY_TRUE = ("positive", "pos", "yes", "y", "1", "+", "true")
+BINARY_FALSE = ("negative", "neg", "no", "n", "0", "-", "false")
+
+
+def parse_binary(value: str) -> bool | None:
+    """``positive/negative, yes/no, 1/0, +/-, true/false`` (any case) -> True/False; empty -> None;
+    anything else raises ValueError."""
+    v = _cell(value).lower()
+    if v == "":
+        return None
+    if v in BINARY_TRUE:
+        return True
+    if v in BINARY_FALSE:
+        return False
+    raise ValueError(value)
+
+
+def clinical_types(clinical=None) -> dict[str, str]:
+    """The declared clinical columns and their types: ``clinical`` (the config section) validated, or
+    :data:`DEFAULT_CLINICAL` when None."""
+    out = dict(DEFAULT_CLINICAL if clinical is None else clinical)
+    for col, kind in out.items():
+        if kind not in CLINICAL_TYPES:
+            raise UserError(f"config clinical.{col}: unknown type {kind!r} (expected one of {', '.join(CLINICAL_TYPES)})")
+        if col in ("subject_id", "group", "dicom_dir", "patient_id"):
+            raise UserError(f"config clinical.{col}: {col} is a column of the sheet itself, not a clinical variable")
+    return out
+
+
+def _check_clinical(col: str, kind: str, raw: str) -> str | None:
+    """The problem of one clinical cell (None: fine)."""
+    if raw == "":
+        return None
+    if kind in ("continuous", "ordinal"):
+        try:
+            x = float(raw.replace(",", "."))
+        except ValueError:
+            return f"{raw!r} is not a number ({col} is declared {kind})"
+        if not math.isfinite(x):
+            return f"{raw!r} is not a finite number ({col} is declared {kind})"
+    elif kind == "binary":
+        try:
+            parse_binary(raw)
+        except ValueError:
+            return (f"{raw!r} is not a binary value ({col} is declared binary: positive/negative, yes/no, 1/0, +/-, "
+                    "true/false; empty = missing)")
+    return None
 
 
 def _cell(v) -> str:
@@ -32,7 +91,7 @@ def _cell(v) -> str:
 
 def read_subject_sheet(
     path: str | Path, dicom_root: str | Path | None = None, *, allow_empty_group: bool = False,
-    missing_dirs: str = "error",
+    missing_dirs: str = "error", clinical=None,
 ) -> pd.DataFrame:
     """Read and validate a subject sheet; return it as a DataFrame (strings stripped; `group`
     lower-cased; `dicom_dir` / `patient_id` present as columns, empty cells as None; numeric clinical
@@ -42,6 +101,12 @@ def read_subject_sheet(
     exist, unless `missing_dirs="report"`: then a missing folder is left for the index to report as a
     failure of that subject only (the workflow goes on with the others). With `allow_empty_group` an
     empty group is accepted (a sheet drafted by `glandpet init`).
+
+    `clinical`: the declared clinical columns ``{column: continuous|ordinal|binary|categorical}`` (the
+    config's ``clinical`` section). Each present column's values are checked against its type (an
+    error names the line and the column) and converted: continuous/ordinal to floats, binary to a
+    nullable boolean, categorical to strings; empty cells are missing values. Declared columns the
+    sheet lacks are left out (not an error). None: only :data:`NUMERIC_CLINICAL_COLUMNS` are checked.
     """
     if missing_dirs not in ("error", "report"):
         raise ValueError("missing_dirs must be 'error' or 'report'")
@@ -76,6 +141,8 @@ def read_subject_sheet(
             df[col] = ""
     df = df.map(_cell)
 
+    types = ({c: "continuous" for c in NUMERIC_CLINICAL_COLUMNS} if clinical is None
+             else {**{c: "continuous" for c in NUMERIC_CLINICAL_COLUMNS}, **clinical_types(clinical)})
     root = Path(dicom_root) if dicom_root not in (None, "") else None
     if root is not None and not root.is_dir():
         raise UserError(f"DICOM root {root} is not a folder")
@@ -133,18 +200,23 @@ def read_subject_sheet(
             seen_dirs[real] = (line, sid)
             for q in real.parents:
                 seen_parents.setdefault(q, (line, sid))
-        for col in NUMERIC_CLINICAL_COLUMNS:
-            if col in df.columns and r[col] != "":
-                try:
-                    float(r[col].replace(",", "."))
-                except ValueError:
-                    raise UserError(f"{at}, column {col}: {r[col]!r} is not a number") from None
+        for col, kind in types.items():
+            if col in df.columns:
+                bad = _check_clinical(col, kind, r[col])
+                if bad:
+                    raise UserError(f"{at}, column {col}: {bad}")
 
     for col in ("group", "dicom_dir", "patient_id"):
         df[col] = pd.Series([v if isinstance(v, str) and v else None for v in df[col]], dtype=object, index=df.index)
-    for col in NUMERIC_CLINICAL_COLUMNS:
-        if col in df.columns:
+    for col, kind in types.items():
+        if col not in df.columns:
+            continue
+        if kind in ("continuous", "ordinal"):
             df[col] = pd.to_numeric(df[col].str.replace(",", ".", regex=False).replace("", None), errors="coerce")
+        elif kind == "binary":
+            df[col] = pd.array([parse_binary(v) for v in df[col]], dtype="boolean")
+        else:
+            df[col] = pd.Series([v if v else None for v in df[col]], dtype=object, index=df.index)
     return df
 
 

@@ -125,6 +125,60 @@ COHORT_STATS = pa.schema(
     + PROVENANCE
 )
 
+# The study's registered outcomes (glandpet.cohort_stats.registered_outcomes): one row per test. Group
+# comparisons (pSS = a vs control = b) and clinical associations of a gland value (per session SUVmax,
+# SUVmean, SUVmean after PVC; or the PSMA/FAPI index, session null) with a declared clinical variable.
+# family: primary | secondary (definitions, absent clinical columns and methods in the Parquet metadata
+# key b"glandpet"); q_value: Benjamini-Hochberg within the family.
+OUTCOMES = pa.schema(
+    [
+        pa.field("family", pa.string(), nullable=False),
+        pa.field("analysis", pa.string(), nullable=False),  # group_comparison | clinical_association
+        pa.field("gland", pa.string(), nullable=False),
+        pa.field("session", pa.string()),  # psma | fapi; null for the index
+        pa.field("value", pa.string(), nullable=False),  # suv_max | suv_mean | suv_mean_pvc | psma_fapi_index
+        pa.field("variable", pa.string(), nullable=False),  # group, or the clinical column
+        pa.field("variable_type", pa.string(), nullable=False),  # group | continuous | ordinal | binary | categorical
+        pa.field("subjects", pa.string(), nullable=False),  # pss_vs_control | pss | all
+        pa.field("test", pa.string(), nullable=False),  # mann_whitney | spearman | kruskal_wallis
+        pa.field("n", pa.int64()),
+        pa.field("n_a", pa.int64()),  # pss / positive subjects (Mann-Whitney)
+        pa.field("n_b", pa.int64()),  # control / negative subjects
+        pa.field("label_a", pa.string()),
+        pa.field("label_b", pa.string()),
+        pa.field("effect_name", pa.string(), nullable=False),  # rank_biserial | spearman_rho | epsilon_squared
+        pa.field("effect", pa.float64()),
+        pa.field("ci_low", pa.float64()),
+        pa.field("ci_high", pa.float64()),
+        pa.field("statistic", pa.float64()),  # U of sample a | rho | H
+        pa.field("p_value", pa.float64()),
+        pa.field("q_value", pa.float64()),
+        pa.field("n_boot", pa.int64()),
+    ]
+    + PROVENANCE
+)
+
+# Diagnostic value (glandpet.cohort_stats.diagnostic_table): ROC of pSS vs control per gland (and
+# "parotid+submandibular", the mean of the two) for the PSMA/FAPI index and PSMA / FAPI SUVmean alone.
+DIAGNOSTIC = pa.schema(
+    [
+        pa.field("gland", pa.string(), nullable=False),
+        pa.field("marker", pa.string(), nullable=False),
+        pa.field("direction", pa.string(), nullable=False),  # higher_in_pss | lower_in_pss (pre-specified)
+        pa.field("n_pss", pa.int64(), nullable=False),
+        pa.field("n_control", pa.int64(), nullable=False),
+        pa.field("auc", pa.float64()),
+        pa.field("auc_ci_low", pa.float64()),
+        pa.field("auc_ci_high", pa.float64()),
+        pa.field("youden_cutoff", pa.float64()),  # in the marker's unit; pSS called at >= (<= if lower_in_pss)
+        pa.field("youden_j", pa.float64()),
+        pa.field("sensitivity", pa.float64()),
+        pa.field("specificity", pa.float64()),
+        pa.field("n_boot", pa.int64()),
+    ]
+    + PROVENANCE
+)
+
 # Leave-one-out validation of an atlas library (`glandpet atlas validate`, glandpet/atlas_validate.py):
 # one row per held-out atlas x gland x side of its contours; the automatic labels from the other atlases.
 ATLAS_VALIDATION = pa.schema(
@@ -150,6 +204,8 @@ ATLAS_VALIDATION = pa.schema(
 SCHEMAS: dict[str, pa.Schema] = {
     "atlas_validation": ATLAS_VALIDATION,
     "cohort_stats": COHORT_STATS,
+    "outcomes": OUTCOMES,
+    "diagnostic": DIAGNOSTIC,
     "gland_stats": GLAND_STATS,
     "gland_index": GLAND_INDEX,
     "qc": QC,
@@ -188,6 +244,12 @@ def atomic_path(path: str | Path):
     raise FileExistsError(f"no free temporary name next to {path}")
 
 
+def table_notes(path: str | Path) -> dict:
+    """The JSON notes :func:`write_table` stored with a table ({} when none)."""
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta[b"glandpet"]) if b"glandpet" in meta else {}
+
+
 def to_table(rows_or_frame: Any, schema: pa.Schema) -> pa.Table:
     """Build a table with exactly `schema` (columns in order, types cast; missing nullable columns null)."""
     import pandas as pd
@@ -205,11 +267,15 @@ def to_table(rows_or_frame: Any, schema: pa.Schema) -> pa.Table:
     return pa.table(cols, schema=schema)
 
 
-def write_table(rows_or_frame: Any, schema: pa.Schema | str, path: str | Path) -> pa.Table:
-    """Write rows (list of dicts or a DataFrame) as Parquet with an explicit schema, atomically."""
+def write_table(rows_or_frame: Any, schema: pa.Schema | str, path: str | Path,
+                metadata: Mapping[str, Any] | None = None) -> pa.Table:
+    """Write rows (list of dicts or a DataFrame) as Parquet with an explicit schema, atomically.
+    ``metadata``: stored as JSON under the schema metadata key ``b"glandpet"`` (:func:`table_notes`)."""
     if isinstance(schema, str):
         schema = SCHEMAS[schema]
     table = to_table(rows_or_frame, schema)
+    if metadata:
+        table = table.replace_schema_metadata({b"glandpet": json.dumps(metadata, sort_keys=True, default=str).encode()})
     tmp = atomic_path(path)
     try:
         pq.write_table(table, tmp)

@@ -31,7 +31,9 @@ def subject_ids(config: Mapping[str, Any], sheet: str) -> list[str]:
     from .subjects import read_subject_sheet
 
     # a missing subject folder fails that subject only (the index reports it; qc.parquet lists it)
-    return list(read_subject_sheet(sheet, config.get("dicom_root") or None, missing_dirs="report")["subject_id"])
+    # the declared clinical columns are type-checked here, at the start of a run, not after the processing
+    return list(read_subject_sheet(sheet, config.get("dicom_root") or None, missing_dirs="report",
+                                   clinical=config.get("clinical"))["subject_id"])
 
 
 def atlas_list(config: Mapping[str, Any], phantom_atlas_dir: str) -> list[dict[str, str]]:
@@ -768,14 +770,18 @@ def _long(df: Any, analysis: str, id_cols: list[str]) -> Any:
     return out
 
 
-def cohort_statistics(inputs: Any, out_path: str) -> None:
-    """Per-gland cohort statistics as one long tidy table (analysis, gland, ..., statistic, value)."""
+def cohort_statistics(inputs: Any, output: Any, clinical: Mapping[str, str] | None = None) -> None:
+    """Per-gland cohort statistics as one long tidy table (analysis, gland, ..., statistic, value);
+    the registered outcomes (``output.outcomes``: every value against pSS/control and every declared
+    clinical variable of the sheet, typed by ``clinical``, with BH q-values) and the diagnostic ROC
+    table (``output.diagnostic``)."""
     import pandas as pd
 
     from . import cohort_stats as cs
     from .subjects import read_subject_sheet
-    from .tables import COHORT_STATS, write_table
+    from .tables import COHORT_STATS, DIAGNOSTIC, OUTCOMES, write_table
 
+    out_path = output if isinstance(output, str) else output.stats
     gs, gi = pd.read_parquet(inputs.gland_stats), pd.read_parquet(inputs.gland_index)
     prov = gs[["pipeline_version", "config_hash"]].iloc[0].to_dict() if len(gs) else {"pipeline_version": "", "config_hash": ""}
     parts = []
@@ -785,14 +791,25 @@ def cohort_statistics(inputs: Any, out_path: str) -> None:
     parts.append(_long(cs.psma_fapi_correlation(gi), "psma_vs_fapi_spearman", ["gland", "group"]))
     parts.append(_long(cs.index_by_group(gi).rename(columns={"value": "variable"}), "index_by_group",
                        ["gland", "group", "variable"]))
-    sheet = read_subject_sheet(inputs.sheet, allow_empty_group=True)
-    clinical = [c for c in cs.CLINICAL_COLUMNS if c in sheet.columns and sheet[c].notna().any()]
-    if clinical:
-        assoc = cs.clinical_associations(gi, sheet, clinical=clinical).rename(columns={"clinical": "variable"})
-        parts.append(_long(assoc, "index_vs_clinical_spearman", ["gland", "group", "variable"]))
+    sheet = read_subject_sheet(inputs.sheet, allow_empty_group=True, clinical=clinical)
     df = pd.concat(parts, ignore_index=True)
     write_table(df.assign(**prov), COHORT_STATS, out_path)
     log.info("cohort statistics: %d rows from %d analyses", len(df), len(parts))
+    if isinstance(output, str):
+        return
+    outcomes, notes = cs.registered_outcomes(gs, gi, sheet, clinical)
+    write_table(outcomes.assign(**prov), OUTCOMES, output.outcomes, metadata=notes)
+    if notes["clinical_absent"]:
+        log.info("clinical columns declared but not in the sheet (not analysed): %s", ", ".join(notes["clinical_absent"]))
+    log.info("registered outcomes: %d tests (%d primary, %d secondary with a p-value)", len(outcomes),
+             notes["n_tests"]["primary"], notes["n_tests"]["secondary"])
+    diag = cs.diagnostic_table(gi)
+    write_table(diag.assign(**prov), DIAGNOSTIC, output.diagnostic,
+                metadata={"complete_cases": "subjects with the index, PSMA and FAPI SUVmean of the gland",
+                          "combined": f"{cs.COMBINED_NAME}: mean of the subject's "
+                                      f"{' and '.join(cs.COMBINED_GLANDS)} values",
+                          "directions": cs.DIAGNOSTIC_MARKERS})
+    log.info("diagnostic table: %d rows", len(diag))
 
 
 def cohort_figures(inputs: Any, output: Any) -> None:
@@ -801,7 +818,8 @@ def cohort_figures(inputs: Any, output: Any) -> None:
 
     out_dir = Path(output.figures)
     out_dir.mkdir(parents=True, exist_ok=True)
-    draw(inputs.gland_stats, inputs.gland_index, out_dir)
+    draw(inputs.gland_stats, inputs.gland_index, out_dir, outcomes_path=getattr(inputs, "outcomes", None),
+         diagnostic_path=getattr(inputs, "diagnostic", None))
     Path(output.done).write_text("")
 
 

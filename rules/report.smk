@@ -47,6 +47,8 @@ rule cohort_statistics:
         # "Statistics" clashes with Snakemake's own runtime "Statistics" entry; the report shows
         # these values through report_tables (Tables > statistics.html)
         stats=f"{RESULTS}/tables/cohort_stats.parquet",
+        outcomes=f"{RESULTS}/tables/outcomes.parquet",
+        diagnostic=f"{RESULTS}/tables/diagnostic.parquet",
     log:
         f"{LOGS}/cohort_statistics.log",
     benchmark:
@@ -57,6 +59,8 @@ rule cohort_statistics:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        clinical=config.get("clinical", {}),
     script:
         "../scripts/cohort_statistics.py"
 
@@ -64,12 +68,20 @@ rule cohort_statistics:
 rule report_tables:
     input:
         gland_stats=f"{RESULTS}/tables/gland_stats.parquet",
+        gland_index=f"{RESULTS}/tables/gland_index.parquet",
         cohort_stats=f"{RESULTS}/tables/cohort_stats.parquet",
+        outcomes=f"{RESULTS}/tables/outcomes.parquet",
+        diagnostic=f"{RESULTS}/tables/diagnostic.parquet",
         qc=f"{RESULTS}/tables/qc.parquet",
     output:
         statistics=report(
             f"{RESULTS}/tables/report/statistics.html",
             caption="../report/table_statistics.rst",
+            category="Tables",
+        ),
+        results=report(
+            f"{RESULTS}/tables/report/results.html",
+            caption="../report/table_results.rst",
             category="Tables",
         ),
         gland_values=report(
@@ -100,6 +112,8 @@ rule cohort_figures:
     input:
         gland_stats=f"{RESULTS}/tables/gland_stats.parquet",
         gland_index=f"{RESULTS}/tables/gland_index.parquet",
+        outcomes=f"{RESULTS}/tables/outcomes.parquet",
+        diagnostic=f"{RESULTS}/tables/diagnostic.parquet",
     output:
         done=f"{RESULTS}/figures/.done",
         figures=report(

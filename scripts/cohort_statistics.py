@@ -7,4 +7,4 @@ from glandpet import workflow as wf  # noqa: E402
 sm = snakemake  # noqa: F821
 
 with wf.log_to(sm.log[0]):
-    wf.cohort_statistics(sm.input, sm.output.stats)
+    wf.cohort_statistics(sm.input, sm.output, sm.params.clinical)

@@ -9,4 +9,6 @@ sm = snakemake  # noqa: F821
 
 with wf.log_to(sm.log[0]):
     write_report_tables(sm.input.gland_stats, sm.input.cohort_stats, sm.input.qc, sm.output.statistics,
-                        sm.output.gland_values, sm.output.qc)
+                        sm.output.gland_values, sm.output.qc, outcomes=sm.input.outcomes,
+                        gland_index=sm.input.gland_index, diagnostic=sm.input.diagnostic,
+                        out_results=sm.output.results)
