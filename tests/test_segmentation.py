@@ -373,3 +373,49 @@ def test_preselect_atlases_keeps_the_most_similar_per_region_and_every_gland():
     assert every == {"a": [0, 1, 2, 3, 4], "b": [0, 1, 2, 3, 4]} and none_scored == {}
     few, _ = S.preselect_atlases(subject, cts[:2], [lab] * 2, holds[:2], {**regions, "c": [7]}, (2.0,) * 3, 2)
     assert few == {"a": [0, 1], "b": [0, 1]}  # no more holders than k; nobody holds region c
+
+
+def test_anatomy_translation_finds_the_head_in_a_shorter_shifted_scan(tmp_path):
+    """Scans of different patients share no world frame and their fields of view differ. The
+    moving scan here shows the phantom 70 mm higher in the world (another table position) and
+    stops 15 mm below the parotids (no neck): the body centres of mass are then 40+ mm apart in
+    the wrong sense, while the image search finds the translation within one search voxel."""
+    import ants
+
+    from glandpet import registration as R
+
+    t_true = np.array([12.0, -9.0, 70.0])
+    from test_registration import grid, phantom_values
+
+    fixed = save(*render((64, 72, 76), CT_SP, seed=3), tmp_path / "f.nii.gz")
+    # moving: tissue at x appears at x + t, on a grid from 26 mm below the parotids' centre up
+    shp = (64, 72, 44)
+    aff = grid(shp, CT_SP, centre=(t_true[0], t_true[1], t_true[2] + 40.0))
+
+    idx = np.indices(shp).reshape(3, -1).T
+    pts = idx @ aff[:3, :3].T + aff[:3, 3]
+    hu = phantom_values(pts - t_true)[0].reshape(shp)
+    moving = save(hu.astype(np.float32), aff, tmp_path / "m.nii.gz")
+    f = R.resample_iso(ants.image_read(fixed), S.ATLAS_SPACING_MM)
+    m = R.resample_iso(ants.image_read(moving), S.ATLAS_SPACING_MM)
+    com = R.body_com(m) - R.body_com(f)
+    t = R.anatomy_translation(f, m)
+    assert np.linalg.norm(com - t_true) > 25.0  # the old start: far outside the rigid stage's reach
+    assert np.linalg.norm(t - t_true) <= R.SEARCH_SPACING_MM, (t, t_true)
+
+
+def test_lost_atlases_flags_a_gland_far_from_the_consensus():
+    shp, sp = (40, 40, 40), (2.0, 2.0, 2.0)
+    near = [(20, 20, 20), (21, 19, 20), (19, 20, 21), (20, 21, 19)]
+    maps = [np.where(_ball(shp, c, 4), 1, 0).astype(np.uint8) for c in near]
+    far = np.where(_ball(shp, (20, 20, 4), 4), 1, 0).astype(np.uint8)  # 32 mm away
+    far[_ball(shp, (10, 10, 10), 3)] = 2
+    maps.append(far)
+    holds = [{1}] * 4 + [{1, 2}]
+    lost = S.lost_atlases(maps, holds, sp)
+    assert lost == [set(), set(), set(), set(), {1}]  # label 2: one holder, nothing to decide
+    # two holders: no consensus to compare with
+    assert S.lost_atlases([maps[0], far], [{1}, {1}], sp) == [set(), set()]
+    # an atlas whose warped gland vanished is lost too
+    empty = np.zeros(shp, np.uint8)
+    assert S.lost_atlases(maps[:3] + [empty], [{1}] * 4, sp)[3] == {1}
