@@ -144,8 +144,9 @@ def config_error_line(config: Mapping[str, Any], schema_path: str | Path | None 
 
 
 # ------------------------------------------------------------------------------ subject sheet
-def _sheet_rows(path: Path, root: Path | None) -> list[Problem]:
-    """Every row's problems (read_subject_sheet stops at the first)."""
+def _sheet_rows(path: Path, root: Path | None, clinical: Mapping[str, str] | None = None) -> list[Problem]:
+    """Every row's problems (read_subject_sheet stops at the first), the declared clinical columns'
+    values against their types included."""
     try:
         df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except Exception:  # noqa: BLE001 - read_subject_sheet gives the precise message
@@ -153,8 +154,13 @@ def _sheet_rows(path: Path, root: Path | None) -> list[Problem]:
     df.columns = [str(c).strip() for c in df.columns]
     if "subject_id" not in df.columns or "group" not in df.columns:
         return []
-    from .subjects import ID_PATTERN
+    from .subjects import ID_PATTERN, NUMERIC_CLINICAL_COLUMNS, _check_clinical, clinical_types
 
+    types = {c: "continuous" for c in NUMERIC_CLINICAL_COLUMNS}
+    try:
+        types.update(clinical_types(clinical) if clinical is not None else {})
+    except UserError:
+        pass  # the config's schema check names a bad type
     out: list[Problem] = []
     seen: dict[str, int] = {}
     for i, r in enumerate(df.to_dict("records")):
@@ -188,6 +194,11 @@ def _sheet_rows(path: Path, root: Path | None) -> list[Problem]:
             if not folder.is_dir():
                 out.append(Problem(sid, "", "subject sheet", f"{where}: dicom_dir folder {ddir!r} not found "
                                                               "under dicom_root"))
+        for col, kind in types.items():
+            if col in df.columns:
+                bad = _check_clinical(col, kind, str(r.get(col, "") or "").strip())
+                if bad:
+                    out.append(Problem(sid, "", "subject sheet", f"{where}, column {col}: {bad}"))
     return out
 
 
@@ -273,11 +284,11 @@ def run_check(config: Mapping[str, Any], *, base_dir: str | Path = ".", jobs: in
 
     if not sheet_path.is_file():
         return problems + [Problem("", "", "config", f"key subjects: subject sheet {sheet_path} not found")]
-    rows = _sheet_rows(sheet_path, root)
+    rows = _sheet_rows(sheet_path, root, config.get("clinical"))
     problems += rows
     sheet = None
     try:
-        sheet = read_subject_sheet(sheet_path, root, allow_empty_group=True)
+        sheet = read_subject_sheet(sheet_path, root, allow_empty_group=True, clinical=config.get("clinical"))
     except UserError as exc:
         if not rows:
             problems.append(Problem("", "", "subject sheet", str(exc)))

@@ -9,7 +9,8 @@ each patient's PSMA/FAPI sessions are those the index selects. Three files are w
   (when all the patient's files lie under one folder that holds no other patient's file: the
   highest such folder below the root) or ``patient_id`` (patients sharing folders); then columns
   describing what was found: ``sessions``, ``tracers``, ``psma_day`` / ``fapi_day`` (days since the
-  patient's first scan; no calendar dates) and ``n_series``.
+  patient's first scan; no calendar dates) and ``n_series``; then the declared clinical columns
+  (config ``clinical``, default the registered outcomes), empty for the team to fill.
 * ``linkage-key.tsv`` — ``subject_id`` ↔ ``PatientID``, owner-only permissions (0600), first line
   a comment saying what it is. The workflow never reads it; ``init`` reads it on a re-run so that
   existing patients keep their ids and new patients get the next free ones.
@@ -139,6 +140,30 @@ def patient_folders(files_by_patient: dict[str, Iterable[str]]) -> dict[str, str
 
 
 # ------------------------------------------------------------------------------ config
+def _clinical_yaml(clinical: dict[str, str] | None = None) -> str:
+    from .subjects import DEFAULT_CLINICAL
+
+    return "".join(f"  {k}: {v}\n" for k, v in (clinical or DEFAULT_CLINICAL).items())
+
+
+def declared_clinical(config_path: str | Path | None = None) -> dict[str, str]:
+    """The clinical columns a study declares: the defaults (the registered outcomes) updated by the
+    ``clinical`` section of the study's config when it has one (as the workflow merges them)."""
+    import yaml
+
+    from .subjects import DEFAULT_CLINICAL
+
+    out = dict(DEFAULT_CLINICAL)
+    if config_path is not None and Path(config_path).is_file():
+        try:
+            cfg = yaml.safe_load(Path(config_path).read_text()) or {}
+        except yaml.YAMLError:
+            cfg = {}
+        if isinstance(cfg, dict) and isinstance(cfg.get("clinical"), dict):
+            out.update({str(k): str(v) for k, v in cfg["clinical"].items()})
+    return out
+
+
 def config_text(subjects: str, dicom_root: str, results: str, atlases: list[dict[str, str]] | None = None) -> str:
     """A commented study config with every key of config.schema.yaml (values valid against the schema)."""
     import yaml
@@ -212,7 +237,12 @@ pvc:
 index:
   definition: ratio
   reference: {{}}             # z_diff: {{parotid: {{psma: [mean, sd], fapi: [mean, sd]}}, ...}}
-"""
+
+# Clinical variables (columns of subjects.tsv) and their types: continuous | ordinal | binary |
+# categorical. Binary cells: positive/negative, yes/no, 1/0, +/-, true/false (any case); empty =
+# missing. Each is analysed against every gland value; a column missing from the sheet is skipped.
+clinical:
+{_clinical_yaml()}"""
 
 
 def atlas_entry(atlas_dir: str | Path) -> dict[str, str]:
@@ -380,6 +410,9 @@ def init_study(dicom_root: str | Path, study_dir: str | Path, *, jobs: int = 1, 
         out = pd.DataFrame(merged, columns=list(found.columns) + extra)
     else:
         out = found
+    for col in declared_clinical(study / CONFIG_NAME):  # the declared clinical columns, empty for the team
+        if col not in out.columns:
+            out[col] = ""
     out = out.sort_values("subject_id", key=lambda s: s.map(_id_number), kind="stable").reset_index(drop=True)
     for c in ("psma_day", "fapi_day", "n_series"):
         out[c] = pd.to_numeric(out[c], errors="coerce").astype("Int64")

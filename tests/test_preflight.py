@@ -249,3 +249,20 @@ def test_workflow_stage_stops_only_on_fatal_problems(tmp_path, clones, small_coh
     config["atlases"][0]["label_table"] = str(tmp_path / "missing.tsv")
     with pytest.raises(UserError, match="atlas atlas01"):
         raise_for_problems(run_check(config), fatal_only=True)
+
+
+def test_clinical_values_checked_against_their_types(tmp_path, clones, small_cohort):
+    """Every bad clinical cell is a problem naming the line and column; a declared column the sheet lacks is not."""
+    _, config = make_study(tmp_path, clones, small_cohort)
+    sheet = tmp_path / "subjects.tsv"
+    lines = sheet.read_text().splitlines()
+    lines[0] += "\tanti_ssa\tessdai"
+    lines[1] += "\tweak\t12"
+    lines[2] += "\tNEG\tn/a"
+    sheet.write_text("\n".join(lines) + "\n")
+    probs = errors(run_check(config))
+    causes = sorted(p.cause for p in probs)
+    assert len(probs) == 2, causes
+    assert any(c.startswith("line 2, column anti_ssa: 'weak' is not a binary value") for c in causes)
+    assert any(c.startswith("line 3, column essdai: 'n/a' is not a number") for c in causes)
+    assert {p.subject for p in probs} == {"P01", "P02"}

@@ -58,9 +58,12 @@ def test_init_writes_sheet_key_and_config(export, tmp_path, capsys):
     assert main(["init", str(export), str(study), "--quiet"]) == 0
     printed = capsys.readouterr().out
     sheet = pd.read_csv(study / "subjects.tsv", sep="\t", dtype=str, keep_default_na=False)
-    assert list(sheet.columns) == ["subject_id", "group", "dicom_dir", "patient_id", *FOUND_COLUMNS]
+    from glandpet.subjects import DEFAULT_CLINICAL
+
+    # the declared clinical columns (the registered outcomes by default), empty for the team to fill
+    assert list(sheet.columns) == ["subject_id", "group", "dicom_dir", "patient_id", *FOUND_COLUMNS, *DEFAULT_CLINICAL]
     assert list(sheet["subject_id"]) == ["S0001", "S0002", "S0003"]
-    assert (sheet["group"] == "").all()
+    assert (sheet["group"] == "").all() and (sheet[list(DEFAULT_CLINICAL)] == "").all().all()
 
     key = read_linkage_key(study / "linkage-key.tsv")
     assert set(key) == {pid for _, pid in PATIENTS.values()}
@@ -73,7 +76,9 @@ def test_init_writes_sheet_key_and_config(export, tmp_path, capsys):
     # what was found: A has both sessions 19 days apart (the phantom's schedule), C only FAPI
     a, c = row["PA1001"], row["PC3003"]
     assert a["sessions"] == "psma,fapi" and a["tracers"].count(",") == 1 and "PSMA" in a["tracers"].split(",")[0]
-    assert a["psma_day"] == "0" and int(a["fapi_day"]) > 0
+    # (which session came first is the phantom's random draw: the first is day 0, the other later)
+    days = sorted([int(a["psma_day"]), int(a["fapi_day"])])
+    assert days[0] == 0 and days[1] > 0
     assert c["sessions"] == "fapi" and c["psma_day"] == "" and c["fapi_day"] == "0"
 
     # linkage key: owner-only, a header line saying what it is
@@ -191,3 +196,14 @@ def test_drafted_config_keeps_the_workflow_defaults(tmp_path):
     assert set(drafted) == set(default)
     for k in set(default) - {"subjects", "dicom_root", "results"}:
         assert drafted[k] == default[k], k
+
+
+def test_declared_clinical_follows_the_study_config(tmp_path):
+    from glandpet.study import declared_clinical
+    from glandpet.subjects import DEFAULT_CLINICAL
+
+    assert declared_clinical(tmp_path / "absent.yaml") == DEFAULT_CLINICAL
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("clinical:\n  tender_joints: ordinal\n  anti_ssa: categorical\n")
+    got = declared_clinical(cfg)
+    assert got["tender_joints"] == "ordinal" and got["anti_ssa"] == "categorical" and "essdai" in got
