@@ -110,8 +110,12 @@ def test_bh_qvalues_known_answer():
     # m = 4: sorted 0.01, 0.03, 0.04, 0.5 -> 0.04, 0.0533, 0.0533, 0.5
     assert q[[0, 2, 1, 4]] == pytest.approx([0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.5])
     assert np.isnan(q[3])
-    from statsmodels.stats.multitest import multipletests  # noqa: PLC0415 - reference, when installed
-    assert q[~np.isnan(p)] == pytest.approx(multipletests(p[~np.isnan(p)], method="fdr_bh")[1])
+    # the step-up definition, by a loop: q_(i) = min over j >= i of p_(j) m / j
+    rng = np.random.default_rng(1)
+    pr = rng.uniform(size=40) ** 3
+    srt = np.sort(pr)
+    ref = np.array([min(min(srt[j] * 40 / (j + 1) for j in range(i, 40)), 1.0) for i in range(40)])
+    assert np.sort(cs.bh_qvalues(pr)) == pytest.approx(ref)
 
 
 def test_kruskal_wallis_exact_and_permutation():
@@ -221,3 +225,46 @@ def test_config_defaults_are_the_registered_outcomes():
     assert schema["properties"]["clinical"]["default"] == DEFAULT_CLINICAL == config["clinical"]
     assert set(DEFAULT_CLINICAL) == {"usf_ml_min", "essdai", "esspri", "anti_ssa", "anti_ssb", "igg_g_l", "esr_mm_h",
                                      "crp_mg_l", "schirmer_mm"}
+
+
+def test_phantom_sheet_holds_every_registered_variable_with_planted_associations(tmp_path):
+    """The phantom's subject sheet (its own _clinical per severity + add_clinical_columns on the truth): every
+    registered clinical variable present and readable with its declared type; analysed against the true parotid
+    PSMA uptake, every outcome row is present, the planted associations come out with their sign, binary
+    variables are analysed by status, q >= p and no p is 0."""
+    from glandpet.phantom.cohort import _clinical, add_clinical_columns
+
+    rng = np.random.default_rng(4)
+    truth, subj = [], []
+    for i in range(30):
+        group = "pss" if i < 20 else "control"
+        sid = f"S{i + 1:03d}"
+        sev = float(np.clip(rng.beta(2.2, 2.2), 0.05, 0.98)) if group == "pss" else 0.0
+        subj.append({"subject_id": sid, "group": group, "dicom_dir": sid, **_clinical(group, sev, rng)})
+        for session in (("psma", "fapi") if group == "pss" else ("fapi",)):
+            for gland in GLANDS:
+                u = (12.0 * (1 - 0.6 * sev) if session == "psma" else 2.0 + 5.0 * sev) + rng.normal(0, 0.3)
+                for side in ("left", "right"):
+                    truth.append(dict(subject_id=sid, group=group, session=session, gland=gland, side=side,
+                                      true_suv_mean=u + rng.normal(0, 0.1)))
+    sheet = add_clinical_columns(pd.DataFrame(subj), truth, seed=0)
+    assert set(DEFAULT_CLINICAL) <= set(sheet.columns)
+    path = tmp_path / "subjects.tsv"
+    sheet.to_csv(path, sep="\t", index=False, na_rep="")
+    read = read_subject_sheet(path, allow_empty_group=True, clinical=DEFAULT_CLINICAL)
+    assert str(read["anti_ssa"].dtype) == "boolean" and read["anti_ssa"].notna().all()
+    gs = pd.DataFrame(truth).rename(columns={"true_suv_mean": "suv_mean"})
+    gs = gs.assign(suv_max=1.5 * gs.suv_mean, suv_mean_pvc=1.15 * gs.suv_mean)
+    out, notes = cs.registered_outcomes(gs, None, read, DEFAULT_CLINICAL, n_boot=300)
+    assert notes["clinical_absent"] == []
+    assoc = out[out.analysis == "clinical_association"]
+    assert len(assoc) == len(GLANDS) * 2 * len(cs.SESSION_VALUES) * len(DEFAULT_CLINICAL)
+    a = assoc[(assoc.gland == "parotid") & (assoc.session == "psma") & (assoc.value == "suv_mean")].set_index("variable")
+    for var, sign in (("igg_g_l", -1), ("esr_mm_h", -1), ("anti_ssa", -1), ("essdai", -1), ("usf_ml_min", +1),
+                      ("schirmer_mm", +1)):
+        assert np.sign(a.loc[var, "effect"]) == sign and a.loc[var, "q_value"] < 0.05, (var, a.loc[var].to_dict())
+    assert a.loc["esspri", "effect"] < 0  # the phantom's weakest planted link (ESSPRI noise 1.2 on a 0-10 scale)
+    assert a.loc["anti_ssa", "test"] == "mann_whitney" and a.loc["anti_ssa", "n_a"] + a.loc["anti_ssa", "n_b"] == 20
+    assert a.loc["anti_ssb", "test"] == "mann_whitney" and a.loc["crp_mg_l", "test"] == "spearman"
+    ok = out.p_value.notna()
+    assert (out.loc[ok, "p_value"] > 0).all() and (out.loc[ok, "q_value"] >= out.loc[ok, "p_value"]).all()

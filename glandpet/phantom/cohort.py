@@ -263,6 +263,40 @@ def _clinical(group: str, severity: float, rng) -> dict:
             "schirmer_mm": int(np.clip(round(rng.normal(20, 6)), 10, 35))}
 
 
+def add_clinical_columns(sheet, truth, seed: int = 0):
+    """The registered clinical variables the sheet lacks (anti_ssa, anti_ssb, igg_g_l, esr_mm_h, crp_mg_l),
+    plausible values with planted associations of known sign with the parotid's true PSMA SUVmean
+    (mean of both sides) in pSS: IgG and ESR fall as the uptake rises (rho < 0), anti-SSA positive
+    subjects have the lower uptake (the lower half of pSS); anti-SSB and CRP carry no association.
+    Controls: antibodies negative, laboratory values in the normal range. Returns a new sheet."""
+    import pandas as pd
+
+    rng = np.random.default_rng([int(seed), 19])
+    t = pd.DataFrame(truth)
+    par = t[(t["session"] == "psma") & (t["gland"] == "parotid")].groupby("subject_id")["true_suv_mean"].mean()
+    out = sheet.copy()
+    psma = out["subject_id"].map(par).astype(float).to_numpy()
+    pss = (out["group"] == "pss").to_numpy() & np.isfinite(psma)
+    z = np.zeros(len(out))
+    if pss.sum() >= 2:
+        v = psma[pss]
+        z[pss] = (v - v.mean()) / (v.std() or 1.0)
+    n = len(out)
+    med = np.median(psma[pss]) if pss.any() else np.nan
+    ssa = np.where(pss, np.where(psma <= med, "positive", "negative"), "negative")
+    ssb = np.where(pss, np.where(rng.random(n) < 0.5, "positive", "negative"), "negative")
+    cols = {
+        "anti_ssa": ssa, "anti_ssb": ssb,
+        "igg_g_l": np.where(pss, 16.0 - 3.0 * z + rng.normal(0, 0.8, n), rng.normal(11.0, 1.5, n)).round(1),
+        "esr_mm_h": np.clip(np.where(pss, 30.0 - 10.0 * z + rng.normal(0, 3, n), rng.normal(10, 4, n)), 1, 120).round(0),
+        "crp_mg_l": np.clip(rng.lognormal(1.0, 0.6, n), 0.2, 50).round(1),
+    }
+    for c, v in cols.items():
+        if c not in out.columns:
+            out[c] = v
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # one subject
 
@@ -517,6 +551,7 @@ def generate_cohort(outdir, n_subjects: int, seed: int, anatomy_from=None, n_atl
     import pandas as pd
 
     sheet = pd.DataFrame([s["subject"] for s in subj])
+    sheet = add_clinical_columns(sheet, [r for s in subj for r in s["truth"]], seed)
     for c in ("essdai", "schirmer_mm"):
         sheet[c] = sheet[c].astype("Int64")
     sheet.to_csv(outdir / "subjects.tsv", sep="\t", index=False, na_rep="")
