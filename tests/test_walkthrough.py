@@ -180,3 +180,18 @@ def test_doc_snippets_run(walkthrough, monkeypatch, capsys):
     assert len(joined) == len(ns["stats"])  # every measurement has its subject x gland x side index row
     assert joined["psma_fapi_index"].notna().any()  # the pSS subject has both sessions
     assert "suv_mean" in capsys.readouterr().out
+
+
+def test_walkthrough_folders_are_ignored_by_git():
+    """The walkthrough keeps the export, the planning CTs, the atlases and the study (linkage key
+    included) inside the clone: git must not offer any of it for a commit (issue 17)."""
+    if not (REPO / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    paths = [a for prefix in ("glandpet init", "glandpet atlas add") for a in command(prefix)[len(prefix.split()):]
+             if not a.startswith("-")]
+    folders = sorted({Path(a).parts[0] for a in paths})
+    assert {"export", "study", "atlases", "planning"} <= set(folders), folders
+    for folder in folders:
+        for probe in (f"{folder}/linkage-key.tsv", f"{folder}/sub/IM00001"):
+            proc = subprocess.run(["git", "check-ignore", "-q", "--no-index", probe], cwd=REPO)
+            assert proc.returncode == 0, f"{probe} is not ignored by .gitignore"
