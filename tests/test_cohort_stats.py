@@ -204,3 +204,25 @@ def test_demo_run_p_values_are_never_zero(workflow_results):
     cs = pd.read_parquet(workflow_results / "tables" / "cohort_stats.parquet")
     p = cs.loc[cs["statistic"] == "p_value", "value"].dropna()
     assert len(p) and (p > 0).all() and (p <= 1).all()
+
+
+@pytest.mark.slow
+def test_demo_run_writes_outcomes_diagnostic_results_and_figures(workflow_results):
+    """The shared demo run: the registered-outcome and ROC tables with their schemas and notes, the results
+    page, the ROC and forest figures."""
+    from glandpet import tables
+
+    for name in ("outcomes", "diagnostic"):
+        t = pq.read_table(workflow_results / "tables" / f"{name}.parquet")
+        assert t.schema.equals(tables.SCHEMAS[name]), name
+    out = pd.read_parquet(workflow_results / "tables" / "outcomes.parquet")
+    assert set(out.loc[out.family == "primary", "value"]) <= {"suv_max", "suv_mean"} and len(out)
+    p, q = out["p_value"], out["q_value"]
+    assert ((p > 0) | p.isna()).all() and ((q >= p) | p.isna()).all()
+    notes = tables.table_notes(workflow_results / "tables" / "outcomes.parquet")
+    assert set(notes["families"]) == {"primary", "secondary"}
+    # the demo sheet holds every registered clinical variable (the phantom writes them)
+    assert notes["clinical_absent"] == []
+    assert "Primary outcome" in (workflow_results / "tables" / "report" / "results.html").read_text()
+    for stem in ("roc", "clinical_forest"):
+        assert (workflow_results / "figures" / "cohort" / f"{stem}.png").stat().st_size > 1000

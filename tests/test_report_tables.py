@@ -140,3 +140,39 @@ def test_graph_has_one_node_per_rule_on_a_staggered_dag():
     assert edges == {("convert_ct", "align_sessions"), ("convert_ct", "segment_glands"),
                      ("align_sessions", "segment_glands"), ("segment_glands", "measure_glands")}
     assert len(spec["links"] + spec["links_direct"]) == len(edges)
+
+
+def test_results_page_primary_apart_with_median_iqr_effect_p_q(tmp_path):
+    """results.html: the primary outcome on its own, per gland and group median (IQR), the group effect with
+    its CI, p and q; the ROC table; the clinical associations; the notes name absent clinical columns."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_clinical import synthetic_cohort
+
+    from glandpet import cohort_stats as cs
+
+    gs, gi, sheet = synthetic_cohort(n_pss=6, n_control=4)
+    out, notes = cs.registered_outcomes(gs, gi, sheet, {"essdai": "continuous", "anti_ssa": "binary", "nope": "ordinal"},
+                                        n_boot=100)
+    diag = cs.diagnostic_table(gi, n_boot=100)
+    for name, df in (("gland_stats", gs.assign(suv_type="bw", volume_ml=1.0)), ("gland_index", gi)):
+        df.to_parquet(tmp_path / f"{name}.parquet")
+    tables.write_table(out.assign(**tables.provenance()), tables.OUTCOMES, tmp_path / "outcomes.parquet", metadata=notes)
+    tables.write_table(diag.assign(**tables.provenance()), tables.DIAGNOSTIC, tmp_path / "diagnostic.parquet")
+    tables.write_table(_stats_rows().assign(**tables.provenance()), tables.COHORT_STATS, tmp_path / "cs.parquet")
+    tables.write_table(pd.DataFrame([dict(subject_id="S0", stage="x", status="ok")]).assign(**tables.provenance()),
+                       tables.QC, tmp_path / "qc.parquet")
+    assert tables.table_notes(tmp_path / "outcomes.parquet")["clinical_absent"] == ["nope"]
+    write_report_tables(tmp_path / "gland_stats.parquet", tmp_path / "cs.parquet", tmp_path / "qc.parquet",
+                        tmp_path / "s.html", tmp_path / "g.html", tmp_path / "q.html",
+                        outcomes=str(tmp_path / "outcomes.parquet"), gland_index=str(tmp_path / "gland_index.parquet"),
+                        diagnostic=str(tmp_path / "diagnostic.parquet"), out_results=str(tmp_path / "r.html"))
+    page = (tmp_path / "r.html").read_text()
+    primary = page[page.index("Primary outcome"):page.index("Secondary: every gland")]
+    assert primary.count("<tr") == 1 + 4  # header + parotid SUVmax/SUVmean x psma/fapi
+    assert "pSS median (IQR)" in primary and "r (95% CI)" in primary and "n=6" in primary
+    assert "Diagnostic value" in page and "parotid+submandibular" in page
+    assert "clinical associations" in page and "essdai" in page and "anti_ssa" in page
+    assert "not analysed: nope" in page and "Benjamini-Hochberg" in page
