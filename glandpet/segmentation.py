@@ -4,13 +4,22 @@ Pipeline of :func:`segment_subject` (one subject CT, N atlases):
 
 1. Head-and-neck crop of the subject CT (the output grid: native resolution), and the same crop
    resampled to ``spacing_mm`` (4 mm) for the whole-field stage.
-2. Per atlas, stage A (whole head and neck, :data:`ATLAS_STAGES`): body centre-of-mass
-   initialisation -> rigid -> affine -> SyN (Mattes MI) at the 8 and 4 mm levels, one
+2. Per atlas, stage A (whole head and neck, :data:`ATLAS_STAGES`): initialisation from the images
+   (:func:`glandpet.registration.anatomy_translation`: scans of different patients share no world
+   frame and their fields of view differ -- one stops just above the parotids, another runs from
+   the chest to the vertex -- so the body's centre of mass or top is no landmark; every translation
+   is scored by the NCC of soft-tissue and bone images over the overlap) -> rigid -> affine -> SyN
+   (Mattes MI) at the 8 and 4 mm levels, one
    ``antsRegistration`` call with explicit schedules. ANTsPy's ``SyN`` presets run a fixed
    2100x1200x1200 affine and ignore the affine iterations; driving the stages directly keeps the
    schedule under control. With a large atlas library (``atlases_per_region``) the linear stages
    run for every atlas first; per region only the atlases most similar to the subject after them
-   (:func:`preselect_atlases`) go on to the SyN and to stage B.
+   (:func:`preselect_atlases`) go on to the SyN and to stage B. An atlas whose stage-A gland lies
+   more than :data:`LOST_MM` from the atlases' median position was lost at registration
+   (:func:`lost_atlases`): for that gland it neither sets the region's box nor votes. (The local
+   NCC selection of step 5 let lost atlases vote on real CT, 0-3 of 5 per scan: it scores an
+   atlas where *it* puts the gland, presumably where a misplaced atlas's soft tissue can match the
+   subject's as well.)
 3. Stage B, per region of :data:`REGIONS` and per atlas: a regional registration of the
    stage-A-warped atlas CT to a crop of the subject around the union over atlases of the stage-A
    positions of the region's glands (+ margin), at ``region_spacing_mm``; the region's labels go
@@ -34,7 +43,7 @@ Pipeline of :func:`segment_subject` (one subject CT, N atlases):
    local similarity; with volume preservation, the default: shape-based averaging at the voters'
    median volume, :func:`shape_average_fusion`) or ``jlf`` (ANTs joint label fusion, background
    included as a label so it cannot fill its search region; a gland under
-   :data:`SMALL_GLAND_ML` is then grown to its voters' median volume along its probability).
+   then grown to its voters' median volume along its probability, :data:`JLF_KEEPS_VOLUME`).
 7. Intensity refinement (default, :func:`intensity_refine`): each fused gland's boundary moves,
    within a few millimetres, by the subject's own CT numbers of the gland against its surroundings.
    Optional CT refinement per gland (fixed HU window inside a dilated fused label).
@@ -174,7 +183,7 @@ PRESELECT_DILATE_MM = 20.0
 #: gland-to-fat/muscle contrast that a vote ignores. Measured (4 real-anatomy subjects, 3
 #: atlases, median Dice parotid / submandibular / sublingual / lacrimal / tubarial):
 #: plain majority 0.757 / 0.451 / 0.519 / 0.435 / 0.437, plain JLF 0.843 / 0.608 / 0.551 / 0.306 /
-#: 0.363 (JLF's arg-max shrinks the small glands: see :data:`SMALL_GLAND_ML`). With volume
+#: 0.363 (JLF's arg-max shrinks the small glands: see :data:`JLF_KEEPS_VOLUME`). With volume
 #: preservation (the default): vote (shape-based averaging) for the lacrimal and tubarial glands,
 #: JLF for the rest 0.843 / 0.613 / 0.615 / 0.511 / 0.468; JLF everywhere 0.844 / 0.618 / 0.614 /
 #: 0.505 / 0.521; this mix takes the better of each: JLF except for the ~60-voxel (2 mm region grid)
@@ -188,10 +197,14 @@ FUSION_METHODS = ("majority", "jlf")
 #: few millimetres thick, a vote (or JLF's p > 0.5) keeps only their overlap. Measured (4
 #: real-anatomy subjects, 3 atlases, medians of fused / voters' median volume / truth, mL):
 #: lacrimal 0.48 / 0.63 / 0.70, tubarial 0.56 / 0.85 / 0.90, sublingual 1.49 / 2.03 / 3.36 -- but
-#: not the parotid (24.6 / 25.8 / 20.6), where JLF's intensity match sets the boundary. Glands
-#: whose voters' median volume is below this are kept at least at that median volume
-#: (``preserve_volume``); vote-fused glands always take it (:func:`shape_average_fusion`).
-SMALL_GLAND_ML = 5.0
+#: not the parotid on the phantom (24.6 / 25.8 / 20.6), where JLF's intensity match sets the
+#: boundary. On real CT, where the parotid is nearly as dense as its surroundings, JLF shrank it
+#: too: one held-out scan, 4 atlases kept, fused / voters' median / truth voxels: right 401 / 500 /
+#: 487, left 386 / 486 / 592 (Dice 0.759 / 0.738; at the voters' median volume 0.770 / 0.772).
+#: With ``preserve_volume`` every JLF-fused gland (this was glands under 5 mL only) is therefore
+#: kept at least at its voters' median volume; vote-fused glands always take it
+#: (:func:`shape_average_fusion`).
+JLF_KEEPS_VOLUME = True
 
 
 def fusion_per_gland(fusion) -> dict[str, str]:
@@ -735,7 +748,7 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv, fus
     similar after the affine stage, get the deformable stages (:func:`preselect_atlases`; None or
     0: all). ``preserve_volume``: glands fused by vote use volume-preserving
     shape-based averaging (:func:`shape_average_fusion`) and JLF-fused glands smaller than
-    :data:`SMALL_GLAND_ML` are not left smaller than their voters' median volume; False: plain
+    (:data:`JLF_KEEPS_VOLUME`) are not left smaller than their voters' median volume; False: plain
     majority vote and JLF arg-max. ``refine_intensity``: each fused gland's boundary then moves by
     the subject's CT numbers (:func:`intensity_refine`).
 
@@ -914,7 +927,7 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv, fus
                     vox_ml = float(np.prod(out_ref.spacing)) / 1000.0
                     for L in by_jlf:
                         med = float(np.median([(lab_o[k] == L).sum() for k in voters.get(L, [])] or [0]))
-                        if 0 < med * vox_ml < SMALL_GLAND_ML:
+                        if med > 0 and (JLF_KEEPS_VOLUME or med * vox_ml < 5.0):
                             small[L] = int(round(med))
                 fr = _fuse_jlf(fix, out_ref, ct_fix, lab_fix, r_holds, voters, by_jlf, tmp, min_voxels=small)
             if by_vote and preserve_volume:
