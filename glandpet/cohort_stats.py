@@ -25,9 +25,19 @@ Choices
   not depend on which other glands are in the table). Resamples with a constant variable are
   dropped from the percentile. Fewer than 3 subjects: NaN.
 * **Clinical associations** (:func:`clinical_associations`): Spearman rho and permutation p of a gland value
-  against each clinical column present (``essdai, esspri, usf_ml_min, schirmer_mm`` by default).
-  No multiplicity correction is applied; ``n_tests`` is reported for the reader (Bonferroni
-  or Holm on ``p_value`` is one line).
+  against each clinical column present (``essdai, esspri, usf_ml_min, schirmer_mm`` by default),
+  no multiplicity correction (``n_tests`` reported). The workflow uses :func:`registered_outcomes`
+  instead.
+* **Registered outcomes** (:func:`registered_outcomes`, table `outcomes`): every gland x value
+  (per session SUVmax, SUVmean, SUVmean after PVC; the index) against the group and against every
+  declared clinical variable by its type (Spearman + bootstrap CI; Mann-Whitney by status with the
+  rank-biserial r and its CI; Kruskal-Wallis, :func:`kruskal_wallis_test`). The primary family
+  (:data:`FAMILY_DEFINITION`) stands apart; q-values are Benjamini-Hochberg per family
+  (:func:`bh_qvalues`).
+* **Diagnostic value** (:func:`diagnostic_table`, table `diagnostic`): ROC AUC with a stratified
+  bootstrap CI, Youden cut-off, sensitivity and specificity, per gland and for the
+  parotid+submandibular mean, of the index and of PSMA / FAPI SUVmean alone.
+* **Results table** (:func:`results_table`): median (IQR) per group, the group effect with CI, p, q.
 """
 
 from __future__ import annotations
@@ -690,7 +700,13 @@ def diagnostic_table(gland_index: pd.DataFrame, *, n_boot: int = 2000, ci: float
                          n_boot=int(n_boot)))
     cols = ["gland", "marker", "direction", "n_pss", "n_control", "auc", "auc_ci_low", "auc_ci_high",
             "youden_cutoff", "youden_j", "sensitivity", "specificity", "n_boot"]
-    return pd.DataFrame(rows, columns=cols)
+    from .glands import GLANDS as _ORDER
+
+    order = {g: i for i, g in enumerate([*_ORDER, COMBINED_NAME])}
+    out = pd.DataFrame(rows, columns=cols)
+    rank = out["gland"].map(order).fillna(len(order)) * 10 + out["marker"].map(
+        {m: i for i, m in enumerate(DIAGNOSTIC_MARKERS)})
+    return out.iloc[np.argsort(rank.to_numpy(float), kind="stable")].reset_index(drop=True)
 
 
 # ------------------------------------------------------------------ the paper's results table
