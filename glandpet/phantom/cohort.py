@@ -272,7 +272,8 @@ def add_clinical_columns(sheet, truth, seed: int = 0):
     import pandas as pd
 
     rng = np.random.default_rng([int(seed), 19])
-    t = pd.DataFrame(truth)
+    t = pd.DataFrame(truth, columns=["subject_id", "session", "gland", "true_suv_mean"]) if not truth \
+        else pd.DataFrame(truth)
     par = t[(t["session"] == "psma") & (t["gland"] == "parotid")].groupby("subject_id")["true_suv_mean"].mean()
     out = sheet.copy()
     psma = out["subject_id"].map(par).astype(float).to_numpy()
