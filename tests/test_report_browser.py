@@ -158,7 +158,7 @@ def test_report_renders_every_category_figure_table_and_montage(browser, report,
 
     rep.home()
     rep.open("Tables")
-    assert sorted(rep.rows()) == ["gland_values.html", "qc.html", "statistics.html"]
+    assert sorted(rep.rows()) == ["gland_values.html", "qc.html", "results.html", "statistics.html"]
 
     montages = sorted(p.name for p in (workflow_results / "figures" / "qc").glob("sub-*_qc.png"))
     subjects = [m[len("sub-"): -len("_qc.png")] for m in montages]

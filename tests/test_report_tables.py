@@ -92,7 +92,7 @@ def test_report_has_one_statistics_entry_and_no_warnings(demo_report):
     files = [p for cat in categories.values() for sub in cat.values() for p in sub]
     assert not [p for p in files if not p.endswith((".png", ".html"))], files  # what a browser can show
     tables = [p.split("/")[-1] for sub in categories["Tables"].values() for p in sub]
-    assert sorted(tables) == ["gland_values.html", "qc.html", "statistics.html"]
+    assert sorted(tables) == ["gland_values.html", "qc.html", "results.html", "statistics.html"]
 
 
 @pytest.mark.slow
