@@ -15,7 +15,8 @@ Pipeline of :func:`segment_subject` (one subject CT, N atlases):
    schedule under control. With a large atlas library (``atlases_per_region``) the linear stages
    run for every atlas first; per region only the atlases most similar to the subject after them
    (:func:`preselect_atlases`) go on to the SyN and to stage B. An atlas whose stage-A gland lies
-   more than :data:`LOST_MM` from the atlases' median position was lost at registration
+   more than :data:`LOST_MM` from the atlases' consensus (a strict majority around the medoid of
+   their positions) was lost at registration
    (:func:`lost_atlases`): for that gland it neither sets the region's box nor votes. (The local
    NCC selection of step 5 let lost atlases vote on real CT, 0-3 of 5 per scan: it scores an
    atlas where *it* puts the gland, presumably where a misplaced atlas's soft tissue can match the
@@ -373,19 +374,27 @@ def preselect_atlases(subject: np.ndarray, warped_cts: list[np.ndarray], warped_
     return chosen, scores
 
 
-#: an atlas whose stage-A position of a gland (centroid) lies farther than this from the median
-#: position over the atlases holding it was lost at registration (:func:`lost_atlases`).
+#: an atlas whose stage-A position of a gland (centroid) lies farther than this from the consensus
+#: position (the medoid of a strict majority of the atlases) was lost at registration
+#: (:func:`lost_atlases`).
 LOST_MM = 20.0
 
 
 def lost_atlases(warped_labels: list[np.ndarray], holds: list[set[int]], spacing,
                  lost_mm: float = LOST_MM) -> list[set[int]]:
     """Per atlas, the labels for which its registration was lost: its warped gland's centroid lies
-    more than ``lost_mm`` from the median (per axis) of the centroids over the atlases holding that
-    gland. On real scans a lost atlas puts the parotid entirely beside the true gland (Dice 0.00-0.02
-    with the truth), where the others agree within a few millimetres; its local image similarity,
-    measured where *it* puts the gland, need not be an outlier, so the position consensus decides.
-    Needs 3 holders (the median of two is their midpoint: nothing to decide)."""
+    more than ``lost_mm`` from the consensus position of that gland. On real scans a lost atlas puts
+    the parotid entirely beside the true gland (Dice 0.00-0.02 with the truth), where the others
+    agree within a few millimetres; its local image similarity, measured where *it* puts the gland,
+    need not be an outlier, so the position consensus decides.
+
+    The consensus is the medoid of the centroids (the atlas with the smallest summed distance to the
+    others) and the atlases within ``lost_mm`` of it; it must hold a strict majority of the atlases
+    whose warped gland exists, else there is no consensus and no atlas is called lost for that gland
+    (two pairs of atlases 50 mm apart, or atlases scattered more than ``lost_mm``: rejecting by the
+    per-axis median then rejected every atlas of a real scan and left the gland empty). An atlas
+    whose warped gland vanished is always lost. Needs 3 holders (with two there is nothing to
+    decide)."""
     sp = np.asarray(spacing, float)
     out: list[set[int]] = [set() for _ in warped_labels]
     for L in sorted(set().union(*holds) if holds else set()):
@@ -396,12 +405,20 @@ def lost_atlases(warped_labels: list[np.ndarray], holds: list[set[int]], spacing
                 cen[a] = idx.mean(0) * sp if len(idx) else None
         if len(cen) < 3:
             continue
-        pts = np.array([c for c in cen.values() if c is not None])
-        if len(pts) < 3:
-            continue
-        med = np.median(pts, 0)
+        found = [a for a, c in cen.items() if c is not None]
         for a, c in cen.items():
-            if c is None or np.linalg.norm(c - med) > lost_mm:
+            if c is None and found:
+                out[a].add(L)
+        if len(found) < 3:
+            continue
+        pts = np.array([cen[a] for a in found])
+        dist = np.linalg.norm(pts[:, None, :] - pts[None, :, :], axis=2)
+        medoid = int(np.argmin(dist.sum(1)))
+        near = dist[medoid] <= lost_mm
+        if 2 * int(near.sum()) <= len(found):
+            continue  # no majority agrees on where the gland is: nothing to decide from positions
+        for k, a in enumerate(found):
+            if not near[k]:
                 out[a].add(L)
     return out
 

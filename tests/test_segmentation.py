@@ -419,3 +419,27 @@ def test_lost_atlases_flags_a_gland_far_from_the_consensus():
     # an atlas whose warped gland vanished is lost too
     empty = np.zeros(shp, np.uint8)
     assert S.lost_atlases(maps[:3] + [empty], [{1}] * 4, sp)[3] == {1}
+
+
+def test_lost_atlases_never_rejects_without_a_majority():
+    """Regression (real CT, okbp-train-24 with 4 atlases): the per-axis median of two pairs of
+    atlases 50 mm apart lies between them, every atlas was 'lost' and the parotid came out empty.
+    Without a strict majority that agrees on the position, no atlas is rejected; with one, the
+    minority is, wherever the median falls."""
+    shp, sp = (40, 40, 40), (2.0, 2.0, 2.0)
+    pair_a = [(20, 20, 8), (21, 20, 9)]
+    pair_b = [(20, 20, 32), (19, 21, 33)]  # ~48 mm from pair_a
+    maps = [np.where(_ball(shp, c, 3), 1, 0).astype(np.uint8) for c in pair_a + pair_b]
+    assert S.lost_atlases(maps, [{1}] * 4, sp) == [set()] * 4
+    # scattered more than LOST_MM apart, no two within it: no consensus either
+    spread = [(8, 20, 20), (20, 20, 20), (32, 20, 20)]  # 24 mm steps
+    maps3 = [np.where(_ball(shp, c, 3), 1, 0).astype(np.uint8) for c in spread]
+    assert S.lost_atlases(maps3, [{1}] * 3, sp) == [set()] * 3
+    # three agree, two elsewhere (apart from each other): the two are lost
+    five = [(20, 20, 20), (21, 20, 20), (20, 21, 20), (20, 20, 4), (4, 20, 20)]
+    maps5 = [np.where(_ball(shp, c, 3), 1, 0).astype(np.uint8) for c in five]
+    assert S.lost_atlases(maps5, [{1}] * 5, sp) == [set(), set(), set(), {1}, {1}]
+    # every lost atlas never leaves the gland without voters
+    for m in (maps, maps3, maps5):
+        lost = S.lost_atlases(m, [{1}] * len(m), sp)
+        assert sum(1 in x for x in lost) < len(m)
