@@ -25,7 +25,10 @@ ATLASES = ("okbp-train-2", "okbp-train-16", "okbp-train-22", "okbp-train-35")
 #: (okbp-train-33 right / left), 0.759 / 0.760 (okbp-train-24), median 0.760; volume error -12 /
 #: -39 / +22 / +17 %, median |error| 19 %; one of the four atlases lost at registration and
 #: rejected on each scan. Margins: 0.04 Dice and 8 points of volume for run-to-run differences
-#: (ITK's threaded Mattes MI). 305 CPU-s for the two scans.
+#: (ITK's threaded Mattes MI). 305 CPU-s for the two scans. A later run found all four atlases
+#: 'lost' on okbp-train-24 (the per-axis median of two pairs) and Dice 0.00 there; after the
+#: strict-majority consensus (test_lost_atlases_never_rejects_without_a_majority): 0.797 / 0.722 /
+#: 0.736 / 0.743, median 0.740, volume error -12 / -37 / +12 / +4 %, median |error| 12.1 %.
 MIN_MEDIAN_DICE = 0.72
 MAX_MEDIAN_ABS_VOLUME_ERROR_PCT = 27.0
 
