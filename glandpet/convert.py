@@ -285,7 +285,7 @@ def _write_nifti(img: nib.Nifti1Image, path: Path) -> None:
         if str(path).endswith(".gz"):
             raw = img.to_bytes()
             try:
-                from isal import igzip  # optional, ~4x faster (MEASURED.md)
+                from isal import igzip  # optional: zlib level 1 wrote ~72 MB/s, isal ~330 MB/s here
 
                 with igzip.open(tmp, "wb", compresslevel=COMPRESSLEVEL) as fh:
                     fh.write(raw)

@@ -18,7 +18,7 @@ Within-gland voxel correlation (:func:`voxel_spearman`)
 Spearman's rho between co-registered PSMA and FAPI SUV over the voxels of one gland. Both
 tracers share the partial-volume fall-off at the gland edge (values drop towards background in
 both images), which alone pushes rho towards +1 (uniform glands on a realistic phantom:
-rho ~0.93 over the full mask, MEASURED.md). The mask is therefore **eroded by one voxel**
+rho ~0.93 over the full mask; README "Accuracy", within-gland voxel Spearman). The mask is therefore **eroded by one voxel**
 (``erode_voxels``; 6-connected structuring element, the image border counts as outside) before
 correlating, so that rho reflects structure inside the gland (fibrotic zones: FAPI up, PSMA down,
 a negative rho). Voxels where either image is non-finite are excluded. With fewer than

@@ -23,7 +23,7 @@ it is attributed to the glands. :func:`background_regions` splits the remainder 
 body" (air) and "the rest of the body" given a body fraction map (e.g. CT HU > -500 resampled with
 :func:`body_fraction_from_ct`), and carves optional user classes (e.g. bone, brain, blood pool)
 out of the body background. Finer background classes changed glands' GTM means by ~1 point on a
-realistic phantom (MEASURED.md); the PSF width and the masks' accuracy matter far more.
+realistic phantom (measured on the real-anatomy phantom, README "Accuracy"); the PSF width and the masks' accuracy matter far more.
 
 Limitation (measured, tests/test_pvc.py): the fractional maps are blurred on the PET grid, i.e.
 each PET voxel's share of a region is modelled as spread uniformly over the voxel. For regions
