@@ -111,12 +111,7 @@ def bootstrap_spearman_ci(
     den = np.sqrt((rx * rx).sum(axis=1) * (ry * ry).sum(axis=1))
     with np.errstate(invalid="ignore", divide="ignore"):
         rho = np.where(den > 0, (rx * ry).sum(axis=1) / np.where(den > 0, den, 1.0), np.nan)
-    rho = rho[np.isfinite(rho)]
-    if rho.size == 0:
-        return float("nan"), float("nan")
-    a = (1.0 - ci) / 2.0
-    lo, hi = np.quantile(rho, [a, 1.0 - a])
-    return float(lo), float(hi)
+    return _percentile_ci(rho, ci)
 
 
 def _gland_seed(seed: int, key: tuple) -> np.random.Generator:
