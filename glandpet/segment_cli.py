@@ -3,7 +3,8 @@
 arguments from :func:`glandpet.segmentation.segment_kwargs`) on one CT, outside a study.
 
 Also the checks shared with ``glandpet atlas validate``: an atlas folder as ``glandpet atlas add``
-writes it (:func:`read_atlas_dir`), a NIfTI that must be readable (:func:`check_nifti`), and the
+writes it (:func:`read_atlas_dir`), a NIfTI that must be readable (:func:`check_nifti`), a CT that must show a body
+(:func:`check_ct`), and the
 ``segmentation:`` keys of a config (:func:`load_segmentation_config`). Problems are
 :class:`glandpet.errors.UserError` (one line, exit status 2).
 """
@@ -19,7 +20,7 @@ from typing import Any
 
 from .errors import UserError
 
-__all__ = ["add_subparser", "check_nifti", "dseg_table_path", "load_segmentation_config", "read_atlas_dir", "run"]
+__all__ = ["add_subparser", "check_ct", "check_nifti", "dseg_table_path", "load_segmentation_config", "read_atlas_dir", "run"]
 
 _REPO = Path(__file__).resolve().parents[1]
 ATLAS_FILES = ("ct.nii.gz", "labels.nii.gz", "labels.tsv")
@@ -74,6 +75,29 @@ def check_nifti(path: str | Path, what: str, *, data: bool = True):
     return img
 
 
+def check_ct(path: str | Path, what: str):
+    """:func:`check_nifti` of a CT, whose voxels must also hold an image with a body in it: finite
+    values, not all equal, some above the body threshold (:data:`glandpet.registration.BODY_HU`).
+    An all-zero or all-air volume (a failed export, a mask saved as the CT) fails here with one
+    line instead of a registration error minutes later."""
+    import numpy as np
+
+    from .registration import BODY_HU
+
+    img = check_nifti(path, what)
+    data = np.asanyarray(img.dataobj)
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise UserError(f"{what} {path} holds {int((~finite).sum())} non-finite voxel(s) (NaN or infinity)")
+    lo, hi = float(data.min()), float(data.max())
+    if lo == hi:
+        raise UserError(f"{what} {path} holds no image: every voxel is {lo:g}")
+    if hi <= BODY_HU:
+        raise UserError(f"{what} {path} shows no body: no voxel above {BODY_HU:g} HU (values {lo:g} to {hi:g}; "
+                        "is it a CT in Hounsfield units?)")
+    return img
+
+
 def _same_grid(a, b) -> bool:
     import numpy as np
 
@@ -95,7 +119,7 @@ def read_atlas_dir(path: str | Path) -> dict[str, Any]:
     if missing:
         raise UserError(f"atlas {d} lacks {', '.join(missing)} (an atlas folder holds {', '.join(ATLAS_FILES)}: "
                         "see `glandpet atlas add`)")
-    ct = check_nifti(d / "ct.nii.gz", f"atlas {d.name}: CT", data=False)
+    ct = check_ct(d / "ct.nii.gz", f"atlas {d.name}: CT")
     lab = check_nifti(d / "labels.nii.gz", f"atlas {d.name}: label map")
     if not _same_grid(ct, lab):
         raise UserError(f"atlas {d}: ct.nii.gz and labels.nii.gz are on different grids "
@@ -194,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     out_tsv = dseg_table_path(args.output)
     if args.threads < 1:
         raise UserError(f"--threads must be at least 1, not {args.threads}")
-    ct = check_nifti(args.ct, "CT")
+    ct = check_ct(args.ct, "CT")
     atlases = [read_atlas_dir(d) for d in args.atlas]
     names = [a["name"] for a in atlases]
     dup = sorted({n for n in names if names.count(n) > 1})

@@ -117,8 +117,15 @@ def _write(path, arr, spacing=(2.0, 2.0, 2.0)):
     nib.save(nib.Nifti1Image(arr, np.diag([*spacing, 1.0])), str(path))
 
 
+def _head(fill=-1000):
+    """A 12^3 CT with a body: a block of soft tissue in air."""
+    ct = np.full((12, 12, 12), fill, np.int16)
+    ct[2:10, 2:10, 2:10] = 40
+    return ct
+
+
 def _atlas(d, labels=None):
-    ct = np.full((12, 12, 12), -100, np.int16)
+    ct = _head()
     lab = np.zeros((12, 12, 12), np.uint8) if labels is None else labels
     _write(d / "ct.nii.gz", ct)
     _write(d / "labels.nii.gz", lab)
@@ -132,7 +139,7 @@ def tiny(tmp_path):
     lab[2:5, 2:5, 2:5] = 1
     good = _atlas(tmp_path / "good", lab)
     ct = tmp_path / "ct.nii.gz"
-    _write(ct, np.zeros((12, 12, 12), np.int16))
+    _write(ct, _head())
     return tmp_path, ct, good
 
 
@@ -152,6 +159,32 @@ def test_segment_unreadable_ct(tiny, capsys):
     _one_error_line(capsys, ["segment", cut, tmp / "o_dseg.nii.gz", "--atlas", good], "cut.nii.gz",
                     "not a readable NIfTI")
     assert not (tmp / "o_dseg.nii.gz").exists()
+
+
+def test_segment_ct_without_an_image(tiny, capsys):
+    """An all-zero CT (a failed export), an all-air one and one with NaNs fail with one line naming the
+    file before any registration, for the scan and for an atlas's CT (whose voxels are read too)."""
+    tmp, ct, good = tiny
+    out = tmp / "o_dseg.nii.gz"
+    zero = tmp / "zero.nii.gz"
+    _write(zero, np.zeros((12, 12, 12), np.int16))
+    _one_error_line(capsys, ["segment", zero, out, "--atlas", good], "zero.nii.gz", "holds no image", "every voxel is 0")
+    air = tmp / "air.nii.gz"
+    _write(air, np.broadcast_to((-1000 + np.arange(12))[:, None, None], (12, 12, 12)).astype(np.int16))  # air, not flat
+    _one_error_line(capsys, ["segment", air, out, "--atlas", good], "air.nii.gz", "shows no body")
+    nan = tmp / "nan.nii.gz"
+    arr = _head().astype(np.float32)
+    arr[5, 5, 5] = np.nan
+    _write(nan, arr)
+    _one_error_line(capsys, ["segment", nan, out, "--atlas", good], "nan.nii.gz", "1 non-finite voxel")
+    flat = _atlas(tmp / "flat", np.asanyarray(nib.load(good / "labels.nii.gz").dataobj))
+    _write(flat / "ct.nii.gz", np.zeros((12, 12, 12), np.int16))
+    _one_error_line(capsys, ["segment", ct, out, "--atlas", flat], "atlas flat: CT", "holds no image")
+    cut = _atlas(tmp / "cut", np.asanyarray(nib.load(good / "labels.nii.gz").dataobj))
+    whole = (cut / "ct.nii.gz").read_bytes()
+    (cut / "ct.nii.gz").write_bytes(whole[: len(whole) // 2])
+    _one_error_line(capsys, ["segment", ct, out, "--atlas", cut], "atlas cut: CT", "not a readable NIfTI")
+    assert not out.exists()
 
 
 def test_segment_atlas_without_glands(tiny, capsys):
