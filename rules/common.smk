@@ -6,6 +6,7 @@ import time
 
 import pandas as pd
 
+from glandpet.corrections import correction_index, source_of
 from glandpet.workflow import (
     atlas_list,
     config_digest,
@@ -134,7 +135,31 @@ def pet_to_ct(w):
     return ses_file(w.subject, w.session, "from-pet_to-ct_xfm.mat")
 
 
+CORRECTIONS = config["segmentation"].get("corrections", "")
+
+
+def correction_kind(subject, session):
+    """"own" (the session has a correction), "carried" (only the reference session has one), or
+    None (the atlas labels). A cached listing of the corrections folder: no file read per call."""
+    if not CORRECTIONS:
+        return None
+    index = correction_index(CORRECTIONS)
+    if not index:
+        return None
+    return source_of(index, subject, session, reference_session(sessions(subject)))
+
+
+def segmentation_source(w):
+    """"corrected" when the session's labels come from a correction (its own, or the reference
+    session's carried through the session transform), else "atlas"."""
+    return "corrected" if correction_kind(w.subject, w.session) else "atlas"
+
+
 def dseg(w):
+    """The labels of this session: the corrected label map when a correction applies, else the atlas
+    segmentation (whose job a correction never reruns)."""
+    if correction_kind(w.subject, w.session):
+        return ses_file(w.subject, w.session, "desc-corrected_space-ct_dseg.nii.gz")
     return ses_file(w.subject, w.session, "space-ct_dseg.nii.gz")
 
 
