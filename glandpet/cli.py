@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment_cli.add_subparser(sub)  # glandpet segment
     atlas_cli.add_subparser(sub)  # glandpet atlas add, validate
     study_cli.add_subparsers(sub)  # glandpet init, check
+    from .dicom_export import add_subparser as add_export
+
+    add_export(sub)  # glandpet export dicom
     return p
 
 
