@@ -112,36 +112,43 @@ def _lps_to_voxel(affine: np.ndarray) -> np.ndarray:
     return np.linalg.inv(affine) @ flip
 
 
-def _plane_points(position: Iterable[float], orientation: Iterable[float], spacing: Iterable[float],
-                  rows: int, cols: int) -> np.ndarray:
-    """LPS positions (rows, cols, 3) of the pixel centres of one DICOM image plane."""
-    import numpy as np
-
-    pos = np.asarray([float(v) for v in position])
-    ori = np.asarray([float(v) for v in orientation])
-    row_dir, col_dir = ori[:3], ori[3:]  # row_dir: along a row (column index grows)
-    dr, dc = (float(v) for v in spacing)  # PixelSpacing = (between rows, between columns)
-    i = np.arange(rows, dtype=float)[:, None, None]
-    j = np.arange(cols, dtype=float)[None, :, None]
-    return pos + j * dc * row_dir + i * dr * col_dir
-
-
 def labels_on_ct_instances(labels: np.ndarray, affine: np.ndarray, instances: list[Any]) -> np.ndarray:
     """The label map (NIfTI array + RAS affine) sampled nearest-neighbour at every pixel of each CT
-    instance (pydicom datasets): an array (n_instances, Rows, Columns), 0 outside the map."""
+    instance (pydicom datasets): an array (n_instances, Rows, Columns), 0 outside the map.
+
+    Each instance's pixel centres are mapped by world position (LPS -> RAS -> voxel index, rounded);
+    instances whose plane misses the labels' bounding box are not sampled (all 0)."""
     import numpy as np
 
     m = _lps_to_voxel(np.asarray(affine, dtype=float))
     shape = np.asarray(labels.shape[:3])
-    out = np.zeros((len(instances), int(instances[0].Rows), int(instances[0].Columns)), dtype=labels.dtype)
+    rows, cols = int(instances[0].Rows), int(instances[0].Columns)
+    out = np.zeros((len(instances), rows, cols), dtype=labels.dtype)
+    nz = np.nonzero(labels)
+    if not len(nz[0]):
+        return out
+    lo = np.array([v.min() for v in nz]) - 0.5
+    hi = np.array([v.max() for v in nz]) + 0.5
     for n, ds in enumerate(instances):
-        pts = _plane_points(ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing,
-                            int(ds.Rows), int(ds.Columns)).reshape(-1, 3)
-        ijk = np.rint(pts @ m[:3, :3].T + m[:3, 3]).astype(np.int64)
-        ok = np.all((ijk >= 0) & (ijk < shape), axis=1)
-        flat = np.zeros(len(pts), dtype=labels.dtype)
-        flat[ok] = labels[ijk[ok, 0], ijk[ok, 1], ijk[ok, 2]]
-        out[n] = flat.reshape(out.shape[1:])
+        if int(ds.Rows) != rows or int(ds.Columns) != cols:
+            raise UserError(f"CT instance {n + 1} has {ds.Rows}x{ds.Columns} pixels, the first {rows}x{cols}: not one series")
+        pos = np.asarray([float(v) for v in ds.ImagePositionPatient])
+        ori = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+        dr, dc = (float(v) for v in ds.PixelSpacing)
+        origin = m[:3, :3] @ pos + m[:3, 3]  # voxel coordinates of pixel (0, 0)
+        step_c = m[:3, :3] @ (ori[:3] * dc)  # per column
+        step_r = m[:3, :3] @ (ori[3:] * dr)  # per row
+        corners = origin + np.array([[0, 0], [0, cols - 1], [rows - 1, 0], [rows - 1, cols - 1]]) @ np.stack([step_r, step_c])
+        if np.any(corners.max(axis=0) < lo) or np.any(corners.min(axis=0) > hi):
+            continue
+        idx = []
+        for ax in range(3):
+            coord = origin[ax] + np.arange(rows)[:, None] * step_r[ax] + np.arange(cols)[None, :] * step_c[ax]
+            idx.append(np.rint(coord).astype(np.int64))
+        ok = np.ones((rows, cols), dtype=bool)
+        for ax in range(3):
+            ok &= (idx[ax] >= 0) & (idx[ax] < shape[ax])
+        out[n][ok] = labels[idx[0][ok], idx[1][ok], idx[2][ok]]
     return out
 
 
@@ -186,7 +193,8 @@ def seg_to_label_map(seg_path: str | Path, ct_nifti_path: str | Path) -> np.ndar
       and its laterality modifier (:data:`LATERALITY_CODES`), else from a segment label
       ``<gland>_<side>`` (e.g. ``parotid_left``); a segment matching neither raises ``UserError``;
     * geometry by world coordinates: every NIfTI voxel centre is mapped (RAS -> LPS) to the SEG's
-      nearest frame plane (within half the plane spacing) and nearest pixel of that plane; voxels
+      nearest frame plane (within half the plane spacing: Spacing Between Slices, else the closest
+      frame planes, at most the slice thickness) and nearest pixel of that plane; voxels
       off the SEG's planes or outside its frames are 0. Where segments overlap, the later segment
       wins. On a CT NIfTI converted from the SEG's source CT series the result is the label map the
       SEG was made from, voxel for voxel.
@@ -243,33 +251,40 @@ def seg_to_label_map(seg_path: str | Path, ct_nifti_path: str | Path) -> np.ndar
     order = np.argsort(dist)
     pos_arr, dist = pos_arr[order], dist[order]
     stack = np.stack([planes[tuple(p)] for p in map(tuple, np.asarray(list(planes.keys()))[order])])
-    if len(dist) > 1:
-        half = 0.5 * float(np.min(np.diff(dist)))
-    else:
-        thick = None
-        try:
-            thick = float(_frame_attr(seg, 0, "PixelMeasuresSequence", "SliceThickness"))
-        except (AttributeError, KeyError, TypeError, ValueError):
-            pass
-        half = 0.5 * (thick or 1.0)
+    pm = seg.SharedFunctionalGroupsSequence[0].get("PixelMeasuresSequence", [None])[0]
+    between = float(pm.SpacingBetweenSlices) if pm is not None and pm.get("SpacingBetweenSlices") else None
+    thick = float(pm.SliceThickness) if pm is not None and pm.get("SliceThickness") else None
+    if between is None:  # no declared spacing: the closest frame planes, at most the slice thickness
+        cands = ([float(np.min(np.diff(dist)))] if len(dist) > 1 else []) + ([thick] if thick else [])
+        between = min(cands) if cands else 1.0
+    half = 0.5 * between
     dr, dc = spacing
     to_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(img.affine, dtype=float)
-    ii, jj = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    # every quantity below is affine in the voxel index (i, j, k): per NIfTI slice, outer sums
+    d_ijk = normal @ to_lps[:3, :3]  # plane distance per unit voxel step
+    rd_ijk = row_dir @ to_lps[:3, :3]
+    cd_ijk = col_dir @ to_lps[:3, :3]
+    ii = np.arange(shape[0])[:, None].astype(float)
+    jj = np.arange(shape[1])[None, :].astype(float)
     for kz in range(shape[2]):
-        vox = np.stack([ii.ravel(), jj.ravel(), np.full(ii.size, kz), np.ones(ii.size)], axis=1).astype(float)
-        lps = (vox @ to_lps.T)[:, :3]
-        d = lps @ normal
-        p = np.clip(np.searchsorted(dist, d), 1, len(dist) - 1) if len(dist) > 1 else np.zeros(len(d), dtype=int)
+        base = to_lps[:3, :3] @ np.array([0.0, 0.0, kz]) + to_lps[:3, 3]
+        d = normal @ base + ii * d_ijk[0] + jj * d_ijk[1]
+        if d.max() < dist[0] - half - 1e-3 or d.min() > dist[-1] + half + 1e-3:
+            continue
         if len(dist) > 1:
+            p = np.clip(np.searchsorted(dist, d), 1, len(dist) - 1)
             p = np.where(np.abs(d - dist[p - 1]) <= np.abs(d - dist[p]), p - 1, p)
+        else:
+            p = np.zeros(d.shape, dtype=np.int64)
         on_plane = np.abs(d - dist[p]) <= half + 1e-3
-        rel = lps - pos_arr[p]
-        col = np.rint(rel @ row_dir / dc).astype(np.int64)
-        row = np.rint(rel @ col_dir / dr).astype(np.int64)
+        if not on_plane.any():
+            continue
+        rel_c = (row_dir @ base + ii * rd_ijk[0] + jj * rd_ijk[1]) - pos_arr[p] @ row_dir
+        rel_r = (col_dir @ base + ii * cd_ijk[0] + jj * cd_ijk[1]) - pos_arr[p] @ col_dir
+        col = np.rint(rel_c / dc).astype(np.int64)
+        row = np.rint(rel_r / dr).astype(np.int64)
         ok = on_plane & (row >= 0) & (row < stack.shape[1]) & (col >= 0) & (col < stack.shape[2])
-        flat = np.zeros(len(d), dtype=np.int16)
-        flat[ok] = stack[p[ok], row[ok], col[ok]]
-        out[:, :, kz] = flat.reshape(shape[0], shape[1])
+        out[:, :, kz][ok] = stack[p[ok], row[ok], col[ok]]
     return out
 
 
@@ -295,24 +310,26 @@ class ExportResult:
     measurements: int = 0
 
 
-def _read_instances(files: list[Path], what: str, pixels: bool = True) -> list[Any]:
+def _read_instances(files: list[Path], what: str) -> list[Any]:
+    """Headers of a series' files (no pixel data). Errors name the file by its number, not its path
+    (DICOM folder names may identify the patient)."""
     import pydicom
 
     out = []
-    for f in files:
+    for n, f in enumerate(files, start=1):
         try:
-            out.append(pydicom.dcmread(str(f), stop_before_pixels=not pixels))
-        except Exception as exc:  # noqa: BLE001
-            raise UserError(f"{f}: cannot read the {what} DICOM file ({type(exc).__name__})") from None
+            out.append(pydicom.dcmread(str(f), stop_before_pixels=True))
+        except Exception as exc:  # noqa: BLE001 - any reader failure is a bad input file
+            raise UserError(f"{what}: file {n} of {len(files)} of the selected series cannot be read "
+                            f"({type(exc).__name__}); has the DICOM tree changed since the workflow ran?") from None
     return out
 
 
 def _segment_descriptions(present: list[tuple[int, str, str]]) -> list[Any]:
     import highdicom as hd
+    from pydicom.sr.codedict import codes
 
     from . import __version__
-
-    from pydicom.sr.codedict import codes
 
     # multi-atlas segmentation: deformable registration of atlases + label fusion (CID 7162 family)
     algo = hd.AlgorithmIdentificationSequence(name="glandpet multi-atlas", version=__version__,
@@ -458,8 +475,8 @@ def export_session(inp: SessionInputs, outdir: Path) -> tuple[list[Path], int, i
         table = read_label_table(inp.table)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    ct = _read_instances(inp.ct_files, "CT")
-    pet = _read_instances(inp.pet_files, "PET", pixels=False)
+    ct = _read_instances(inp.ct_files, f"sub-{inp.subject} ses-{inp.session} CT")
+    pet = _read_instances(inp.pet_files, f"sub-{inp.subject} ses-{inp.session} PET")
     seg, segments = build_seg(ct, labels, img.affine, table)
     stats = pd.read_parquet(inp.stats)
     index = pd.read_parquet(inp.index) if inp.index is not None and inp.index.is_file() else None
@@ -496,8 +513,14 @@ def stow(files: list[Path], url: str, timeout: float = 60.0) -> int:
         raise UserError(f"PACS at {target} unreachable ({type(exc).__name__})") from None
     if resp.status_code not in (200, 202):
         raise UserError(f"PACS at {target} refused the STOW-RS request: HTTP {resp.status_code} {resp.reason}")
-    if resp.status_code == 202:  # some instances failed (DICOM PS3.18 10.5.3)
-        raise UserError(f"PACS at {target} stored only some instances: HTTP 202 (see the PACS log)")
+    failed = 0
+    try:
+        failed = len((resp.json() or {}).get("00081198", {}).get("Value", []))  # Failed SOP Sequence
+    except ValueError:
+        pass
+    if resp.status_code == 202 or failed:  # some instances failed (DICOM PS3.18 10.5.3)
+        raise UserError(f"PACS at {target} did not store {failed or 'some'} of {len(files)} instance(s): "
+                        f"HTTP {resp.status_code} (see the PACS log)")
     return len(files)
 
 
@@ -601,7 +624,7 @@ def add_subparser(subparsers) -> Any:
                     "the PSMA/FAPI index per gland. The objects identify the patient (a PACS files them with the "
                     "patient's study): OUTDIR must lie outside the results folder.")
     d.add_argument("config", metavar="CONFIG", help="the study config (config.yaml) the workflow ran with")
-    d.add_argument("outdir", metavar="OUTDIR", help="output folder, outside results/")
+    d.add_argument("outdir", metavar="OUTDIR", help="output folder (must lie outside the results folder)")
     d.add_argument("--subjects", nargs="+", default=None, metavar="ID", help="only these subjects (pseudonymous ids)")
     d.add_argument("--stow", default=None, metavar="URL",
                    help="also send the objects to this DICOMweb root over STOW-RS (e.g. http://pacs:8042/dicom-web)")
