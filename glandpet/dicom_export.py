@@ -299,6 +299,7 @@ class SessionInputs:
     index: Path | None
     ct_files: list[Path]
     pet_files: list[Path]
+    corrected: bool = False  # the labels are a hand correction (segmentation.corrections)
 
 
 @dataclass
@@ -325,7 +326,7 @@ def _read_instances(files: list[Path], what: str) -> list[Any]:
     return out
 
 
-def _segment_descriptions(present: list[tuple[int, str, str]]) -> list[Any]:
+def _segment_descriptions(present: list[tuple[int, str, str]], corrected: bool = False) -> list[Any]:
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -340,7 +341,8 @@ def _segment_descriptions(present: list[tuple[int, str, str]]) -> list[Any]:
             segment_number=n, segment_label=f"{gland}_{side}",
             segmented_property_category=_code(ANATOMICAL_STRUCTURE),
             segmented_property_type=_code(GLAND_CODES[gland]),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algo,
+            algorithm_type=(hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC if corrected
+                            else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC), algorithm_identification=algo,
             tracking_uid=hd.UID(), tracking_id=f"{gland}_{side}")
         desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
             _code_item(LATERALITY_CODES[side])]
@@ -348,8 +350,11 @@ def _segment_descriptions(present: list[tuple[int, str, str]]) -> list[Any]:
     return out
 
 
-def build_seg(ct: list[Any], labels: np.ndarray, affine: np.ndarray, label_table: list[Any]) -> tuple[Any, dict[tuple[str, str], int]]:
-    """The DICOM SEG of a label map on the CT instances; returns (dataset, {(gland, side): segment number})."""
+def build_seg(ct: list[Any], labels: np.ndarray, affine: np.ndarray, label_table: list[Any],
+              corrected: bool = False) -> tuple[Any, dict[tuple[str, str], int]]:
+    """The DICOM SEG of a label map on the CT instances; returns (dataset, {(gland, side): segment number}).
+    ``corrected``: the map is an automatic segmentation corrected by hand (segment algorithm type
+    SEMIAUTOMATIC, content description says so)."""
     import numpy as np
 
     import highdicom as hd
@@ -366,10 +371,11 @@ def build_seg(ct: list[Any], labels: np.ndarray, affine: np.ndarray, label_table
         seg_array[sampled == idx] = n
     seg = hd.seg.Segmentation(
         source_images=ct, pixel_array=seg_array, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=_segment_descriptions(present), series_instance_uid=hd.UID(),
+        segment_descriptions=_segment_descriptions(present, corrected), series_instance_uid=hd.UID(),
         series_number=SEG_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1, manufacturer="glandpet",
         manufacturer_model_name="glandpet", software_versions=__version__, device_serial_number="none",
-        content_label="GLANDS", content_description="glandpet gland segmentation",
+        content_label="GLANDS",
+        content_description="glandpet gland segmentation" + (", corrected by hand" if corrected else ""),
         series_description="glandpet glands (SEG)")
     _declare_private_scheme(seg)
     return seg, {(g, s): n for n, (_, g, s) in enumerate(present, start=1)}
@@ -477,7 +483,7 @@ def export_session(inp: SessionInputs, outdir: Path) -> tuple[list[Path], int, i
         raise UserError(str(exc)) from None
     ct = _read_instances(inp.ct_files, f"sub-{inp.subject} ses-{inp.session} CT")
     pet = _read_instances(inp.pet_files, f"sub-{inp.subject} ses-{inp.session} PET")
-    seg, segments = build_seg(ct, labels, img.affine, table)
+    seg, segments = build_seg(ct, labels, img.affine, table, corrected=inp.corrected)
     stats = pd.read_parquet(inp.stats)
     index = pd.read_parquet(inp.index) if inp.index is not None and inp.index.is_file() else None
     sr = build_sr(seg, segments, ct, pet, stats, index)
@@ -529,6 +535,17 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def _measured_on_correction(stats: Path) -> bool:
+    """Whether gland_stats were measured on a corrected label map (column ``segmentation_source``):
+    the SEG then shows that map, the one the SR's numbers come from."""
+    import pyarrow.parquet as pq
+
+    if "segmentation_source" not in pq.read_schema(stats).names:
+        return False
+    col = pq.read_table(stats, columns=["segmentation_source"]).column(0).to_pylist()
+    return "corrected" in col
+
+
 def session_inputs(config: Mapping[str, Any], subjects: list[str] | None = None) -> tuple[list[SessionInputs], list[str]]:
     """The sessions to export (and the sessions skipped for lack of a segmentation, as messages)."""
     if not config.get("results"):
@@ -561,8 +578,11 @@ def session_inputs(config: Mapping[str, Any], subjects: list[str] | None = None)
                     raise UserError(msg)
                 skipped.append(msg)
                 continue
+            corrected = _measured_on_correction(stats) and Path(f"{base}desc-corrected_space-ct_dseg.nii.gz").is_file()
+            desc = "desc-corrected_" if corrected else ""
             out.append(SessionInputs(
-                subject=s, session=ses, dseg=dseg, table=Path(f"{base}space-ct_dseg.tsv"), stats=stats,
+                subject=s, session=ses, dseg=Path(f"{base}{desc}space-ct_dseg.nii.gz"),
+                table=Path(f"{base}{desc}space-ct_dseg.tsv"), stats=stats, corrected=corrected,
                 index=results / f"sub-{s}" / f"sub-{s}_gland_index.parquet",
                 ct_files=[dicom_root / f for f in sel["ct_files"]], pet_files=[dicom_root / f for f in sel["pet_files"]]))
     if subjects and not out:

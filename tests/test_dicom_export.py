@@ -195,6 +195,22 @@ def test_export_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists() and not (results / "work" / "pacs").exists()
 
 
+def test_corrected_sessions_export_the_corrected_labels(tmp_path):
+    """The SEG shows the label map the SR's numbers were measured on: the corrected one when gland_stats
+    say segmentation_source = corrected."""
+    import pandas as pd
+
+    from glandpet.dicom_export import _measured_on_correction
+
+    for sources, expected in ((["atlas", "atlas"], False), (["atlas", "corrected"], True)):
+        p = tmp_path / f"{expected}.parquet"
+        pd.DataFrame({"gland": ["parotid"] * 2, "segmentation_source": sources}).to_parquet(p)
+        assert _measured_on_correction(p) is expected
+    p = tmp_path / "old.parquet"
+    pd.DataFrame({"gland": ["parotid"]}).to_parquet(p)
+    assert _measured_on_correction(p) is False
+
+
 # ------------------------------------------------------------------------------ on the demo workflow's results
 def _tree_digest(folder: Path) -> str:
     h = hashlib.sha256()
