@@ -426,7 +426,10 @@ def build_sr(seg: Any, segments: dict[tuple[str, str], int], ct: list[Any], pet:
         key = (row.gland, row.side)
         if key not in segments:
             continue
-        suv_concept, suv_unit = SUV_CONCEPTS.get(str(row.suv_type), SUV_CONCEPTS["bw"])
+        if str(row.suv_type) not in SUV_CONCEPTS:
+            raise UserError(f"gland_stats: SUV type {row.suv_type!r} has no DICOM concept here "
+                            f"(expected one of {', '.join(SUV_CONCEPTS)})")
+        suv_concept, suv_unit = SUV_CONCEPTS[str(row.suv_type)]
         unit = hd.sr.CodedConcept(suv_unit, "UCUM", suv_unit)
         site = hd.sr.FindingSite(anatomic_location=_code(GLAND_CODES[row.gland]),
                                  laterality=_code(LATERALITY_CODES[row.side]))
