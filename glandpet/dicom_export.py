@@ -593,9 +593,8 @@ def session_inputs(config: Mapping[str, Any], subjects: list[str] | None = None)
     return out, skipped
 
 
-def export(config: Mapping[str, Any], outdir: str | Path, subjects: list[str] | None = None,
-           stow_url: str | None = None) -> ExportResult:
-    """Export every segmented session (or those of ``subjects``) to ``outdir``; see the module docstring."""
+def check_outdir(config: Mapping[str, Any], outdir: str | Path) -> Path:
+    """OUTDIR, resolved; refused (UserError) when it lies inside the config's results folder."""
     if not config.get("results"):
         raise UserError("the config has no `results:` folder (where the workflow wrote its results)")
     results = Path(str(config["results"])).expanduser().resolve()
@@ -603,6 +602,13 @@ def export(config: Mapping[str, Any], outdir: str | Path, subjects: list[str] | 
     if _inside(out, results):
         raise UserError(f"OUTDIR {out} lies inside the results folder {results}: DICOM objects identify the "
                         f"patient and must not go there (choose a folder outside it)")
+    return out
+
+
+def export(config: Mapping[str, Any], outdir: str | Path, subjects: list[str] | None = None,
+           stow_url: str | None = None) -> ExportResult:
+    """Export every segmented session (or those of ``subjects``) to ``outdir``; see the module docstring."""
+    out = check_outdir(config, outdir)
     sessions, skipped = session_inputs(config, subjects)
     res = ExportResult(skipped=skipped)
     for inp in sessions:
@@ -612,7 +618,10 @@ def export(config: Mapping[str, Any], outdir: str | Path, subjects: list[str] | 
         res.segments += n_seg
         res.measurements += n_meas
     if stow_url:
-        stow(res.files, stow_url)
+        try:
+            stow(res.files, stow_url)
+        except UserError as exc:
+            raise UserError(f"{exc}; the {len(res.files)} file(s) are written in {out}") from None
     return res
 
 
@@ -621,6 +630,8 @@ def run_export(args: Any) -> int:
     from .preflight import load_config
 
     config = load_config(args.config)
+    check_outdir(config, args.outdir)
+    session_inputs(config, args.subjects or None)  # bad subjects or results: one line before anything else
     log = sys.stdout
     print("glandpet export dicom: the DICOM objects carry the patient's identity (name, ID, study) from the CT, "
           f"so that a PACS files them with the patient's study; they are written to {Path(args.outdir).resolve()} "
