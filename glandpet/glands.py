@@ -81,6 +81,42 @@ def read_label_table(path: str | Path) -> list[Label]:
     return out
 
 
+#: Label-editor colours (RGB 0-255) per gland, those of the QC montage (glandpet.figures.GLAND_COLOUR)
+#: for the left side; the right side is darker (RIGHT_SHADE) so the two sides stay apart in the editor.
+EDITOR_RGB: dict[str, tuple[int, int, int]] = {
+    "parotid": (0, 229, 255),
+    "submandibular": (118, 255, 3),
+    "sublingual": (255, 79, 216),
+    "lacrimal": (47, 123, 255),
+    "tubarial": (255, 255, 255),
+}
+RIGHT_SHADE = 0.6
+
+
+def editor_rgb(lab: Label) -> tuple[int, int, int]:
+    rgb = EDITOR_RGB[lab.gland]
+    return rgb if lab.side == "left" else tuple(int(round(c * RIGHT_SHADE)) for c in rgb)
+
+
+def write_slicer_ctbl(path: str | Path, labels: tuple[Label, ...] | list[Label] = DEFAULT_LABELS) -> None:
+    """3D Slicer colour table (``.ctbl``: ``value name R G B A``), so a label map loaded as a
+    segmentation shows the gland names and keeps glandpet's label values on export."""
+    lines = ["# glandpet gland labels (3D Slicer colour table)", f"# {len(labels) + 1} values",
+             "0 background 0 0 0 0"]
+    lines += [f"{lab.index} {lab.name} {' '.join(map(str, editor_rgb(lab)))} 255" for lab in labels]
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def write_itksnap_labels(path: str | Path, labels: tuple[Label, ...] | list[Label] = DEFAULT_LABELS) -> None:
+    """ITK-SNAP label description file (Segmentation > Import Label Descriptions)."""
+    lines = ["################################################", "# ITK-SnAP Label Description File",
+             "# IDX   -R-  -G-  -B-  -A--  VIS MSH  LABEL", "################################################",
+             '    0     0    0    0        0  0  0    "Clear Label"']
+    lines += [f"{lab.index:5d} {r:5d} {g:4d} {b:4d} {1:8d} {1:2d} {1:2d}    \"{lab.name}\""
+              for lab in labels for r, g, b in [editor_rgb(lab)]]
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
 #: Plausible adult gland volumes (mL, one side) for sanity checks of contours, not for measurement:
 #: CT/MRI volumetry reports parotid ~15-35 mL (extremes 8-60), submandibular ~6-12 (3-20),
 #: sublingual ~2-4 (0.5-8), lacrimal ~0.4-0.9 (0.15-2); the tubarial glands (Valstar et al. 2020)

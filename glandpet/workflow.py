@@ -844,8 +844,9 @@ def segment_glands(inputs: Any, output: Any, session: str, atlases: list[Mapping
         missing = metrics.get("labels_absent")
         if missing:
             message = f"no atlas holds: {', '.join(missing)}"
+        _label_editor_tables(output, read_label_table(output.table))
         write_json({"stage": "segment", "status": "warning" if message else "ok", "message": message,
-                    "metrics": metrics}, output.qc)
+                    "segmentation_source": "atlas", "metrics": metrics}, output.qc)
         return
     from .registration import apply_inverse_session_transform
 
@@ -853,9 +854,27 @@ def segment_glands(inputs: Any, output: Any, session: str, atlases: list[Mapping
     apply_inverse_session_transform(inputs.ref_dseg, inputs.ct, prefix, out_path=output.dseg,
                                     interpolation="genericLabel")
     ref_table = str(inputs.ref_dseg)[: -len(".nii.gz")] + ".tsv"
-    write_label_table(output.table, read_label_table(ref_table))
+    labels = read_label_table(ref_table)
+    write_label_table(output.table, labels)
+    _label_editor_tables(output, labels)
+    metrics: dict[str, Any] = {"method": "session_transform"}
+    ref_qc = getattr(inputs, "ref_qc", None)
+    if ref_qc:  # the carried labels are the reference's: so is their per-gland confidence
+        ref_metrics = json.loads(Path(ref_qc).read_text()).get("metrics", {})
+        if "glands" in ref_metrics:
+            metrics["glands"] = ref_metrics["glands"]
     write_json({"stage": "segment", "status": "ok", "message": f"labels carried from the reference session to {session}",
-                "metrics": {"method": "session_transform"}}, output.qc)
+                "segmentation_source": "atlas", "metrics": metrics}, output.qc)
+
+
+def _label_editor_tables(output: Any, labels: list) -> None:
+    """The colour tables beside a session's dseg, for correcting it: 3D Slicer (.ctbl) and ITK-SNAP."""
+    from .glands import write_itksnap_labels, write_slicer_ctbl
+
+    if "ctbl" in output.keys():
+        write_slicer_ctbl(output.ctbl, labels)
+    if "itksnap" in output.keys():
+        write_itksnap_labels(output.itksnap, labels)
 
 
 def qc_montage(inputs: Any, out_png: str, subject: str) -> None:

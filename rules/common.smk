@@ -6,7 +6,12 @@ import time
 
 import pandas as pd
 
-from glandpet.corrections import correction_index, source_of
+from glandpet.corrections import (
+    check_corrections,
+    corrected_subjects,
+    correction_index,
+    source_of,
+)
 from glandpet.workflow import (
     atlas_list,
     config_digest,
@@ -139,18 +144,28 @@ CORRECTIONS = config["segmentation"].get("corrections", "")
 
 
 def correction_kind(subject, session):
-    """"own" (the session has a correction), "carried" (only the reference session has one), or
-    None (the atlas labels). A cached listing of the corrections folder: no file read per call."""
-    if not CORRECTIONS:
+    """Own (the session has a correction), carried (only the reference session has one), or
+    None (the atlas labels). A cached listing of the corrections folder: no file read per call.
+    """
+    if not CORRECTIONS or subject not in corrected_subjects(CORRECTIONS):
         return None
     index = correction_index(CORRECTIONS)
-    if not index:
-        return None
     return source_of(index, subject, session, reference_session(sessions(subject)))
 
 
+def study_sessions(subject):
+    """The subject's sessions in the study for the corrections' check at workflow start (None before
+    the index has run)."""
+    series = f"{RESULTS}/tables/series.parquet"
+    return selected_sessions(series, subject) if os.path.isfile(series) else None
+
+
+def correction_ct(subject, session):
+    return ses_file(subject, session, "ct.nii.gz")
+
+
 def segmentation_source(w):
-    """"corrected" when the session's labels come from a correction (its own, or the reference
+    """Corrected when the session's labels come from a correction (its own, or the reference
     session's carried through the session transform), else "atlas"."""
     return "corrected" if correction_kind(w.subject, w.session) else "atlas"
 
@@ -188,7 +203,32 @@ def segment_inputs(w):
         inputs["atlases"] = atlas_files(w)
     else:
         inputs["ref_dseg"] = ses_file(w.subject, ref, "space-ct_dseg.nii.gz")
+        inputs["ref_qc"] = ses_file(w.subject, ref, "desc-segment_qc.json")
         inputs.update(session_transform(w.subject))
+    return inputs
+
+
+def correction_inputs(w):
+    """A session's own correction (and its CT), or the reference session's corrected labels and the
+    session transform; with the session's atlas dseg (its label table, and the QC's changed voxels).
+    """
+    kind = correction_kind(w.subject, w.session)
+    inputs = {
+        "ct": ct_image(w),
+        "atlas_dseg": ses_file(w.subject, w.session, "space-ct_dseg.nii.gz"),
+    }
+    if kind == "own":
+        inputs["correction"] = correction_index(CORRECTIONS)[w.subject, w.session]
+    elif kind == "carried":
+        ref = reference_session(sessions(w.subject))
+        inputs["ref_dseg"] = ses_file(
+            w.subject, ref, "desc-corrected_space-ct_dseg.nii.gz"
+        )
+        inputs.update(session_transform(w.subject))
+    else:
+        raise ValueError(
+            f"sub-{w.subject} ses-{w.session}: no correction in {CORRECTIONS or 'segmentation.corrections'}"
+        )
     return inputs
 
 
