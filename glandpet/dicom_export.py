@@ -335,15 +335,21 @@ def _segment_descriptions(present: list[tuple[int, str, str]], corrected: bool =
     # multi-atlas segmentation: deformable registration of atlases + label fusion (CID 7162 family)
     algo = hd.AlgorithmIdentificationSequence(name="glandpet multi-atlas", version=__version__,
                                               family=codes.cid7162.DeformableModels)
+    from . import glands
+
+    editor_rgb = getattr(glands, "editor_rgb", None)  # the label editors' colours, where defined
     out = []
-    for n, (_, gland, side) in enumerate(present, start=1):
+    for n, (idx, gland, side) in enumerate(present, start=1):
+        colour = None
+        if editor_rgb is not None:
+            colour = hd.color.CIELabColor.from_rgb(*editor_rgb(glands.Label(idx, gland, side)))
         desc = hd.seg.SegmentDescription(
             segment_number=n, segment_label=f"{gland}_{side}",
             segmented_property_category=_code(ANATOMICAL_STRUCTURE),
             segmented_property_type=_code(GLAND_CODES[gland]),
             algorithm_type=(hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC if corrected
                             else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC), algorithm_identification=algo,
-            tracking_uid=hd.UID(), tracking_id=f"{gland}_{side}")
+            tracking_uid=hd.UID(), tracking_id=f"{gland}_{side}", display_color=colour)
         desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
             _code_item(LATERALITY_CODES[side])]
         out.append(desc)
