@@ -5,7 +5,6 @@ subject's rows."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -221,6 +220,10 @@ def test_the_corrected_labels_reach_results_and_the_atlas_result_stays(corrected
     assert seg_qc["segmentation_source"] == "atlas"
     fapi = results / f"sub-{subject}" / "ses-fapi"
     assert (fapi / f"sub-{subject}_ses-fapi_desc-corrected_space-ct_dseg.nii.gz").is_file()
+    carried_qc = json.loads((fapi / f"sub-{subject}_ses-fapi_desc-segment_qc.json").read_text())
+    assert carried_qc["segmentation_source"] == "atlas"  # the atlas labels carried: the reference's confidence
+    assert carried_qc["metrics"]["method"] == "session_transform"
+    assert carried_qc["metrics"].get("glands") == seg_qc["metrics"].get("glands")
     for d in (sdir, fapi):  # colour tables beside each session's dseg, for correcting it
         s = d.name[4:]
         assert (d / f"sub-{subject}_ses-{s}_space-ct_dseg.ctbl").is_file()
