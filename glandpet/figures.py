@@ -691,20 +691,33 @@ def _bbox_limits(mask: np.ndarray, aff: np.ndarray, margin_mm: float = 12.0):
     return out
 
 
-def _draw_contours(ax, view: _View, dseg: np.ndarray, labels, project: bool = False, lw: float = 1.1) -> None:
+#: colour of the dashed outline around a gland flagged for review (segmentation confidence)
+REVIEW_COLOUR = "#ff2a2a"
+
+
+def _draw_contours(ax, view: _View, dseg: np.ndarray, labels, project: bool = False, lw: float = 1.1,
+                   review=()) -> None:
+    """Gland contours; a label named in ``review`` gets a wide dashed red outline under its own."""
     for lab in labels:
         m = dseg == lab.index
         sl = view.project(m, np.any) if project else view.cut(m)
         if sl.any():
+            if lab.name in review:
+                ax.contour(sl.astype(np.float32), levels=[0.5], colors=[REVIEW_COLOUR], linewidths=lw + 2.2,
+                           linestyles="dashed", extent=view.extent, origin="lower")
             ax.contour(sl.astype(np.float32), levels=[0.5], colors=[GLAND_COLOUR.get(lab.gland, "yellow")],
                        linewidths=lw, extent=view.extent, origin="lower")
 
 
 def qc_montage(ct_path, pet_paths: Mapping[str, str | Path], dseg_path, out_png, *, title: str = "",
                pet_to_ct_xfms: Mapping[str, str | Path] | None = None, session_warp=None,
-               labels=DEFAULT_LABELS) -> Path:
+               labels=DEFAULT_LABELS, review: Mapping[str, float | None] | None = None) -> Path:
     """Per-subject QC montage (PNG, 1600 px wide): CT with gland contours, each PET fused on the CT,
     and each PET's coronal MIP. See the module docstring for the layout and the conventions.
+
+    ``review``: ``{gland_side: segmentation confidence or None}`` of the glands flagged for review
+    (:mod:`glandpet.seg_confidence`): their contours get a dashed red outline and the legend
+    lists them.
 
     ``pet_paths``: ``{session: SUV NIfTI}`` (one or two sessions; empty: a CT-only montage).
     ``dseg_path``: the gland label map on the CT grid (label values of ``labels``).
@@ -718,6 +731,7 @@ def qc_montage(ct_path, pet_paths: Mapping[str, str | Path], dseg_path, out_png,
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     pet_to_ct_xfms = dict(pet_to_ct_xfms or {})
+    review = dict(review or {})
     if session_warp is None:
         warps = {}
     elif isinstance(session_warp, Mapping):
@@ -801,7 +815,7 @@ def qc_montage(ct_path, pet_paths: Mapping[str, str | Path], dseg_path, out_png,
             ax = fig.add_subplot(gs[0, c])
             ax.set_facecolor("black")
             ax.imshow(view.cut(ct), extent=view.extent, **ctkw)
-            _draw_contours(ax, view, dseg, present)
+            _draw_contours(ax, view, dseg, present, review=review)
             view.frame(ax, lims(view))
             ax.set_title(f"CT, {names[view.kind]} ({_pos_text(view)})", fontsize=9, **text_kw)
         lax = fig.add_subplot(gs[0, 3])
@@ -814,6 +828,12 @@ def qc_montage(ct_path, pet_paths: Mapping[str, str | Path], dseg_path, out_png,
             leg.get_title().set_color("white")
         else:
             lax.text(0.02, 0.95, "no gland labels in the label map", va="top", fontsize=9, **text_kw)
+        if review:
+            items = [f"{name.replace('_', ' ')} {'(none)' if c is None or not np.isfinite(c) else f'{c:.2f}'}"
+                     for name, c in sorted(review.items(), key=lambda kv: (-1 if kv[1] is None else kv[1], kv[0]))]
+            lines = [", ".join(items[i:i + 2]) for i in range(0, len(items), 2)]
+            lax.text(0.02, 0.60, "REVIEW (dashed red), confidence:\n" + "\n".join(lines), va="top", ha="left",
+                     fontsize=8, color=REVIEW_COLOUR, fontweight="bold", transform=lax.transAxes)
         info = [f"CT window {CT_WINDOW_HU[0]:.0f}..{CT_WINDOW_HU[1]:.0f} HU",
                 "radiological convention: patient right on image left",
                 "axial through the parotid centroid,", "coronal through the centroid of all glands,",

@@ -9,6 +9,7 @@ row that is not ``ok``. They hold only pseudonymous subject ids, as the tables d
 from __future__ import annotations
 
 import html
+import json
 
 import pandas as pd
 
@@ -20,6 +21,7 @@ table{border-collapse:collapse;font-size:13px}
 th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
 caption{text-align:left;font-weight:600;margin:.4em 0}
+#review-queue td{text-align:left}#review-queue{margin-bottom:1.5em}
 </style>"""
 
 
@@ -124,10 +126,60 @@ def results_view(outcomes: pd.DataFrame, gland_stats: pd.DataFrame, gland_index:
     return "".join(parts)
 
 
+#: where the review queue (results/tables/report/qc.html) finds a subject's QC montage
+MONTAGE_HREF = "../../figures/qc/sub-{subject}_qc.png"
+
+
+def review_queue(qc: pd.DataFrame) -> pd.DataFrame:
+    """The glands flagged for review (qc rows of stage ``segment_review``), worst first: subject,
+    session, gland, side, confidence, volume, the atlases' range, why flagged."""
+    cols = ["subject_id", "session", "gland", "side", "confidence", "volume_ml", "atlas_min_ml", "atlas_max_ml",
+            "why"]
+    rows = []
+    for r in qc[qc["stage"] == "segment_review"].to_dict("records"):
+        m = json.loads(r.get("metrics_json") or "{}")
+        av = [float(v) for v in m.get("atlas_volumes_ml") or []]
+        rows.append({"subject_id": r["subject_id"], "session": r["session"], "gland": m.get("gland"),
+                     "side": m.get("side"), "confidence": m.get("confidence"), "volume_ml": m.get("volume_ml"),
+                     "atlas_min_ml": min(av) if av else None, "atlas_max_ml": max(av) if av else None,
+                     "why": "; ".join(m.get("reasons") or [])})
+    df = pd.DataFrame(rows, columns=cols)
+    if df.empty:
+        return df
+    df["_c"] = df["confidence"].astype(float).fillna(-1.0)
+    return df.sort_values(["_c", "subject_id", "session", "gland", "side"]).drop(columns="_c").reset_index(drop=True)
+
+
+def review_view(qc: pd.DataFrame) -> str:
+    """HTML table of :func:`review_queue`, each row linked to its subject's QC montage."""
+    q = review_queue(qc)
+    title = "Review queue: glands whose segmentation confidence is under segmentation.review_below, worst first"
+    if q.empty:
+        return f"<p><b>{html.escape(title)}</b>: none flagged.</p>"
+
+    def num(v, fmt):
+        return "" if v is None or pd.isna(v) else format(float(v), fmt)
+
+    head = ("<tr><th>subject</th><th>session</th><th>gland</th><th>side</th><th>confidence</th>"
+            "<th>volume mL (atlases' range)</th><th>why flagged</th><th>QC montage</th></tr>")
+    body = []
+    for r in q.to_dict("records"):
+        rng = (f" ({num(r['atlas_min_ml'], '.2f')}-{num(r['atlas_max_ml'], '.2f')})"
+               if r["atlas_min_ml"] is not None and not pd.isna(r["atlas_min_ml"]) else "")
+        href = html.escape(MONTAGE_HREF.format(subject=r["subject_id"]))
+        body.append(
+            "<tr class='review'>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+                r["subject_id"], r["session"] or "", r["gland"] or "", r["side"] or "",
+                num(r["confidence"], ".2f") or "none", num(r["volume_ml"], ".2f") + rng, r["why"]))
+            + f"<td><a href='{href}'>sub-{html.escape(str(r['subject_id']))}_qc.png</a></td></tr>")
+    return (f"<table id='review-queue'><caption>{html.escape(title)}</caption>{head}{''.join(body)}</table>")
+
+
 def qc_view(qc: pd.DataFrame) -> str:
     counts = qc.groupby(["stage", "status"]).size().rename("rows").reset_index()
-    issues = qc.loc[qc["status"] != "ok", ["subject_id", "session", "stage", "status", "message"]]
-    return _table(counts, "QC rows by stage and status") + _table(
+    issues = qc.loc[(qc["status"] != "ok") & (qc["stage"] != "segment_review"),
+                    ["subject_id", "session", "stage", "status", "message"]]
+    return review_view(qc) + _table(counts, "QC rows by stage and status") + _table(
         issues.sort_values(["status", "subject_id", "session", "stage"]), "failures and warnings")
 
 

@@ -64,6 +64,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from glandpet import registration as reg
+from glandpet import seg_confidence as SC
 from glandpet.glands import (
     DEFAULT_LABELS,
     Label,
@@ -826,6 +827,7 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv, fus
             per_atlas[name] = {"seconds_stage_a": time.perf_counter() - ta, "seconds_stage_b": 0.0,
                                "labels_held": sorted(a_holds), "regions": {}}
 
+        held_by = {L: sum(L in h for h in holds) for L in set().union(*holds)}  # for the confidence
         # an atlas whose contour of a gland is a low volume outlier (truncated) does not vote on it
         for a, bad in enumerate(volume_outliers(a_vols)):
             if bad:
@@ -861,6 +863,7 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv, fus
         timing.update({"register_regions": 0.0, "select": 0.0, "fuse": 0.0})
         per_atlas_out = [np.zeros(subj_out.shape, np.uint8) for _ in names] if workdir else None
         region_info = {}
+        gland_conf: dict[str, dict] = {}
         for rname, rlabels, margin, stages in plan:
             t = time.perf_counter()
             if rname == "global":
@@ -954,6 +957,15 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv, fus
             if by_vote:
                 free = (fr == 0) & (fv > 0)
                 fr[free] = fv[free]
+            # ---- confidence signals per gland: voters' warped labels against the fusion
+            vox_ml_o = float(np.prod(out_ref.spacing)) / 1000.0
+            for L in rlabels:
+                ks = _voters_of(L, r_holds, voters)
+                if not ks:
+                    continue
+                gland_conf[LABEL_BY_INDEX[L].name] = SC.region_signals(
+                    [lab_o[k] == L for k in ks], fr == L, [weights[k].get(L, 0.0) for k in ks],
+                    held_by.get(L, len(ks)), vox_ml_o)
             sl = tuple(slice(a, b + 1) for a, b in zip(out_lo, out_hi))
             view = fused[sl]
             put = (fr > 0) & (view == 0)
@@ -980,6 +992,17 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv, fus
             t = time.perf_counter()
             fused, refine_info["hu_window"] = refine_labels(fused, subj_out.numpy(), subj_out.spacing, refine)
             timing["refine"] = time.perf_counter() - t
+
+        # ---- per-gland confidence (glandpet.seg_confidence): final volume, CT boundary evidence
+        t = time.perf_counter()
+        vox_ml_f = float(np.prod(subj_out.spacing)) / 1000.0
+        subj_np = subj_out.numpy()
+        glands_conf = {}
+        for name, entry in gland_conf.items():
+            lab = next(x for x in DEFAULT_LABELS if x.name == name)
+            SC.final_signals(entry, fused == lab.index, subj_np, subj_out.spacing, vox_ml_f)
+            glands_conf[name] = SC.gland_entry(entry)
+        timing["confidence"] = time.perf_counter() - t
 
         # ---- write on the full subject grid
         t = time.perf_counter()
@@ -1016,6 +1039,7 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv, fus
         "labels_present": [lab.name for lab in present],
         "labels_absent": absent,
         "volumes_ml": {lab.name: float((fused == lab.index).sum() * vox_ml) for lab in present},
+        "glands": glands_conf,
         "refine": refine_info,
         "seconds": timing,
         "seconds_total": time.perf_counter() - t_all,

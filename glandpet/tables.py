@@ -48,6 +48,9 @@ GLAND_STATS = pa.schema(
         pa.field("pvc_fwhm_mm", pa.float64()),
         pa.field("n_voxels", pa.int64()),
         pa.field("suv_type", pa.string(), nullable=False),
+        pa.field("seg_confidence", pa.float64()),  # 0-1 (glandpet.seg_confidence); null: none recorded
+        pa.field("seg_flag", pa.string()),  # ok | review (confidence under segmentation.review_below)
+        pa.field("segmentation_source", pa.string()),  # atlas | corrected
     ]
     + PROVENANCE
 )

@@ -8,6 +8,8 @@ rule measure_glands:
         dseg=dseg,
         xfm=pet_to_ct,
         sidecar=pet_sidecar,
+        # the segmentation's per-gland confidence (glandpet.seg_confidence)
+        seg_qc=lambda w: ses_file(w.subject, w.session, "desc-segment_qc.json"),
     output:
         stats=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_gland_stats.parquet",
         pet_dseg=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_space-pet_dseg.nii.gz",
@@ -24,5 +26,7 @@ rule measure_glands:
     params:
         suv_type=config["suv_type"],
         pvc=config["pvc"],
+        review_below=config["segmentation"]["review_below"],
+        segmentation_source=segmentation_source,
     script:
         "../scripts/measure_glands.py"

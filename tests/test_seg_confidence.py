@@ -1,0 +1,179 @@
+"""Per-gland segmentation confidence (glandpet.seg_confidence) and the review queue it feeds:
+gland_stats columns, qc rows, the report table and the montage's marks. The relation of the
+confidence to the true Dice is measured by benchmarks/seg_confidence.py and asserted on real
+segmentations in tests/test_segmentation_real_ct.py and tests/test_segmentation_accuracy.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from glandpet import seg_confidence as SC
+from glandpet import tables
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ball(shape, c, r):
+    idx = np.indices(shape)
+    return sum((idx[i] - c[i]) ** 2 for i in range(3)) <= r * r
+
+
+def _signals(shifts, r=6, n_holders=None, ncc=0.7):
+    shape = (40, 40, 40)
+    fused = _ball(shape, (20, 20, 20), r)
+    voters = [_ball(shape, (20 + s, 20, 20), r) for s in shifts]
+    e = SC.region_signals(voters, fused, [ncc] * len(voters), n_holders or len(voters), 0.001)
+    ct = np.where(fused, 30.0, -90.0) + np.random.default_rng(0).normal(0, 10, shape)
+    return SC.final_signals(e, fused, ct, (1.0, 1.0, 1.0), 0.001)
+
+
+def test_agreement_is_the_voters_dice_to_the_fusion_and_confidence_falls_with_disagreement():
+    tight, loose = _signals([0, 1, -1]), _signals([0, 4, -4, 5, -5])
+    assert tight["signals"]["agreement"] > 0.8 > loose["signals"]["agreement"]
+    assert len(loose["signals"]["atlas_dice_to_fusion"]) == 5
+    assert tight["volume_ml"] == pytest.approx(tight["atlas_volumes_ml"][0])
+    ct_, cl = SC.confidence(tight["signals"])[0], SC.confidence(loose["signals"])[0]
+    assert 0 <= cl < ct_ <= 1
+    assert tight["signals"]["boundary_contrast"] > 3  # 120 HU step over 10 HU noise
+
+
+def test_each_penalty_lowers_confidence_and_names_its_reason():
+    base = _signals([0, 1, -1])["signals"]
+    c0, r0 = SC.confidence(base)
+    assert r0 == []
+    words = {"voter_fraction": "few atlases", "volume_cv": "volumes spread", "volume_log_ratio": "off the atlases"}
+    assert set(SC.PENALTIES) == set(words)
+    for key, word in words.items():
+        good, bad = SC.PENALTIES[key]
+        c, reasons = SC.confidence({**base, key: bad + (bad - good)})
+        assert c < c0 and any(word in r for r in reasons), (key, c, reasons)
+    assert SC.confidence(base, volume_ml=0.0) == (0.0, ["empty label"])
+    assert SC.confidence({**base, "n_voters": 0})[0] == 0.0
+
+
+def test_gland_entry_is_json_and_flag_uses_the_threshold():
+    e = SC.gland_entry(_signals([0, 3, -3]))
+    json.dumps(e)
+    assert set(e) == {"confidence", "reasons", "volume_ml", "atlas_volumes_ml", "signals"}
+    assert SC.flag(0.3, 0.5) == "review" and SC.flag(0.7, 0.5) == "ok" and SC.flag(None, 0.5) == "review"
+    assert SC.flag(float("nan"), 0.5) == "review"
+
+
+def test_boundary_contrast_is_zero_without_an_edge():
+    m = _ball((30, 30, 30), (15, 15, 15), 5)
+    flat = np.random.default_rng(1).normal(20, 10, m.shape)
+    assert SC.boundary_contrast(m, flat, (1, 1, 1)) < 0.5
+    assert SC.boundary_contrast(np.zeros_like(m), flat, (1, 1, 1)) == 0.0
+
+
+def test_config_default_is_the_module_default():
+    import yaml
+
+    schema = yaml.safe_load((REPO / "config.schema.yaml").read_text())
+    assert schema["properties"]["segmentation"]["properties"]["review_below"]["default"] == SC.REVIEW_BELOW
+
+
+# ------------------------------------------------------------------ gland_stats columns
+def _qc_json(tmp_path, glands, name="sub-A_ses-psma_desc-segment_qc.json"):
+    p = tmp_path / name
+    p.write_text(json.dumps({"stage": "segment", "status": "ok", "metrics": {"glands": glands} if glands is not None
+                             else {"method": "x"}}))
+    return p
+
+
+def test_measure_columns_from_the_segment_qc(tmp_path):
+    from glandpet.workflow import seg_confidence_columns
+
+    p = _qc_json(tmp_path, {"parotid_left": {"confidence": 0.42, "reasons": ["x"]},
+                            "parotid_right": {"confidence": 0.91, "reasons": []}})
+    assert seg_confidence_columns(p, "parotid", "left", 0.6) == dict(
+        seg_confidence=0.42, seg_flag="review", segmentation_source="atlas")
+    assert seg_confidence_columns(p, "parotid", "right", 0.6)["seg_flag"] == "ok"
+    # a person corrected it: trusted
+    assert seg_confidence_columns(p, "parotid", "left", 0.6, "corrected") == dict(
+        seg_confidence=1.0, seg_flag="ok", segmentation_source="corrected")
+    # older results: no per-gland block -> no confidence, review
+    old = _qc_json(tmp_path, None, "old.json")
+    assert seg_confidence_columns(old, "parotid", "left", 0.6) == dict(
+        seg_confidence=None, seg_flag="review", segmentation_source="atlas")
+
+
+def _stats():
+    rows = []
+    for sub, conf in (("A", 0.42), ("B", 0.9), ("C", None)):
+        for side in ("left", "right"):
+            c = conf if side == "left" else 0.95
+            rows.append(dict(subject_id=sub, session="psma", gland="parotid", side=side, volume_ml=20.0,
+                             seg_confidence=c, seg_flag=SC.flag(c, 0.6), segmentation_source="atlas"))
+    return pd.DataFrame(rows)
+
+
+def test_flagged_glands_become_warning_qc_rows_worst_first_and_the_review_table(tmp_path):
+    from glandpet.report_tables import qc_view, review_queue
+    from glandpet.workflow import _review_rows
+
+    qa = _qc_json(tmp_path, {"parotid_left": {"confidence": 0.42, "reasons": ["atlases disagree (Dice to fusion 0.50)"],
+                                              "volume_ml": 31.0, "atlas_volumes_ml": [18.0, 22.5, 25.0]}})
+    rows = _review_rows(_stats(), [str(qa)])
+    assert [(r["subject_id"], r["stage"], r["status"]) for r in rows] == [
+        ("C", "segment_review", "warning"), ("A", "segment_review", "warning")]  # no confidence first
+    assert "no confidence recorded" in rows[0]["message"] and "atlases disagree" in rows[1]["message"]
+    qc = tables.to_table(pd.DataFrame(rows).assign(pipeline_version="x", config_hash="y"), tables.QC).to_pandas()
+    q = review_queue(qc)
+    assert list(q.subject_id) == ["C", "A"]
+    a = q.iloc[1]
+    assert (a.confidence, a.volume_ml, a.atlas_min_ml, a.atlas_max_ml) == (0.42, 31.0, 18.0, 25.0)
+    page = qc_view(qc)
+    assert "Review queue" in page and "href='../../figures/qc/sub-A_qc.png'" in page
+    assert page.index("sub-C_qc.png") < page.index("sub-A_qc.png")
+    assert "31.00 (18.00-25.00)" in page
+
+
+def test_montage_marks_flagged_glands(tmp_path):
+    from test_figures import _phantom
+
+    from glandpet import figures
+    from glandpet.workflow import flagged_glands
+
+    st = _stats()
+    st.to_parquet(tmp_path / "sub-A_ses-psma_gland_stats.parquet")
+    got = flagged_glands([tmp_path / "sub-A_ses-psma_gland_stats.parquet"], "x/sub-A_ses-psma_space-ct_dseg.nii.gz")
+    assert got == {"parotid_left": None}  # C's (last row per gland wins); A's 0.42 before it
+    assert flagged_glands([tmp_path / "sub-A_ses-psma_gland_stats.parquet"], "sub-A_ses-fapi_space-ct_dseg.nii.gz") == {}
+    ct, _, dseg = _phantom(tmp_path)
+    plain = figures.qc_montage(ct, {}, dseg, tmp_path / "plain.png")
+    marked = figures.qc_montage(ct, {}, dseg, tmp_path / "marked.png", review={"parotid_left": 0.42})
+    from PIL import Image
+
+    def red(p):
+        a = np.asarray(Image.open(p).convert("RGB")).astype(int)
+        return int(((a[..., 0] > 200) & (a[..., 1] < 80) & (a[..., 2] < 80)).sum())
+
+    assert red(marked) > red(plain) + 200
+
+
+# ------------------------------------------------------------------ the benchmark's scoring
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_seg_confidence", REPO / "benchmarks" / "seg_confidence.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_figures_and_leave_one_scan_out_threshold():
+    b = _bench()
+    conf = [0.9, 0.8, 0.3, 0.85, 0.2, 0.7]
+    dice = [0.85, 0.8, 0.4, 0.9, 0.5, 0.75]
+    ff = b.flag_figures(conf, dice, 0.5)
+    assert ff == {"n": 6, "n_low": 2, "recall": 1.0, "flagged": pytest.approx(2 / 6)}
+    assert b.spearman(conf, dice) == pytest.approx(31 / 35)  # one swapped pair of six
+    loo = b.loo_threshold(conf, dice, ["a", "a", "b", "b", "c", "c"])
+    # scan b's threshold comes from c's low gland only (0.2), so b's 0.3 is missed
+    assert loo["thresholds"]["b"] == pytest.approx(0.2 + 1e-6) and loo["recall"] == 0.5
