@@ -159,6 +159,24 @@ def test_report_renders_every_category_figure_table_and_montage(browser, report,
     rep.home()
     rep.open("Tables")
     assert sorted(rep.rows()) == ["gland_values.html", "qc.html", "results.html", "statistics.html"]
+    # issue 18: qc.html opens on the review queue (the flagged glands, or "none flagged")
+    rep.rows()["qc.html"].find_element(rep.By.CSS_SELECTOR, "a[iconname=eye]").click()
+
+    def review_queue_shown() -> bool:
+        for frame in browser.find_elements(rep.By.TAG_NAME, "iframe"):
+            browser.switch_to.frame(frame)
+            try:
+                if "Review queue" in browser.page_source:
+                    return True
+            finally:
+                browser.switch_to.default_content()
+        return False
+
+    _wait(review_queue_shown, what="the review queue in qc.html")
+    review_shot = tmp_path / "review_queue.png"
+    assert browser.save_screenshot(str(review_shot))
+    if os.environ.get("GLANDPET_REFRESH_SCREENSHOT"):
+        shutil.copyfile(review_shot, REPO / "docs" / "review_queue.png")
 
     montages = sorted(p.name for p in (workflow_results / "figures" / "qc").glob("sub-*_qc.png"))
     subjects = [m[len("sub-"): -len("_qc.png")] for m in montages]
