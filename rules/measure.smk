@@ -27,6 +27,5 @@ rule measure_glands:
         suv_type=config["suv_type"],
         pvc=config["pvc"],
         review_below=config["segmentation"]["review_below"],
-        segmentation_source=segmentation_source,
     script:
         "../scripts/measure_glands.py"

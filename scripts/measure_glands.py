@@ -8,4 +8,4 @@ sm = snakemake  # noqa: F821
 
 with wf.log_to(sm.log[0]):
     wf.measure_glands(sm.input, sm.output, sm.wildcards.subject, sm.wildcards.session, sm.params.suv_type, sm.params.pvc,
-                      review_below=sm.params.review_below, segmentation_source=sm.params.segmentation_source)
+                      review_below=sm.params.review_below)
