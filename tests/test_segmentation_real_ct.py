@@ -42,7 +42,7 @@ def test_parotid_on_real_ct_small_split(shared_data, tmp_path):
     if not root.is_dir():
         pytest.skip(f"{root} is absent")
     atlases = [_atlas(root / a) for a in ATLASES]
-    dice, verr, lost = [], [], {}
+    dice, verr, lost, conf = [], [], {}, []
     for subj in HELD_OUT:
         out = tmp_path / f"{subj}_dseg.nii.gz"
         m = S.segment_subject(root / subj / "ct.nii.gz", atlases, out, tmp_path / f"{subj}_dseg.tsv", threads=2,
@@ -53,8 +53,21 @@ def test_parotid_on_real_ct_small_split(shared_data, tmp_path):
         for t, side in ((1, "right"), (2, "left")):  # the scans' own label values
             a, b = seg == label_value("parotid", side), truth == t
             dice.append(2 * (a & b).sum() / (a.sum() + b.sum()))
+            conf.append(m["glands"][f"parotid_{side}"]["confidence"])
             verr.append(100.0 * (a.sum() / b.sum() - 1.0))
-    msg = f"Dice {np.round(dice, 3).tolist()}, volume error % {np.round(verr, 1).tolist()}, lost {lost}"
+    msg = (f"Dice {np.round(dice, 3).tolist()}, volume error % {np.round(verr, 1).tolist()}, lost {lost}, "
+           f"confidence {np.round(conf, 3).tolist()}")
     print(msg)
     assert np.median(dice) >= MIN_MEDIAN_DICE, msg
     assert np.median(np.abs(verr)) <= MAX_MEDIAN_ABS_VOLUME_ERROR_PCT, msg
+    # issue 18: the per-gland confidence (no truth involved) flags every parotid under Dice 0.6 for
+    # review, and at most two of the four. benchmarks/seg_confidence.py (8 held-out scans x 5 atlases):
+    # the 4 parotids under Dice 0.6 flagged (confidence <= 0.52), none of the 12 above it; this split
+    # (4 atlases, loaded machine): confidence 0.807 / 0.682 / 0.578 / 0.556 for Dice 0.791 / 0.709 /
+    # 0.753 / 0.755 -- okbp-train-24's two parotids flagged although fine (its atlases agree less)
+    from glandpet.seg_confidence import REVIEW_BELOW
+
+    flagged = [c < REVIEW_BELOW for c in conf]
+    assert all(0.0 <= c <= 1.0 for c in conf), msg
+    assert all(f for f, d in zip(flagged, dice) if d < 0.6), msg
+    assert sum(flagged) <= 2, msg
