@@ -17,12 +17,12 @@ import resource
 import sys
 import tempfile
 import time
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from .errors import UserError
+from .rng import keyed_rng
 
 if TYPE_CHECKING:
     import numpy as np
@@ -78,12 +78,6 @@ def add_subparser(asub) -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------ choices and cost
-def _rng(seed: int, key: str) -> np.random.Generator:
-    import numpy as np
-
-    return np.random.default_rng([int(seed), zlib.crc32(key.encode())])
-
-
 def choose_subjects(names: Sequence[str], k: int | None, seed: int = 0) -> list[str]:
     """The held-out atlases: all (``k`` None or >= len), else ``k`` of them drawn with ``seed``
     (independent of the order given), in name order."""
@@ -92,7 +86,7 @@ def choose_subjects(names: Sequence[str], k: int | None, seed: int = 0) -> list[
         return pool
     if k < 1:
         raise UserError(f"--subjects must be at least 1, not {k}")
-    idx = _rng(seed, "subjects").choice(len(pool), size=k, replace=False)
+    idx = keyed_rng(seed, "subjects").choice(len(pool), size=k, replace=False)
     return [pool[i] for i in sorted(idx)]
 
 
@@ -105,7 +99,7 @@ def choose_library(held_out: str, names: Sequence[str], n: int | None, seed: int
         return others
     if n < 1:
         raise UserError(f"--atlases must be at least 1, not {n}")
-    idx = _rng(seed, held_out).choice(len(others), size=n, replace=False)
+    idx = keyed_rng(seed, held_out).choice(len(others), size=n, replace=False)
     return [others[i] for i in sorted(idx)]
 
 

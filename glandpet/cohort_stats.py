@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import zlib
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -52,6 +51,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 from scipy import stats
+
+from .rng import keyed_rng
 
 CLINICAL_COLUMNS: tuple[str, ...] = ("essdai", "esspri", "usf_ml_min", "schirmer_mm")
 GROUPS: tuple[str, str] = ("pss", "control")
@@ -114,13 +115,9 @@ def bootstrap_spearman_ci(
     return _percentile_ci(rho, ci)
 
 
-def _gland_seed(seed: int, key: tuple) -> np.random.Generator:
-    return np.random.default_rng([int(seed), zlib.crc32("/".join(map(str, key)).encode())])
-
-
 def _perm_seed(seed: int, key: tuple) -> np.random.Generator:
     """The permutation stream of one test (apart from the bootstrap's, which keeps its CIs)."""
-    return _gland_seed(seed, ("permutation", *key))
+    return keyed_rng(seed, "permutation", *key)
 
 
 def _p_from_null(null: np.ndarray, observed: float, exact: bool) -> float:
@@ -264,7 +261,7 @@ def psma_fapi_correlation(
         rho = p = lo = hi = np.nan
         if n >= 3 and np.ptp(a) > 0 and np.ptp(b) > 0:
             rho, p = spearman_test(a, b, rng=_perm_seed(seed, key))
-            lo, hi = bootstrap_spearman_ci(a, b, n_boot=n_boot, ci=ci, rng=_gland_seed(seed, key))
+            lo, hi = bootstrap_spearman_ci(a, b, n_boot=n_boot, ci=ci, rng=keyed_rng(seed, *key))
         rows.append(dict(zip(unit, key), group=group if group is not None else "all", n=n, rho=rho, p_value=p, ci_low=lo, ci_high=hi, n_boot=int(n_boot)))
     return pd.DataFrame(rows, columns=unit + ["group", "n", "rho", "p_value", "ci_low", "ci_high", "n_boot"])
 
@@ -412,7 +409,7 @@ def rank_biserial_test(
     u, p = mann_whitney_test(a, b, rng=_perm_seed(seed, seed_key))
     out.update(statistic=u, effect=2.0 * u / (a.size * b.size) - 1.0, p_value=p)
     if a.size >= 2 and b.size >= 2:
-        boot = 2.0 * _bootstrap_auc(a, b, n_boot, _gland_seed(seed, seed_key)) - 1.0
+        boot = 2.0 * _bootstrap_auc(a, b, n_boot, keyed_rng(seed, *seed_key)) - 1.0
         out["ci_low"], out["ci_high"] = _percentile_ci(boot, ci)
     return out
 
@@ -570,7 +567,7 @@ def registered_outcomes(
                     rho = p = lo = hi = np.nan
                     if x.size >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
                         rho, p = spearman_test(x, y, rng=_perm_seed(seed, key))
-                        lo, hi = bootstrap_spearman_ci(x, y, n_boot=n_boot, ci=ci, rng=_gland_seed(seed, key))
+                        lo, hi = bootstrap_spearman_ci(x, y, n_boot=n_boot, ci=ci, rng=keyed_rng(seed, *key))
                     row.update(test="spearman", effect_name="spearman_rho", effect=rho, ci_low=lo, ci_high=hi,
                                statistic=rho, p_value=p)
                 elif kind == "binary":
@@ -690,7 +687,7 @@ def diagnostic_table(gland_index: pd.DataFrame, *, n_boot: int = 2000, ci: float
         a = part.loc[part["group"] == "pss", "x"].to_numpy(float)
         b = part.loc[part["group"] == "control", "x"].to_numpy(float)
         d = DIAGNOSTIC_MARKERS[marker]
-        res = roc_auc(a, b, d, n_boot=n_boot, ci=ci, rng=_gland_seed(seed, ("roc", gland, marker)))
+        res = roc_auc(a, b, d, n_boot=n_boot, ci=ci, rng=keyed_rng(seed, "roc", gland, marker))
         rows.append(dict(gland=gland, marker=marker, direction=d, n_pss=a.size, n_control=b.size, **res,
                          n_boot=int(n_boot)))
     cols = ["gland", "marker", "direction", "n_pss", "n_control", "auc", "auc_ci_low", "auc_ci_high",
