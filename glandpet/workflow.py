@@ -82,13 +82,16 @@ def _selected(series_path: str, mtime: float) -> dict[str, dict[str, str]]:
     return out
 
 
-def selected_sessions(series_path: str, subject: str, rule_params: Mapping[str, str] | None = None) -> dict[str, str]:
+def selected_sessions(series_path: str, subject: str, rule_params: Mapping[str, str] | None = None, *,
+                      records: list[dict] | None = None) -> dict[str, str]:
     """{session: tracer slug} of the PET series the index selected for a subject, without the sessions
     the index found unusable (the series' ``problem``) and those whose job failed in an earlier run
     and still would (a current failure record in ``<results>/work/failed/``, see :func:`failure_records`
-    and :func:`left_out`). `rule_params`: {rule: params digest} of this run (:func:`params_digest`)."""
+    and :func:`left_out`). `rule_params`: {rule: params digest} of this run (:func:`params_digest`).
+    `records`: the current failure records to use (e.g. the subject's, :class:`DagLookup`) instead
+    of reading them."""
     out = dict(_selected(str(series_path), os.path.getmtime(series_path)).get(subject, {}))
-    drop = left_out(Path(series_path).parent.parent, subject, list(out), rule_params)
+    drop = left_out(Path(series_path).parent.parent, subject, list(out), rule_params, records=records)
     if drop is None:
         return {}
     return {k: v for k, v in out.items() if k not in drop}
@@ -181,11 +184,23 @@ def failure_records(results: str | os.PathLike, rule_params: Mapping[str, str] |
 
     Called for every subject while Snakemake builds the DAG: the records are read once per state of
     the folder (its rule subfolders' modification times), not once per call."""
-    folder = Path(results) / "work" / "failed"
-    if not folder.is_dir():
+    folder = os.path.join(results, "work", "failed")
+    state = _failed_state(folder)
+    if state is None:
         return []
-    state = tuple((d.name, d.stat().st_mtime_ns) for d in sorted(folder.iterdir()))
-    return [r for r in _read_failure_records(str(folder), state) if record_is_current(r, rule_params) != stale]
+    return [r for r in _read_failure_records(folder, state) if record_is_current(r, rule_params) != stale]
+
+
+def _failed_state(folder: str) -> tuple | None:
+    """The state of the failure records' folder: its rule subfolders' modification times (a record
+    written or removed changes its subfolder's). None when there is no folder."""
+    if not os.path.isdir(folder):  # the usual case: no job ever failed
+        return None
+    try:
+        with os.scandir(folder) as it:
+            return tuple(sorted((d.name, d.stat().st_mtime_ns) for d in it))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 @functools.lru_cache(maxsize=8)
@@ -202,15 +217,16 @@ def _read_failure_records(folder: str, _state: tuple) -> list[dict]:
 
 
 def left_out(results: str | os.PathLike, subject: str, sessions: list[str],
-             rule_params: Mapping[str, str] | None = None) -> set[str] | None:
+             rule_params: Mapping[str, str] | None = None, *, records: list[dict] | None = None) -> set[str] | None:
     """The sessions of `subject` that current failure records leave out (None: the whole subject).
 
     A session's own job failing leaves that session out; the session alignment failing leaves out
     the session that needed it (the non-reference one); the subject's index/montage failing leaves
     out no session (only that job's products, :func:`product_failed`); any other subject-level
-    failure leaves the subject out."""
+    failure leaves the subject out. `records`: the current records to use instead of reading them
+    (any subject's; the others are skipped)."""
     drop: set[str] = set()
-    for rec in failure_records(results, rule_params):
+    for rec in failure_records(results, rule_params) if records is None else records:
         if rec["subject_id"] != subject or rec.get("stage") in SUBJECT_PRODUCT_RULES:
             continue
         if rec.get("session"):
@@ -228,6 +244,57 @@ def product_failed(results: str | os.PathLike, subject: str, rule: str,
                    rule_params: Mapping[str, str] | None = None) -> bool:
     """A current failure record of the subject-level `rule` (e.g. index_and_montage) for `subject`."""
     return any(r["subject_id"] == subject and r.get("stage") == rule for r in failure_records(results, rule_params))
+
+
+class DagLookup:
+    """The sessions of each subject (:func:`selected_sessions`) and its failed subject-level products
+    (:func:`product_failed`) while Snakemake builds the DAG, which calls the input functions ~20 times
+    per subject (and again after the index checkpoint).
+
+    Each subject's answer is worked out once per state of what it depends on (the series table's
+    modification time; the failure records' folder, :func:`_failed_state`), and the failure records
+    are checked (:func:`record_is_current`: a stat of each record's input files) once per state for
+    all subjects and grouped by subject, instead of all records on every call: O(records) per state,
+    not O(subjects x records). An input of a failed job that changes without either state changing is
+    seen by a new DagLookup (the end of a run makes one: the Snakefile's run_finished).
+
+    `rule_params`: {rule: params digest} of this run, or a function returning it (evaluated on first
+    use: the rules must be complete)."""
+
+    def __init__(self, series_path: str | os.PathLike, rule_params: Any = None):
+        self.series_path = str(series_path)
+        self.results = str(Path(series_path).parent.parent)
+        self.failed_folder = os.path.join(self.results, "work", "failed")
+        self._rule_params = rule_params
+        self._key: tuple | None = None
+        self._by_subject: dict[str, list[dict]] = {}
+        self._sessions: dict[str, dict[str, str]] = {}
+
+    def rule_params(self) -> Mapping[str, str] | None:
+        return self._rule_params() if callable(self._rule_params) else self._rule_params
+
+    def _refresh(self) -> None:
+        key = (os.stat(self.series_path).st_mtime_ns, _failed_state(self.failed_folder))
+        if key == self._key:
+            return
+        by_subject: dict[str, list[dict]] = {}
+        for rec in failure_records(self.results, self.rule_params()) if key[1] is not None else []:
+            by_subject.setdefault(rec.get("subject_id"), []).append(rec)
+        self._key, self._by_subject, self._sessions = key, by_subject, {}
+
+    def sessions(self, subject: str) -> dict[str, str]:
+        """:func:`selected_sessions` of `subject` (a new dict each call)."""
+        self._refresh()
+        out = self._sessions.get(subject)
+        if out is None:
+            out = self._sessions[subject] = selected_sessions(
+                self.series_path, subject, self.rule_params(), records=self._by_subject.get(subject, []))
+        return dict(out)
+
+    def product_failed(self, subject: str, rule: str) -> bool:
+        """:func:`product_failed` of `subject`'s `rule`."""
+        self._refresh()
+        return any(r.get("stage") == rule for r in self._by_subject.get(subject, []))
 
 
 def _record_failure(log_path: str | os.PathLike, exc: BaseException, job: Any = None) -> None:
@@ -302,6 +369,32 @@ def plan_after_index(workflow: Any, series_path: str) -> None:
                                   checkpoint_done=lambda: os.path.isfile(series_path))
     # on the parent of Snakemake's logger: Snakemake resets its own logger's handlers after parsing
     _logging.getLogger("snakemake").addHandler(handler)
+
+
+def remember_input_function_params(workflow: Any) -> int:
+    """Let Snakemake look up each input function's parameters once, not on every call.
+
+    Snakemake inspects an input function's signature (``inspect.signature``) each time it calls it,
+    to pass only the arguments it takes: ~8 % of the DAG time of a 1,000-subject cohort. Snakemake's own
+    wrappers (``snakemake.ioutils``) record the parameters on the function
+    (``snakemake.common.overwrite_function_params``), which it then reads instead; this does the same
+    for the input functions of every rule of `workflow`. Returns how many functions it marked (0 when
+    this Snakemake has no such hook)."""
+    try:
+        from snakemake.common import get_function_params, overwrite_function_params
+    except ImportError:
+        return 0
+    import inspect
+
+    done = set()
+    for rule in workflow.rules:
+        for item in rule.input:
+            func = getattr(getattr(item, "_file", item), "callable", None) or (item if callable(item) else None)
+            if not inspect.isfunction(func) or id(func) in done:
+                continue
+            done.add(id(func))
+            overwrite_function_params(func, get_function_params(func))
+    return len(done)
 
 
 def _snakemake_argv() -> list[str] | None:
@@ -580,11 +673,35 @@ def ct_to_pet_affine(xfm_path: str) -> Any:
     return flip @ m_lps @ flip
 
 
-def measure_glands(inputs: Any, output: Any, subject: str, session: str, suv_type: str, pvc: Mapping[str, Any]) -> None:
+def seg_confidence_columns(seg_qc_path: str | None, gland: str, side: str, review_below: float | None = None,
+                           segmentation_source: str = "atlas") -> dict:
+    """``seg_confidence``, ``seg_flag``, ``segmentation_source`` of one gland from the session's
+    segment QC JSON (``metrics.glands``, :mod:`glandpet.seg_confidence`). A corrected segmentation
+    was reviewed by a person: confidence 1, flag ok. A QC JSON without the per-gland block (older
+    results) or without this gland: no confidence, flag review."""
+    from .seg_confidence import REVIEW_BELOW, flag
+
+    review_below = REVIEW_BELOW if review_below is None else float(review_below)
+    if segmentation_source == "corrected":
+        return dict(seg_confidence=1.0, seg_flag="ok", segmentation_source="corrected")
+    glands = {}
+    if seg_qc_path and Path(seg_qc_path).is_file():
+        glands = (json.loads(Path(seg_qc_path).read_text()).get("metrics") or {}).get("glands") or {}
+    conf = (glands.get(f"{gland}_{side}") or {}).get("confidence")
+    conf = None if conf is None else float(conf)
+    return dict(seg_confidence=conf, seg_flag=flag(conf, review_below), segmentation_source="atlas")
+
+
+def measure_glands(inputs: Any, output: Any, subject: str, session: str, suv_type: str, pvc: Mapping[str, Any],
+                   review_below: float | None = None, segmentation_source: str | None = None) -> None:
     """Per-gland statistics in the session's PET space, with partial-volume correction.
 
     The CT-space label map is carried onto the PET grid as per-voxel label fractions, through the
-    PET->CT registration (no interpolation of label values); volumes come from the CT labels.
+    PET->CT registration (no interpolation of label values); volumes come from the CT labels. Each
+    gland gets the segmentation's confidence and review flag (:func:`seg_confidence_columns`);
+    ``segmentation_source`` (None: from the label map's name, ``desc-corrected`` -> "corrected",
+    as rules/common.smk's ``dseg`` names it; not a rule param: a callable param's digest would
+    differ from the job's and make every failure record of the rule look stale).
     """
     import nibabel as nib
     import numpy as np
@@ -595,6 +712,8 @@ def measure_glands(inputs: Any, output: Any, subject: str, session: str, suv_typ
     from .pvc import background_regions, body_fraction_from_ct, gtm, rbv_region_means, session_fwhm_mm
     from .tables import atomic_path
 
+    if segmentation_source is None:
+        segmentation_source = "corrected" if "_desc-corrected_" in Path(str(inputs.dseg)).name else "atlas"
     suv_img, ct_img, lab_img = nib.load(inputs.suv), nib.load(inputs.ct), nib.load(inputs.dseg)
     suv = np.asarray(suv_img.dataobj, dtype=np.float32)
     labels = np.asarray(lab_img.dataobj).astype(np.int16)
@@ -623,8 +742,12 @@ def measure_glands(inputs: Any, output: Any, subject: str, session: str, suv_typ
     for row in rows:
         row.update(subject_id=subject, session=session, suv_type=suv_type, pvc_method=method,
                    pvc_fwhm_mm=fwhm if method != "none" else None,
-                   suv_mean_pvc=corrected.get(f"{row['gland']}_{row['side']}"))
+                   suv_mean_pvc=corrected.get(f"{row['gland']}_{row['side']}"),
+                   **seg_confidence_columns(getattr(inputs, "seg_qc", None), row["gland"], row["side"], review_below,
+                                            segmentation_source))
     df = pd.DataFrame(rows)
+    if "seg_confidence" in df.columns:  # all null (no confidence recorded) must still be a float column
+        df["seg_confidence"] = df["seg_confidence"].astype("float64")
     tmp = atomic_path(output.stats)
     df.to_parquet(tmp, index=False)
     os.replace(tmp, output.stats)
@@ -700,6 +823,38 @@ def _qc_rows(paths: list[str]) -> list[dict]:
     return rows
 
 
+def _review_rows(stats: Any, qc_paths: list[str]) -> list[dict]:
+    """qc rows (stage ``segment_review``, status ``warning``) of the glands flagged ``review`` in
+    gland_stats, worst first; ``metrics_json`` holds the gland, its confidence, the reasons, its
+    volume and the atlases' (from the session's segment QC JSON, :mod:`glandpet.seg_confidence`)."""
+    import re
+
+    if stats is None or not len(stats) or "seg_flag" not in stats.columns:
+        return []
+    seg = {}
+    for path in qc_paths:
+        m = re.search(r"sub-([A-Za-z0-9]+)_ses-(psma|fapi)_desc-segment_qc\.json$", str(path))
+        if m and Path(path).is_file():
+            seg[(m.group(1), m.group(2))] = (json.loads(Path(path).read_text()).get("metrics") or {}).get("glands") or {}
+    flagged = stats[stats["seg_flag"] == "review"].copy()
+    flagged["_c"] = flagged["seg_confidence"].astype(float).fillna(-1.0)
+    rows = []
+    for r in flagged.sort_values(["_c", "subject_id", "session", "gland", "side"]).to_dict("records"):
+        name = f"{r['gland']}_{r['side']}"
+        e = seg.get((r["subject_id"], r["session"]), {}).get(name) or {}
+        conf = None if r["_c"] < 0 else float(r["_c"])
+        reasons = list(e.get("reasons") or []) if e else ["no confidence recorded"]
+        if conf is not None and not reasons:
+            reasons = ["confidence under the review threshold"]
+        metrics = {"gland": r["gland"], "side": r["side"], "confidence": conf, "reasons": reasons,
+                   "volume_ml": e.get("volume_ml", r.get("volume_ml")), "atlas_volumes_ml": e.get("atlas_volumes_ml", [])}
+        conf_txt = "none" if conf is None else f"{conf:.2f}"
+        rows.append(dict(subject_id=r["subject_id"], session=r["session"], stage="segment_review", status="warning",
+                         message=f"{name}: segmentation confidence {conf_txt} ({'; '.join(reasons)}): review",
+                         metrics_json=json.dumps(metrics, sort_keys=True, default=str)))
+    return rows
+
+
 def _failure_rows(index_failures: str | None, results: Path) -> list[dict]:
     """qc rows of what did not run: the index's failures and warnings, and the job failure records."""
     import pandas as pd
@@ -746,6 +901,7 @@ def cohort_tables(inputs: Any, output: Any, cfg_hash: str, atlases: list[Mapping
     write_table(index.assign(**prov), GLAND_INDEX, output.gland_index)
 
     qc = _qc_rows(list(inputs.qc))
+    qc += _review_rows(stats, list(inputs.qc))
     qc += _failure_rows(getattr(inputs, "failures", None), Path(output.qc).parent.parent)
     held = set()
     from .glands import GLANDS, read_label_table
@@ -888,4 +1044,25 @@ def qc_montage(inputs: Any, out_png: str, subject: str) -> None:
     warp = str(inputs.affine)[: -len("_xfm.mat")] if "affine" in keys else None
     labels = read_label_table(str(inputs.dseg)[: -len(".nii.gz")] + ".tsv")
     draw(inputs.ct, pets, inputs.dseg, out_png, title=f"sub-{subject}", pet_to_ct_xfms=xfms,
-         session_warp=warp, labels=labels)
+         session_warp=warp, labels=labels, review=flagged_glands(inputs.stats if "stats" in keys else [], inputs.dseg))
+
+
+def flagged_glands(stats_paths: Any, dseg_path: str) -> dict[str, float | None]:
+    """``{gland_side: seg_confidence}`` of the glands flagged ``review`` in the gland_stats of the
+    session whose label map ``dseg_path`` is (the montage's), for :func:`glandpet.figures.qc_montage`."""
+    import re
+
+    import pandas as pd
+
+    m = re.search(r"_ses-([A-Za-z0-9]+)_", Path(str(dseg_path)).name)
+    out: dict[str, float | None] = {}
+    for p in [stats_paths] if isinstance(stats_paths, (str, Path)) else list(stats_paths):
+        df = pd.read_parquet(p)
+        if "seg_flag" not in df.columns:
+            continue
+        if m is not None and "session" in df.columns:
+            df = df[df["session"] == m.group(1)]
+        for r in df[df["seg_flag"] == "review"].to_dict("records"):
+            c = r.get("seg_confidence")
+            out[f"{r['gland']}_{r['side']}"] = None if c is None or pd.isna(c) else float(c)
+    return out

@@ -13,12 +13,12 @@ from glandpet.corrections import (
     source_of,
 )
 from glandpet.workflow import (
+    DagLookup,
     atlas_list,
     config_digest,
     finish_run,
     params_digest,
     plan_after_index,
-    product_failed,
     reference_session,
     selected_sessions,
     subject_ids,
@@ -86,7 +86,8 @@ def run_finished(failed):
         workflow,
         RESULTS,
         SUBJECTS,
-        lambda s: selected_sessions(series, s, rule_params()),
+        # a new lookup: jobs of this run changed files
+        DagLookup(series, rule_params).sessions,
         rule_params(),
         failed=failed,
         run_start=RUN_START,
@@ -99,9 +100,22 @@ def subject_selection(w):
     return f"{RESULTS}/work/sub-{w.subject}/sub-{w.subject}_series.json"
 
 
+_DAG_LOOKUP = []
+
+
+def dag_lookup():
+    """Sessions and failed products per subject, worked out once per state of the series table and
+    the failure records (glandpet.workflow.DagLookup): input functions ask ~20 times per subject.
+    """
+    if not _DAG_LOOKUP:
+        _DAG_LOOKUP.append(DagLookup(series_table(), rule_params))
+    return _DAG_LOOKUP[0]
+
+
 def sessions(subject):
     """The sessions (psma, fapi) the index selected for a subject, without failed ones."""
-    return selected_sessions(series_table(), subject, rule_params())
+    series_table()  # an incomplete index checkpoint raises here, as before
+    return dag_lookup().sessions(subject)
 
 
 def tracer(subject, session):
@@ -283,7 +297,7 @@ def indexed_subjects():
     return [
         s
         for s in processed_subjects()
-        if not product_failed(RESULTS, s, "index_and_montage", rule_params())
+        if not dag_lookup().product_failed(s, "index_and_montage")
     ]
 
 

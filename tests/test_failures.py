@@ -95,6 +95,67 @@ def test_failure_record_is_stale_once_inputs_params_or_code_change(tmp_path, mon
     assert wf.selected_sessions(series, "B", params_now) == {"psma": "psma", "fapi": "fapi"}
 
 
+def test_dag_lookup_answers_as_the_functions_and_checks_each_record_once_per_state(tmp_path, monkeypatch):
+    """Before: every input function call checked every failure record of the cohort (stat of each record's
+    inputs): O(subjects x records) per DAG. DagLookup gives the same answers, checking each record once
+    per state of the series table and the records' folder."""
+    from glandpet.series_index import SERIES_SCHEMA
+    from glandpet.tables import write_table
+
+    results = tmp_path / "results"
+    subjects = [f"S{i}" for i in range(6)]
+    path = results / "tables" / "series.parquet"
+    write_table([dict(subject_id=s, session=ses, role="pet_ac", selected=True, tracer_slug=ses, series_key=s + ses)
+                 for s in subjects for ses in ("psma", "fapi")], SERIES_SCHEMA, path)
+    wf._selected.cache_clear()
+    series = str(path)
+    suv = tmp_path / "suv.nii.gz"
+    suv.write_bytes(b"corrupt")
+    _fail(results, "measure_glands", "sub-S1_ses-psma.log", job=Job([suv]))
+    _fail(results, "align_sessions", "sub-S2.log")
+    _fail(results, "index_and_montage", "sub-S3.log")
+    _fail(results, "convert_ct_register_pet", "sub-S4_ses-fapi.log")
+    _fail(results, "mystery_step", "sub-S5.log")  # any other subject-level failure: the whole subject
+
+    calls = []
+    real = wf.record_is_current
+    monkeypatch.setattr(wf, "record_is_current", lambda rec, params=None: calls.append(1) or real(rec, params))
+    params = {"measure_glands": wf.params_digest({})}  # this run's: S1's record is current
+    lookup = wf.DagLookup(series, params)
+
+    def expected():
+        return {s: (wf.selected_sessions(series, s, params), wf.product_failed(results, s, "index_and_montage", params))
+                for s in subjects}
+
+    def answers():
+        return {s: (lookup.sessions(s), lookup.product_failed(s, "index_and_montage")) for s in subjects}
+
+    for _ in range(3):  # Snakemake asks many times per subject
+        got = answers()
+    assert len(calls) == 5  # each record checked once for all the calls, not once per call
+    assert got == expected()
+    assert got["S0"][0] == {"psma": "psma", "fapi": "fapi"} and got["S1"][0] == {"fapi": "fapi"}
+    assert got["S2"][0] == {"psma": "psma"} and got["S3"] == ({"psma": "psma", "fapi": "fapi"}, True)
+    assert got["S4"][0] == {"psma": "psma"} and got["S5"][0] == {}
+    lookup.sessions("S0").clear()  # a copy: callers cannot change the next answer
+    assert lookup.sessions("S0") == {"psma": "psma", "fapi": "fapi"}
+    # a new record (its rule folder changes) and a new series table are seen by the same lookup
+    time.sleep(0.01)
+    _fail(results, "measure_glands", "sub-S0_ses-fapi.log")
+    assert lookup.sessions("S0") == {"psma": "psma"} == wf.selected_sessions(series, "S0", params)
+    write_table([dict(subject_id="S0", session="psma", role="pet_ac", selected=True, tracer_slug="psma",
+                      series_key="x")], SERIES_SCHEMA, path)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert lookup.sessions("S0") == {"psma": "psma"} and lookup.sessions("S1") == {}
+    # a failed job's input replaced without either state changing: a new lookup (the end of a run) sees it
+    write_table([dict(subject_id="S1", session=ses, role="pet_ac", selected=True, tracer_slug=ses,
+                      series_key=ses) for ses in ("psma", "fapi")], SERIES_SCHEMA, path)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
+    assert lookup.sessions("S1") == {"fapi": "fapi"}
+    suv.write_bytes(b"fixed image")
+    assert wf.DagLookup(series, lambda: params).sessions("S1") == {"psma": "psma", "fapi": "fapi"}
+
+
 def test_single_session_index_does_not_need_the_other_session(tmp_path, monkeypatch):
     """Before: a subject left with its PSMA session (its FAPI dropped at the index) crashed with
     AttributeError: 'InputFiles' object has no attribute 'psma_pet_dseg' (the montage's psma_suv key

@@ -143,3 +143,31 @@ def test_no_identifier_leaves_the_dicom(workflow_run, workflow_results):  # last
             if needle in data:
                 leaks.append(f"{kw} {needle!r} in {f.relative_to(workflow_run)}")
     assert not leaks, "\n".join(leaks[:20])
+
+
+def test_input_functions_parameters_are_read_once(monkeypatch):
+    """Before: Snakemake ran inspect.signature on every input function call (~8 % of a large cohort's
+    DAG). remember_input_function_params records them on the functions, where Snakemake reads them."""
+    import inspect
+    from types import SimpleNamespace as NS
+
+    from snakemake.common import get_function_params
+
+    from glandpet import workflow as wf
+
+    def plain(wildcards):
+        return []
+
+    def with_input(wildcards, input):
+        return []
+
+    unpacked = NS(_file=NS(callable=with_input))  # how Snakemake holds a flagged callable (unpack)
+    rules = [NS(input=["a.txt", plain, unpacked]), NS(input=[plain, lambda w: []])]
+    assert wf.remember_input_function_params(NS(rules=rules)) == 3
+
+    def no_signature(*a, **k):
+        raise AssertionError("inspect.signature called again")
+
+    monkeypatch.setattr(inspect, "signature", no_signature)
+    assert list(get_function_params(plain)) == ["wildcards"]
+    assert list(get_function_params(with_input)) == ["wildcards", "input"]
