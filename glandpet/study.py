@@ -140,10 +140,32 @@ def patient_folders(files_by_patient: dict[str, Iterable[str]]) -> dict[str, str
 
 
 # ------------------------------------------------------------------------------ config
-def _clinical_yaml(clinical: dict[str, str] | None = None) -> str:
-    from .subjects import DEFAULT_CLINICAL
+#: the workflow's defaults: a drafted study config copies every section of it that is not the study's
+#: own (paths, atlases, series overrides), so a key added there reaches new studies without a copy here
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config.yaml"
+#: sections `glandpet init` writes itself: the study's paths and choices, with their own comments
+STUDY_SECTIONS = ("results", "subjects", "dicom_root", "demo", "atlases", "series_overrides")
 
-    return "".join(f"  {k}: {v}\n" for k, v in (clinical or DEFAULT_CLINICAL).items())
+
+def config_sections(text: str) -> dict[str, str]:
+    """Top-level sections of a YAML config text: ``{key: text}``, each with the comment lines
+    directly above its key (after the last blank line) and its indented body; in file order."""
+    out: dict[str, str] = {}
+    pending: list[str] = []
+    key = None
+    for line in text.splitlines(keepends=True):
+        m = re.match(r"([A-Za-z_][A-Za-z0-9_]*):", line)
+        if m:
+            key = m.group(1)
+            out[key] = "".join(pending) + line
+            pending = []
+        elif not line.strip():
+            key, pending = None, []
+        elif line.startswith("#") and key is None:
+            pending.append(line)
+        elif key is not None:
+            out[key] += line
+    return out
 
 
 def declared_clinical(config_path: str | Path | None = None) -> dict[str, str]:
@@ -181,6 +203,9 @@ def config_text(subjects: str, dicom_root: str, results: str, atlases: list[dict
                "#    ct: /path/to/atlases/hn01/ct.nii.gz\n"
                "#    labels: /path/to/atlases/hn01/labels.nii.gz\n"
                "#    label_table: /path/to/atlases/hn01/labels.tsv   # index, gland, side\n")
+    # every other section as the workflow's defaults (config.yaml) write it, comments included
+    defaults = config_sections(DEFAULT_CONFIG.read_text(encoding="utf-8"))
+    workflow_sections = "\n".join(v for k, v in defaults.items() if k not in STUDY_SECTIONS)
     return f"""# glandpet study configuration, drafted by `glandpet init`.
 # Run: snakemake --cores all --configfile {q(str(Path(subjects).parent / CONFIG_NAME))[1:-1]}
 # Keys here override the defaults of the workflow's config.yaml. Relative paths are relative to the
@@ -211,38 +236,7 @@ demo:
 #   - {{subject_id: S0001, session: psma, series_key: ab12cd34ef56ab12}}
 series_overrides: []
 
-# SUV normalisation: bw | bsa | lbm | lbm_janmahasatian | ibw
-suv_type: bw
-
-# Segmentation: multi-atlas label fusion (auto | majority | jlf, or per gland), optional HU window per gland.
-segmentation:
-  fusion: auto
-  refine_hu: {{}}             # e.g. {{parotid: [-120, 80]}}
-  atlases_per_gland: 5      # per gland the most similar atlases vote (0: all)
-  atlases_per_region: 0     # large atlas libraries: per region only the K most similar after the affine
-                            # stage get the deformable stages (0: all)
-  preserve_volume: true     # small glands keep their atlases' median volume (false: plain vote / JLF)
-  refine_intensity: true    # fused boundaries move by the subject's own CT numbers (within 4 mm)
-
-# Partial-volume correction: gtm | rbv | none; PET point-spread FWHM per session: a number (mm) or
-# auto (from the PET sidecar: the scanner's resolution, the nuclide's positron range, the post-filter).
-pvc:
-  method: gtm
-  fwhm_mm:
-    psma: auto
-    fapi: auto
-  # scanner_fwhm_mm: 4.0    # reconstructed F-18 resolution before post-filter (auto only)
-
-# PSMA/FAPI index per gland: ratio (FAPI/PSMA) | log_ratio | z_diff (needs reference values).
-index:
-  definition: ratio
-  reference: {{}}             # z_diff: {{parotid: {{psma: [mean, sd], fapi: [mean, sd]}}, ...}}
-
-# Clinical variables (columns of subjects.tsv) and their types: continuous | ordinal | binary |
-# categorical. Binary cells: positive/negative, yes/no, 1/0, +/-, true/false (any case); empty =
-# missing. Each is analysed against every gland value; a column missing from the sheet is skipped.
-clinical:
-{_clinical_yaml()}"""
+{workflow_sections}"""
 
 
 def atlas_entry(atlas_dir: str | Path) -> dict[str, str]:

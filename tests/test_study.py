@@ -207,3 +207,24 @@ def test_declared_clinical_follows_the_study_config(tmp_path):
     cfg.write_text("clinical:\n  tender_joints: ordinal\n  anti_ssa: categorical\n")
     got = declared_clinical(cfg)
     assert got["tender_joints"] == "ordinal" and got["anti_ssa"] == "categorical" and "essdai" in got
+
+
+def test_drafted_config_copies_the_workflow_sections_with_their_comments():
+    """The sections that are not the study's own come from config.yaml verbatim (comments included),
+    so a default added there reaches every drafted study (the drafted copy once lacked two keys)."""
+    from glandpet.study import DEFAULT_CONFIG, STUDY_SECTIONS, config_sections, config_text
+
+    default = config_sections(DEFAULT_CONFIG.read_text())
+    drafted = config_sections(config_text("s.tsv", "/dicom", "/results"))
+    assert list(drafted) == list(default)
+    for key in set(default) - set(STUDY_SECTIONS):
+        assert drafted[key] == default[key], key
+    assert drafted["results"].rstrip().endswith('results: "/results"')
+
+
+def test_config_sections_splits_top_level_keys():
+    from glandpet.study import config_sections
+
+    text = "# head\n\n# about a\na: 1\n\n# about b\n# more\nb:\n  x: 2   # inline\n  # inner comment\n  y: 3\nc: []\n"
+    assert config_sections(text) == {"a": "# about a\na: 1\n", "b": "# about b\n# more\nb:\n  x: 2   # inline\n  # inner comment\n  y: 3\n",
+                                     "c": "c: []\n"}
