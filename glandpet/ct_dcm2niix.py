@@ -68,8 +68,9 @@ from typing import Any
 
 import numpy as np
 
-from .dicom_series import LPS_TO_RAS, _list_files, _slices_of, read_instances
+from .dicom_series import _list_files, _slices_of, read_instances
 from .errors import UserError
+from .geometry import LPS_TO_RAS, ras_to_lps
 
 MIN_CORRELATION = 0.95  # DICOM pixels vs the converted volume at their world positions
 _AXIS_TOL = 1e-3  # direction cosines / relative spacing
@@ -156,7 +157,7 @@ def placed_affine(img_affine_ras: np.ndarray, shape, slices, r, c, n, expected_s
     """The LPS affine of dcm2niix's output grid from the DICOM geometry (see the module docstring):
     axes checked parallel to the DICOM row / column / normal with the DICOM spacings, origin at the
     series' extreme pixel centre along each axis."""
-    a = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(img_affine_ras, dtype=float)
+    a = ras_to_lps(img_affine_ras)
     row_sp, col_sp = slices[0].spacing
     dicom_axes = {"row": (r, col_sp), "column": (c, row_sp), "normal": (n, expected_slice_mm)}
     rows, cols = int(slices[0].ds.Rows), int(slices[0].ds.Columns)

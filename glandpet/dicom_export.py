@@ -108,8 +108,9 @@ def _lps_to_voxel(affine: np.ndarray) -> np.ndarray:
     """4x4 matrix taking LPS world coordinates (DICOM) to NIfTI voxel indices of ``affine`` (RAS)."""
     import numpy as np
 
-    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
-    return np.linalg.inv(affine) @ flip
+    from .geometry import LPS_TO_RAS
+
+    return np.linalg.inv(affine) @ LPS_TO_RAS
 
 
 def labels_on_ct_instances(labels: np.ndarray, affine: np.ndarray, instances: list[Any]) -> np.ndarray:
@@ -206,6 +207,7 @@ def seg_to_label_map(seg_path: str | Path, ct_nifti_path: str | Path) -> np.ndar
     import nibabel as nib
     import numpy as np
 
+    from .geometry import ras_to_lps
     from .glands import label_value
 
     seg_path, ct_nifti_path = Path(seg_path), Path(ct_nifti_path)
@@ -259,7 +261,7 @@ def seg_to_label_map(seg_path: str | Path, ct_nifti_path: str | Path) -> np.ndar
         between = min(cands) if cands else 1.0
     half = 0.5 * between
     dr, dc = spacing
-    to_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(img.affine, dtype=float)
+    to_lps = ras_to_lps(img.affine)
     # every quantity below is affine in the voxel index (i, j, k): per NIfTI slice, outer sums
     d_ijk = normal @ to_lps[:3, :3]  # plane distance per unit voxel step
     rd_ijk = row_dir @ to_lps[:3, :3]

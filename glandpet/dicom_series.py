@@ -37,8 +37,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from .errors import UserError
-
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+from .geometry import LPS_TO_RAS  # also imported from here as dicom_series.LPS_TO_RAS
 
 # Geometry tolerances: absolute (mm) plus relative to the slice spacing.
 _ABS_TOL_MM = 0.01

@@ -58,6 +58,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from .geometry import LPS_TO_RAS
 from .glands import DEFAULT_LABELS, GLANDS, SIDES
 
 log = logging.getLogger(__name__)
@@ -558,7 +559,6 @@ def cohort_figures(gland_stats_path, gland_index_path, out_dir, *, outcomes_path
 CT_WINDOW_HU = (-160.0, 240.0)
 BODY_HU = -300.0
 PET_PERCENTILE = 99.5
-_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS (its own inverse)
 
 
 def _load3d(path):
@@ -581,7 +581,7 @@ def _linear_to_ct(pet: np.ndarray, pet_aff: np.ndarray, ct_shape, ct_aff: np.nda
     if xfm is not None:
         A, b = xfm
         T[:3, :3], T[:3, 3] = A, b
-    M = np.linalg.inv(pet_aff) @ _LPS @ T @ _LPS @ ct_aff  # CT voxel -> PET voxel
+    M = np.linalg.inv(pet_aff) @ LPS_TO_RAS @ T @ LPS_TO_RAS @ ct_aff  # CT voxel -> PET voxel
     return ndimage.affine_transform(pet, M[:3, :3], offset=M[:3, 3], output_shape=tuple(ct_shape), order=1,
                                     mode="constant", cval=0.0, prefilter=False).astype(np.float32)
 

@@ -90,14 +90,23 @@ WARN_ROTATION_DEG = 5.0
 
 
 # ------------------------------------------------------------------ threads and low-level runner
-def set_threads(threads: int | None) -> int:
-    """Set the ITK thread count used by ANTs (environment variable read by ITK's thread pool).
+#: environment variables holding a thread count: ITK's (read by ANTs' thread pool), then the BLAS /
+#: OpenMP ones that :func:`set_threads` also sets with ``blas=True``.
+ITK_THREAD_VARS = ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS",)
+BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def set_threads(threads: int | None, *, blas: bool = False) -> int:
+    """Set the ITK thread count used by ANTs (environment variable read by ITK's thread pool) and,
+    with ``blas=True``, the OpenMP / OpenBLAS / MKL ones too (the workflow's steps limit all of them
+    to what Snakemake granted the job). Returns the count set: ``threads``, at least 1.
 
     ITK reads it once, at its first use in the process: every workflow job is a fresh process, so
     the rule's ``threads`` hold; a second call with another count in the same process has no effect.
     """
     n = max(1, int(threads or 1))
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(n)
+    for var in ITK_THREAD_VARS + (BLAS_THREAD_VARS if blas else ()):
+        os.environ[var] = str(n)
     return n
 
 

@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .geometry import lps_to_ras
 from .glands import GLANDS, SIDES, Label, label_value, volume_warnings
 
 #: a contour plane may lie this far (mm, along the slice normal) from a CT slice centre
@@ -551,8 +552,7 @@ def build_atlas(atlas_dir, ct_series_dir, rtstruct_path, map_path=None, *, force
     atlas_dir.mkdir(parents=True, exist_ok=True)
     convert_series(ct_series_dir, out_ct)
     ct_img = nib.load(str(out_ct))
-    if tuple(ct_img.shape) != tuple(grid.shape) or not np.allclose(ct_img.affine, np.diag([-1.0, -1, 1, 1]) @ grid.affine_lps,
-                                                                   atol=1e-3):
+    if tuple(ct_img.shape) != tuple(grid.shape) or not np.allclose(ct_img.affine, lps_to_ras(grid.affine_lps), atol=1e-3):
         raise UserError(f"{ct_series_dir}: the converted CT's grid differs from the series headers")  # pragma: no cover
     hdr = ct_img.header.copy()
     hdr.set_data_dtype(np.uint8)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .glands import SESSIONS
+from .registration import set_threads
 from .tables import config_hash
 
 log = logging.getLogger("glandpet")
@@ -501,12 +502,6 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
     write_text_atomic(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
 
 
-def set_threads(threads: int) -> None:
-    """Limit ITK/BLAS threads to what Snakemake granted the job."""
-    for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(max(1, int(threads)))
-
-
 # --------------------------------------------------------------------------- steps
 def demo_phantom(outdir: str, subjects: int, seed: int, atlases: int, threads: int = 1) -> None:
     """Generate the demo cohort (or, with subjects=0, only the phantom's atlas set)."""
@@ -642,7 +637,7 @@ def register_pet_to_ct(ct_path: str, pet_path: str, out_xfm: str, out_qc: str, t
     """Rigid PET->CT registration of one session, with its QC record."""
     from .registration import register_pet_to_ct as register
 
-    set_threads(threads)
+    set_threads(threads, blas=True)  # ITK and BLAS: what Snakemake granted the job
     metrics = register(ct_path, pet_path, out_xfm, threads=threads)
     status = "warning" if metrics.get("warning") else "ok"
     if metrics.get("warning"):
@@ -654,7 +649,7 @@ def align_sessions(psma_ct: str, fapi_ct: str, output: Any, threads: int = 1) ->
     """FAPI session CT -> PSMA session CT; writes the affine, the warp and its inverse."""
     from .registration import align_sessions as align
 
-    set_threads(threads)
+    set_threads(threads, blas=True)  # ITK and BLAS: what Snakemake granted the job
     prefix = str(output.affine)[: -len("_xfm.mat")]
     metrics = align(psma_ct, fapi_ct, prefix, threads=threads)
     write_json({"stage": "align", "status": "ok", "message": None, "metrics": metrics}, output.qc)
@@ -664,13 +659,13 @@ def ct_to_pet_affine(xfm_path: str) -> Any:
     """The rigid CT->PET transform of a session (ITK .mat) as a 4x4 matrix in RAS mm."""
     import numpy as np
 
+    from .geometry import LPS_TO_RAS
     from .registration import transform_matrix
 
     A, b = transform_matrix(xfm_path)
     m_lps = np.eye(4)
     m_lps[:3, :3], m_lps[:3, 3] = A, b
-    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
-    return flip @ m_lps @ flip
+    return LPS_TO_RAS @ m_lps @ LPS_TO_RAS
 
 
 def seg_confidence_columns(seg_qc_path: str | None, gland: str, side: str, review_below: float | None = None,
@@ -987,7 +982,7 @@ def segment_glands(inputs: Any, output: Any, session: str, atlases: list[Mapping
 
     from .glands import read_label_table, write_label_table
 
-    set_threads(threads)
+    set_threads(threads, blas=True)  # ITK and BLAS: what Snakemake granted the job
     if "atlases" in inputs.keys():
         from .segmentation import segment_kwargs, segment_subject
 

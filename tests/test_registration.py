@@ -333,3 +333,27 @@ def test_pet_to_ct_qc_reports_the_improvement(ct_metal_path, tmp_path, seed, ang
     after = _err(tmp_path / "x.mat", M).max()
     assert after < 1.0 and before > 1.8, (before, after)  # the registration did improve the alignment
     assert m["mi_after"] > m["mi_before"], (m["mi_before"], m["mi_after"])
+
+
+# ------------------------------------------------------------------ threads
+_THREAD_VARS = ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@pytest.mark.parametrize("threads, expected", [(3, "3"), (0, "1"), (-2, "1"), (None, "1"), ("4", "4")])
+def test_set_threads_sets_itk_only_by_default(monkeypatch, threads, expected):
+    for var in _THREAD_VARS:
+        monkeypatch.setenv(var, "untouched")
+    assert R.set_threads(threads) == int(expected)
+    assert [R.os.environ[v] for v in _THREAD_VARS] == [expected] + ["untouched"] * 3
+
+
+@pytest.mark.parametrize("threads, expected", [(3, "3"), (0, "1"), (-2, "1"), (2.7, "2")])
+def test_set_threads_with_blas_sets_every_variable(monkeypatch, threads, expected):
+    """The workflow's steps (glandpet.workflow imports this one function) limit ITK and BLAS."""
+    from glandpet import workflow
+
+    for var in _THREAD_VARS:
+        monkeypatch.setenv(var, "untouched")
+    assert workflow.set_threads is R.set_threads
+    assert R.set_threads(threads, blas=True) == int(expected)
+    assert [R.os.environ[v] for v in _THREAD_VARS] == [expected] * 4

@@ -35,8 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..geometry import LPS_TO_RAS
 from ..glands import DEFAULT_LABELS, write_label_table
-from .model import LPS_TO_RAS, Anatomy, PatientInfo, PetInfo, StudyInfo, Tissue
+from .model import Anatomy, PatientInfo, PetInfo, StudyInfo, Tissue
 
 VENDORS = ("siemens", "ge", "philips")
 

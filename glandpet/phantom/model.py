@@ -17,7 +17,7 @@ from enum import IntEnum
 
 import numpy as np
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+from ..geometry import LPS_TO_RAS  # noqa: F401  (re-exported: phantom.model.LPS_TO_RAS)
 
 
 class Tissue(IntEnum):

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..geometry import ras_to_lps
 from ..glands import label_value
 from .model import Anatomy, Tissue
 
@@ -174,7 +175,7 @@ def _affine_from_header(hdr: dict) -> np.ndarray:
     a[:3, 3] = org
     space = str(hdr.get("space", "left-posterior-superior")).lower()
     if space in ("right-anterior-superior", "ras"):
-        a = np.diag([-1.0, -1.0, 1.0, 1.0]) @ a
+        a = ras_to_lps(a)
     elif space not in ("left-posterior-superior", "lps"):
         raise ValueError(f"unsupported NRRD space {space!r}")
     return a

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
+from ..geometry import LPS_TO_RAS, ras_to_lps
 
 
 def pet_sidecars(cohort: str | Path) -> dict[tuple[str, str], dict]:
@@ -64,7 +64,7 @@ def pvc_errors(cohort: str | Path, fwhm_mm: float | str | None = None) -> pd.Dat
         table = read_label_table(tdir / f"sub-{sub}_ses-{ses}_space-ct_dseg.tsv")
         sel = xfm[(xfm.subject_id == sub) & (xfm.session == ses) & (xfm.from_space == "pet") & (xfm.to_space == "ct")]
         pet_to_ct = np.asarray(sel.iloc[0]["matrix_lps"], float).reshape(4, 4)
-        ct_in_pet = FLIP @ np.linalg.inv(pet_to_ct) @ FLIP @ lab_img.affine
+        ct_in_pet = LPS_TO_RAS @ np.linalg.inv(pet_to_ct) @ LPS_TO_RAS @ lab_img.affine
         suv = np.asarray(suv_img.dataobj, dtype=np.float32)
         fr = label_fractions_on_grid(np.asarray(lab_img.dataobj).astype(np.int16), ct_in_pet, suv.shape,
                                      suv_img.affine, [lab.index for lab in table])
@@ -116,8 +116,8 @@ def voxel_correlations(cohort: str | Path) -> pd.DataFrame:
         psma_img = nib.load(d["psma"] / f"sub-{sub}_ses-psma_desc-suvbw_pet.nii.gz")
         fapi_img = nib.load(d["fapi"] / f"sub-{sub}_ses-fapi_desc-suvbw_pet.nii.gz")
         # PSMA PET voxel -> PSMA PET world -> anatomy -> FAPI PET world -> FAPI PET voxel (LPS inside)
-        psma_pet_lps = FLIP @ psma_img.affine
-        fapi_pet_lps = FLIP @ fapi_img.affine
+        psma_pet_lps = ras_to_lps(psma_img.affine)
+        fapi_pet_lps = ras_to_lps(fapi_img.affine)
         to_fapi_vox = (np.linalg.inv(fapi_pet_lps) @ matrix(sub, "fapi", "anatomy", "pet")
                        @ np.linalg.inv(matrix(sub, "psma", "anatomy", "pet")) @ psma_pet_lps)
         shape = psma_img.shape
@@ -126,7 +126,7 @@ def voxel_correlations(cohort: str | Path) -> pd.DataFrame:
         fapi_on_psma = map_coordinates(np.asarray(fapi_img.dataobj, np.float32), src, order=1, cval=np.nan).reshape(shape)
         lab_img = nib.load(d["psma"] / f"sub-{sub}_ses-psma_space-ct_dseg.nii.gz")
         table = read_label_table(d["psma"] / f"sub-{sub}_ses-psma_space-ct_dseg.tsv")
-        ct_in_pet = FLIP @ np.linalg.inv(matrix(sub, "psma", "pet", "ct")) @ FLIP @ lab_img.affine
+        ct_in_pet = LPS_TO_RAS @ np.linalg.inv(matrix(sub, "psma", "pet", "ct")) @ LPS_TO_RAS @ lab_img.affine
         fr = label_fractions_on_grid(np.asarray(lab_img.dataobj).astype(np.int16), ct_in_pet, shape,
                                      psma_img.affine, [lab.index for lab in table])
         psma = np.asarray(psma_img.dataobj, np.float32)
