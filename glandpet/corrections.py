@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
+from .layout import ENTITY_VALUE_PATTERN, SUBJECT_ID_PATTERN
 
 __all__ = [
     "AFFINE_TOL_MM",
@@ -46,7 +47,8 @@ __all__ = [
 
 AFFINE_TOL_MM = 1e-3
 CORRECTION_PATTERN = re.compile(
-    r"^sub-(?P<subject>[A-Za-z0-9]+)_ses-(?P<session>[A-Za-z0-9]+)_space-ct_dseg\.(?P<ext>nii\.gz|nii|dcm)$")
+    rf"^sub-(?P<subject>{SUBJECT_ID_PATTERN})_ses-(?P<session>{ENTITY_VALUE_PATTERN})"
+    r"_space-ct_dseg\.(?P<ext>nii\.gz|nii|dcm)$")
 
 
 @functools.lru_cache(maxsize=8)

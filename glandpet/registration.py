@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .layout import session_transform_paths
+
 # ------------------------------------------------------------------ schedules (documented choices)
 #: PET->CT: the CT is smoothed and resampled to this spacing first (the PET is ~4 mm): 28 s -> ~4 s.
 PET_CT_SPACING_MM = 3.0
@@ -532,8 +534,8 @@ def register_ct_to_ct(fixed, moving, outprefix: str, stages: list[dict], *, com_
 
 
 def session_paths(out_prefix) -> dict:
-    p = str(out_prefix)
-    return {"affine": p + "_xfm.mat", "warp": p + "_xfm.nii.gz", "inverse_warp": p + "_invxfm.nii.gz"}
+    """The session transform's files of ``out_prefix``: :func:`glandpet.layout.session_transform_paths`."""
+    return session_transform_paths(out_prefix)
 
 
 def align_sessions(fixed_ct, moving_ct, out_prefix, threads: int = 1, *, spacing_mm: float = CT_CT_SPACING_MM,
@@ -552,7 +554,7 @@ def align_sessions(fixed_ct, moving_ct, out_prefix, threads: int = 1, *, spacing
     t0 = time.perf_counter()
     f, fmask = prepare_ct(ants.image_read(str(fixed_ct)), spacing_mm)
     m, _ = prepare_ct(ants.image_read(str(moving_ct)), spacing_mm, margin_mm=HEAD_NECK_MARGIN_MM + 20)
-    paths = session_paths(out_prefix)
+    paths = session_transform_paths(out_prefix)
     Path(paths["affine"]).parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="gp_sess_")
     try:
@@ -621,13 +623,13 @@ def warp(moving, reference, transforms: list[str], out_path=None, interpolation:
 def apply_session_transform(image, fixed_ref, xfm_prefix, out_path=None, interpolation: str = "linear",
                             default_value: float = 0.0):
     """Bring an image of the moving (FAPI) session into the fixed (PSMA) session's space."""
-    p = session_paths(xfm_prefix)
+    p = session_transform_paths(xfm_prefix)
     return warp(image, fixed_ref, [p["warp"], p["affine"]], out_path, interpolation, [False, False], default_value)
 
 
 def apply_inverse_session_transform(image, moving_ref, xfm_prefix, out_path=None,
                                     interpolation: str = "genericLabel", default_value: float = 0.0):
     """Bring an image (e.g. a label map) of the fixed (PSMA) session into the moving (FAPI) session's space."""
-    p = session_paths(xfm_prefix)
+    p = session_transform_paths(xfm_prefix)
     return warp(image, moving_ref, [p["affine"], p["inverse_warp"]], out_path, interpolation, [True, False],
                 default_value)

@@ -19,11 +19,12 @@ import pandas as pd
 
 from .errors import UserError
 from .glands import GROUPS
+from .layout import SUBJECT_ID_PATTERN
 
 __all__ = ["read_subject_sheet", "subject_folders", "ID_PATTERN", "NUMERIC_CLINICAL_COLUMNS", "CLINICAL_TYPES",
            "DEFAULT_CLINICAL", "parse_binary", "clinical_types"]
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9]+$")
+ID_PATTERN = re.compile(rf"^{SUBJECT_ID_PATTERN}$")
 #: Clinical columns that must be numeric when present (empty cells are allowed: missing value).
 NUMERIC_CLINICAL_COLUMNS = ("essdai", "esspri", "usf_ml_min", "schirmer_mm", "age_years", "disease_duration_years")
 #: The types a clinical variable can be declared with (config key ``clinical``).

@@ -12,12 +12,13 @@ import functools
 import json
 import logging
 import os
-import re
 import traceback
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .glands import SESSIONS
+from .layout import label_table_of, parse, session_transform_paths, transform_prefix_of
+from .layout import path as layout_path
 from .registration import set_threads
 from .tables import config_hash
 
@@ -106,7 +107,6 @@ def selected_sessions(series_path: str, subject: str, rule_params: Mapping[str, 
 # `--keep-going` run ends in complete cohort tables, and the cohort tables step copies the record into
 # qc.parquet. Once any of the three changes the record is stale: it is ignored and the job runs again
 # (success removes the record, a new failure rewrites it). Deleting the record also retries the job.
-_LOG_NAME = re.compile(r"^sub-(?P<subject>[A-Za-z0-9]+)(?:_ses-(?P<session>psma|fapi))?(?:_|\.log$)")
 # a failure of one of these subject-level jobs leaves out the subject's product of it, not its sessions
 SUBJECT_PRODUCT_RULES = {"index_and_montage"}
 # the session alignment failing leaves out the session that needs it (the non-reference one)
@@ -114,10 +114,19 @@ ALIGN_RULE = "align_sessions"
 _PACKAGE = Path(__file__).resolve().parent
 
 
+def _entities(path: str | os.PathLike) -> dict:
+    """The entities of a pipeline file's name (:func:`glandpet.layout.parse`: ``subject``, ``session``,
+    ``desc``, ``suffix`` ...), {} for a name outside the layout (a cohort-level job's log, say)."""
+    try:
+        return parse(path)
+    except ValueError:
+        return {}
+
+
 def failure_record_path(log_path: str | os.PathLike) -> Path | None:
     """Where a per-subject job's failure record goes (None for cohort-level jobs)."""
     log_path = Path(log_path)
-    if log_path.parent.parent.name != "logs" or not _LOG_NAME.match(log_path.name):
+    if log_path.parent.parent.name != "logs" or not _entities(log_path):
         return None
     results = log_path.parent.parent.parent
     return results / "work" / "failed" / log_path.parent.name / (log_path.name[: -len(".log")] + ".json")
@@ -302,7 +311,7 @@ def _record_failure(log_path: str | os.PathLike, exc: BaseException, job: Any = 
     path = failure_record_path(log_path)
     if path is None:
         return
-    m = _LOG_NAME.match(Path(log_path).name)
+    m = _entities(log_path)
     message = " ".join(str(exc).split()) or type(exc).__name__
     from .errors import UserError
 
@@ -539,7 +548,7 @@ def index_dicom(sheet: str, dicom_root: str, overrides: list[Mapping[str, str]],
     for row in result.failures.itertuples():
         (log.error if row.status == "failed" else log.warning)("%s", row.message)
     for subject, selection in session_selections(result.series, result.files).items():
-        path = work / f"sub-{subject}" / f"sub-{subject}_series.json"
+        path = Path(layout_path(work, subject, suffix="series.json"))
         text = json.dumps(selection, indent=2, sort_keys=True) + "\n"
         if not path.is_file() or path.read_text() != text:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -650,7 +659,7 @@ def align_sessions(psma_ct: str, fapi_ct: str, output: Any, threads: int = 1) ->
     from .registration import align_sessions as align
 
     set_threads(threads, blas=True)  # ITK and BLAS: what Snakemake granted the job
-    prefix = str(output.affine)[: -len("_xfm.mat")]
+    prefix = transform_prefix_of(output.affine)
     metrics = align(psma_ct, fapi_ct, prefix, threads=threads)
     write_json({"stage": "align", "status": "ok", "message": None, "metrics": metrics}, output.qc)
 
@@ -708,11 +717,11 @@ def measure_glands(inputs: Any, output: Any, subject: str, session: str, suv_typ
     from .tables import atomic_path
 
     if segmentation_source is None:
-        segmentation_source = "corrected" if "_desc-corrected_" in Path(str(inputs.dseg)).name else "atlas"
+        segmentation_source = "corrected" if _entities(inputs.dseg).get("desc") == "corrected" else "atlas"
     suv_img, ct_img, lab_img = nib.load(inputs.suv), nib.load(inputs.ct), nib.load(inputs.dseg)
     suv = np.asarray(suv_img.dataobj, dtype=np.float32)
     labels = np.asarray(lab_img.dataobj).astype(np.int16)
-    table = read_label_table(str(inputs.dseg)[: -len(".nii.gz")] + ".tsv")
+    table = read_label_table(label_table_of(inputs.dseg))
     # CT voxel -> PET world: the registration maps CT points to the PET points of the same tissue.
     ct_to_pet = ct_to_pet_affine(inputs.xfm)
     ct_in_pet = ct_to_pet @ lab_img.affine
@@ -786,17 +795,17 @@ def _voxel_correlations(inputs: Any, subject: str) -> Any:
 
     from .gland_index import voxel_spearman
     from .glands import read_label_table
-    from .registration import session_paths, warp
+    from .registration import warp
 
     labels = np.asarray(nib.load(inputs.psma_pet_dseg).dataobj)
-    p = session_paths(str(inputs.affine)[: -len("_xfm.mat")])
+    p = session_transform_paths(transform_prefix_of(inputs.affine))
     # PSMA PET point -> PSMA CT (inverse of CT->PET) -> FAPI CT (session) -> FAPI PET (CT->PET).
     fapi_on_psma = warp(inputs.fapi_suv, inputs.psma_suv,
                         [inputs.fapi_xfm, p["warp"], p["affine"], inputs.psma_xfm],
                         invert=[False, False, False, True]).numpy()
     psma = np.asarray(nib.load(inputs.psma_suv).dataobj, dtype=np.float32)
     rows = []
-    for lab in read_label_table(str(inputs.psma_dseg)[: -len(".nii.gz")] + ".tsv"):
+    for lab in read_label_table(label_table_of(inputs.psma_dseg)):
         rho, n = voxel_spearman(psma, fapi_on_psma, labels == lab.index)
         rows.append(dict(subject_id=subject, gland=lab.gland, side=lab.side, voxel_spearman_rho=rho, n_voxels=n))
     return pd.DataFrame(rows)
@@ -804,15 +813,13 @@ def _voxel_correlations(inputs: Any, subject: str) -> Any:
 
 # --------------------------------------------------------------------------- cohort
 def _qc_rows(paths: list[str]) -> list[dict]:
-    import re
-
     rows = []
     for path in paths:
         if not str(path).endswith(".json"):
             continue
         rec = json.loads(Path(path).read_text())
-        m = re.search(r"sub-([A-Za-z0-9]+)(?:_ses-(psma|fapi))?_desc-", Path(path).name)
-        rows.append(dict(subject_id=m.group(1) if m else "?", session=m.group(2) if m else None,
+        m = _entities(path)
+        rows.append(dict(subject_id=m.get("subject") or "?", session=m.get("session"),
                          stage=rec.get("stage", "?"), status=rec.get("status", "ok"), message=rec.get("message"),
                          metrics_json=json.dumps(rec.get("metrics", {}), sort_keys=True, default=str)))
     return rows
@@ -822,15 +829,15 @@ def _review_rows(stats: Any, qc_paths: list[str]) -> list[dict]:
     """qc rows (stage ``segment_review``, status ``warning``) of the glands flagged ``review`` in
     gland_stats, worst first; ``metrics_json`` holds the gland, its confidence, the reasons, its
     volume and the atlases' (from the session's segment QC JSON, :mod:`glandpet.seg_confidence`)."""
-    import re
-
     if stats is None or not len(stats) or "seg_flag" not in stats.columns:
         return []
     seg = {}
     for path in qc_paths:
-        m = re.search(r"sub-([A-Za-z0-9]+)_ses-(psma|fapi)_desc-segment_qc\.json$", str(path))
-        if m and Path(path).is_file():
-            seg[(m.group(1), m.group(2))] = (json.loads(Path(path).read_text()).get("metrics") or {}).get("glands") or {}
+        m = _entities(path)
+        is_segment_qc = (m.get("desc"), m.get("suffix"), m.get("extension")) == ("segment", "qc", ".json")
+        if is_segment_qc and m["session"] and Path(path).is_file():
+            metrics = json.loads(Path(path).read_text()).get("metrics") or {}
+            seg[(m["subject"], m["session"])] = metrics.get("glands") or {}
     flagged = stats[stats["seg_flag"] == "review"].copy()
     flagged["_c"] = flagged["seg_confidence"].astype(float).fillna(-1.0)
     rows = []
@@ -1001,10 +1008,10 @@ def segment_glands(inputs: Any, output: Any, session: str, atlases: list[Mapping
         return
     from .registration import apply_inverse_session_transform
 
-    prefix = str(inputs.affine)[: -len("_xfm.mat")]
+    prefix = transform_prefix_of(inputs.affine)
     apply_inverse_session_transform(inputs.ref_dseg, inputs.ct, prefix, out_path=output.dseg,
                                     interpolation="genericLabel")
-    ref_table = str(inputs.ref_dseg)[: -len(".nii.gz")] + ".tsv"
+    ref_table = label_table_of(inputs.ref_dseg)
     labels = read_label_table(ref_table)
     write_label_table(output.table, labels)
     _label_editor_tables(output, labels)
@@ -1036,8 +1043,8 @@ def qc_montage(inputs: Any, out_png: str, subject: str) -> None:
     keys = set(inputs.keys())
     pets = {s: inputs[f"{s}_suv"] for s in ("psma", "fapi") if f"{s}_suv" in keys}
     xfms = {s: inputs[f"{s}_xfm"] for s in ("psma", "fapi") if f"{s}_xfm" in keys}
-    warp = str(inputs.affine)[: -len("_xfm.mat")] if "affine" in keys else None
-    labels = read_label_table(str(inputs.dseg)[: -len(".nii.gz")] + ".tsv")
+    warp = transform_prefix_of(inputs.affine) if "affine" in keys else None
+    labels = read_label_table(label_table_of(inputs.dseg))
     draw(inputs.ct, pets, inputs.dseg, out_png, title=f"sub-{subject}", pet_to_ct_xfms=xfms,
          session_warp=warp, labels=labels, review=flagged_glands(inputs.stats if "stats" in keys else [], inputs.dseg))
 
@@ -1045,18 +1052,16 @@ def qc_montage(inputs: Any, out_png: str, subject: str) -> None:
 def flagged_glands(stats_paths: Any, dseg_path: str) -> dict[str, float | None]:
     """``{gland_side: seg_confidence}`` of the glands flagged ``review`` in the gland_stats of the
     session whose label map ``dseg_path`` is (the montage's), for :func:`glandpet.figures.qc_montage`."""
-    import re
-
     import pandas as pd
 
-    m = re.search(r"_ses-([A-Za-z0-9]+)_", Path(str(dseg_path)).name)
+    session = _entities(dseg_path).get("session")
     out: dict[str, float | None] = {}
     for p in [stats_paths] if isinstance(stats_paths, (str, Path)) else list(stats_paths):
         df = pd.read_parquet(p)
         if "seg_flag" not in df.columns:
             continue
-        if m is not None and "session" in df.columns:
-            df = df[df["session"] == m.group(1)]
+        if session is not None and "session" in df.columns:
+            df = df[df["session"] == session]
         for r in df[df["seg_flag"] == "review"].to_dict("records"):
             c = r.get("seg_confidence")
             out[f"{r['gland']}_{r['side']}"] = None if c is None or pd.isna(c) else float(c)

@@ -6,6 +6,7 @@ import time
 
 import pandas as pd
 
+from glandpet import layout
 from glandpet.corrections import (
     check_corrections,
     corrected_subjects,
@@ -43,9 +44,9 @@ plan_after_index(workflow, f"{RESULTS}/tables/series.parquet")
 
 
 wildcard_constraints:
-    subject="[A-Za-z0-9]+",
+    subject=layout.SUBJECT_ID_PATTERN,
     session="psma|fapi",
-    tracer="[A-Za-z0-9]+",
+    tracer=layout.ENTITY_VALUE_PATTERN,
 
 
 _INDEX_DONE = []
@@ -97,7 +98,7 @@ def run_finished(failed):
 def subject_selection(w):
     """The subject's selected series (written by the index checkpoint, rewritten only on change)."""
     series_table()
-    return f"{RESULTS}/work/sub-{w.subject}/sub-{w.subject}_series.json"
+    return layout.path(f"{RESULTS}/work", w.subject, suffix="series.json")
 
 
 _DAG_LOOKUP = []
@@ -122,8 +123,9 @@ def tracer(subject, session):
     return sessions(subject)[session]
 
 
-def ses_file(subject, session, suffix):
-    return f"{RESULTS}/sub-{subject}/ses-{session}/sub-{subject}_ses-{session}_{suffix}"
+def ses_file(subject, session, suffix, **entities):
+    """A session's file (glandpet.layout.path): ses_file(s, "psma", "dseg.nii.gz", space="ct")."""
+    return layout.path(RESULTS, subject, session, suffix, **entities)
 
 
 def ct_image(w):
@@ -132,26 +134,26 @@ def ct_image(w):
 
 def pet_image(w):
     return ses_file(
-        w.subject, w.session, f"trc-{tracer(w.subject, w.session)}_pet.nii.gz"
+        w.subject, w.session, "pet.nii.gz", trc=tracer(w.subject, w.session)
     )
 
 
 def pet_sidecar(w):
-    return ses_file(
-        w.subject, w.session, f"trc-{tracer(w.subject, w.session)}_pet.json"
-    )
+    return ses_file(w.subject, w.session, "pet.json", trc=tracer(w.subject, w.session))
 
 
 def suv_image(w):
     return ses_file(
         w.subject,
         w.session,
-        f"trc-{tracer(w.subject, w.session)}_desc-{SUV_DESC}_pet.nii.gz",
+        "pet.nii.gz",
+        trc=tracer(w.subject, w.session),
+        desc=SUV_DESC,
     )
 
 
 def pet_to_ct(w):
-    return ses_file(w.subject, w.session, "from-pet_to-ct_xfm.mat")
+    return ses_file(w.subject, w.session, "xfm.mat", from_="pet", to="ct")
 
 
 CORRECTIONS = config["segmentation"].get("corrections", "")
@@ -188,17 +190,17 @@ def dseg(w):
     """The labels of this session: the corrected label map when a correction applies, else the atlas
     segmentation (whose job a correction never reruns)."""
     if correction_kind(w.subject, w.session):
-        return ses_file(w.subject, w.session, "desc-corrected_space-ct_dseg.nii.gz")
-    return ses_file(w.subject, w.session, "space-ct_dseg.nii.gz")
+        return ses_file(
+            w.subject, w.session, "dseg.nii.gz", desc="corrected", space="ct"
+        )
+    return ses_file(w.subject, w.session, "dseg.nii.gz", space="ct")
 
 
 def session_transform(subject):
-    base = f"{RESULTS}/sub-{subject}/sub-{subject}_from-fapi_to-psma"
-    return {
-        "affine": f"{base}_xfm.mat",
-        "warp": f"{base}_xfm.nii.gz",
-        "inverse_warp": f"{base}_invxfm.nii.gz",
-    }
+    """The FAPI -> PSMA session transform's files: affine, warp, inverse_warp."""
+    return layout.session_transform_paths(
+        layout.path(RESULTS, subject, from_="fapi", to="psma")
+    )
 
 
 def atlas_files(w):
@@ -216,8 +218,8 @@ def segment_inputs(w):
     if w.session == ref:
         inputs["atlases"] = atlas_files(w)
     else:
-        inputs["ref_dseg"] = ses_file(w.subject, ref, "space-ct_dseg.nii.gz")
-        inputs["ref_qc"] = ses_file(w.subject, ref, "desc-segment_qc.json")
+        inputs["ref_dseg"] = ses_file(w.subject, ref, "dseg.nii.gz", space="ct")
+        inputs["ref_qc"] = ses_file(w.subject, ref, "qc.json", desc="segment")
         inputs.update(session_transform(w.subject))
     return inputs
 
@@ -229,14 +231,14 @@ def correction_inputs(w):
     kind = correction_kind(w.subject, w.session)
     inputs = {
         "ct": ct_image(w),
-        "atlas_dseg": ses_file(w.subject, w.session, "space-ct_dseg.nii.gz"),
+        "atlas_dseg": ses_file(w.subject, w.session, "dseg.nii.gz", space="ct"),
     }
     if kind == "own":
         inputs["correction"] = correction_index(CORRECTIONS)[w.subject, w.session]
     elif kind == "carried":
         ref = reference_session(sessions(w.subject))
         inputs["ref_dseg"] = ses_file(
-            w.subject, ref, "desc-corrected_space-ct_dseg.nii.gz"
+            w.subject, ref, "dseg.nii.gz", desc="corrected", space="ct"
         )
         inputs.update(session_transform(w.subject))
     else:
@@ -262,7 +264,9 @@ def index_inputs(w):
             inputs[f"{s}_ct"] = ct_image(sw)
             inputs[f"{s}_xfm"] = pet_to_ct(sw)
             inputs[f"{s}_dseg"] = dseg(sw)
-        inputs["psma_pet_dseg"] = ses_file(w.subject, "psma", "space-pet_dseg.nii.gz")
+        inputs["psma_pet_dseg"] = ses_file(
+            w.subject, "psma", "dseg.nii.gz", space="pet"
+        )
         inputs.update(session_transform(w.subject))
     return inputs
 
@@ -309,10 +313,10 @@ def qc_files(_w=None):
     files = [f"{RESULTS}/tables/series.parquet"]
     for s in processed_subjects():
         for ses in sessions(s):
-            files.append(ses_file(s, ses, "desc-register_qc.json"))
-            files.append(ses_file(s, ses, "desc-segment_qc.json"))
+            files.append(ses_file(s, ses, "qc.json", desc="register"))
+            files.append(ses_file(s, ses, "qc.json", desc="segment"))
         if {"psma", "fapi"} <= set(sessions(s)):
-            files.append(f"{RESULTS}/sub-{s}/sub-{s}_desc-align_qc.json")
+            files.append(layout.path(RESULTS, s, suffix="qc.json", desc="align"))
     return files
 
 
@@ -324,4 +328,7 @@ def final_outputs(_w=None):
         f"{RESULTS}/tables/cohort_stats.parquet",
         f"{RESULTS}/figures/.done",
         f"{RESULTS}/tables/report/statistics.html",
-    ] + [f"{RESULTS}/figures/qc/sub-{s}_qc.png" for s in indexed_subjects()]
+    ] + [
+        f"{RESULTS}/figures/qc/{layout.name(s, suffix='qc.png')}"
+        for s in indexed_subjects()
+    ]

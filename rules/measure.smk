@@ -9,7 +9,7 @@ rule measure_glands:
         xfm=pet_to_ct,
         sidecar=pet_sidecar,
         # the segmentation's per-gland confidence (glandpet.seg_confidence)
-        seg_qc=lambda w: ses_file(w.subject, w.session, "desc-segment_qc.json"),
+        seg_qc=lambda w: ses_file(w.subject, w.session, "qc.json", desc="segment"),
     output:
         stats=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_gland_stats.parquet",
         pet_dseg=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_space-pet_dseg.nii.gz",

@@ -1,0 +1,135 @@
+"""The pipeline's file names: one module builds and takes apart the BIDS-like names of its files.
+
+A per-subject file of a run is
+``<results>/sub-<id>/[ses-<session>/]sub-<id>[_ses-<session>][_<key>-<value>...]_<suffix>``, where
+``<suffix>`` carries the extension (``ct.nii.gz``, ``qc.json``, ``dseg.itksnap.txt``), in the spirit
+of snakebids' ``bids()``. The entities come in one fixed order (:data:`ENTITY_ORDER`), so one
+set of entities has one name; for example::
+
+    path("results", "S001", "psma", "dseg.nii.gz", desc="corrected", space="ct")
+    -> "results/sub-S001/ses-psma/sub-S001_ses-psma_desc-corrected_space-ct_dseg.nii.gz"
+    path("results", "S001", None, "xfm.mat", from_="fapi", to="psma")
+    -> "results/sub-S001/sub-S001_from-fapi_to-psma_xfm.mat"
+
+:func:`parse` is the inverse (it also reads the names of log files, ``sub-<id>_ses-<session>.log``);
+:func:`label_table_of` names the label table beside a label map, :func:`transform_prefix_of` and
+:func:`session_transform_paths` the three files of the session transform. Nothing here touches the
+file system. The Python steps (glandpet.workflow, glandpet.registration) and the input functions of
+rules/common.smk name files through it; the rules' ``output:`` patterns spell the same names with
+wildcards (tests/test_layout.py holds the names literally).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+
+__all__ = ["SUBJECT_ID_PATTERN", "ENTITY_VALUE_PATTERN", "ENTITY_ORDER", "name", "path", "parse", "label_table_of",
+           "transform_prefix_of", "session_transform_paths"]
+
+#: The one regex (unanchored, no groups) for a subject id: letters and digits only, because it becomes part
+#: of file names ``sub-<id>_...``. The subject sheet, the log-name parsing and the Snakemake wildcard use it.
+SUBJECT_ID_PATTERN = "[A-Za-z0-9]+"
+#: The regex for the value of any other entity (``ses-psma``, ``trc-<tracer slug>``, ``desc-suvbw``): the
+#: ``_`` and ``-`` that separate entities cannot be part of one (the Snakemake ``tracer`` wildcard uses it).
+ENTITY_VALUE_PATTERN = "[A-Za-z0-9]+"
+#: The order of the entities after ``sub``/``ses`` in a name (``from`` is passed as ``from_``: a Python keyword).
+ENTITY_ORDER = ("trc", "from", "to", "desc", "space")
+
+_VALUE = re.compile(ENTITY_VALUE_PATTERN)
+_SUBJECT = re.compile(SUBJECT_ID_PATTERN)
+_SUFFIX = re.compile(r"[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*(?:\.[A-Za-z0-9]+)*")
+
+
+def _check(kind: str, value: str, pattern: re.Pattern = _VALUE) -> str:
+    value = str(value)
+    if not pattern.fullmatch(value):
+        raise ValueError(f"{kind} {value!r}: a file name's {kind} holds letters and digits only")
+    return value
+
+
+@functools.lru_cache(maxsize=1 << 16)  # the input functions of a 1,000-subject DAG ask ~50,000 times
+def name(subject: str, session: str | None = None, suffix: str = "", **entities: str | None) -> str:
+    """The file name (no folder): ``sub-<id>[_ses-<session>][_<key>-<value>...][_<suffix>]``.
+
+    ``suffix`` holds the extension (``"ct.nii.gz"``; the per-gland tables' suffixes have an underscore:
+    ``"gland_stats.parquet"``); an empty suffix gives the bare entity chain, a transform's prefix or a
+    log's name without ``.log``. Entities whose value is None are left out; an unknown entity, or a
+    value with anything but letters and digits, raises ValueError.
+    """
+    given = {k[:-1] if k.endswith("_") else k: v for k, v in entities.items()}
+    unknown = sorted(set(given) - set(ENTITY_ORDER))
+    if unknown:
+        raise ValueError(f"unknown file name entities {unknown}; known: {list(ENTITY_ORDER)}")
+    parts = [f"sub-{_check('subject', subject, _SUBJECT)}"]
+    if session is not None:
+        parts.append(f"ses-{_check('session', session)}")
+    parts += [f"{k}-{_check(k, given[k])}" for k in ENTITY_ORDER if given.get(k) is not None]
+    if suffix:
+        parts.append(_check("suffix", suffix, _SUFFIX))
+    return "_".join(parts)
+
+
+def path(results: str | os.PathLike, subject: str, session: str | None = None, suffix: str = "",
+         **entities: str | None) -> str:
+    """The per-subject file ``<results>/sub-<id>/[ses-<session>/]`` + :func:`name`; a session file lies
+    in the session's folder, a subject-level one (``session=None``) in the subject's."""
+    folder = f"{results}/sub-{subject}" + (f"/ses-{session}" if session is not None else "")
+    return f"{folder}/{name(subject, session, suffix, **entities)}"
+
+
+def parse(file: str | os.PathLike) -> dict[str, str | None]:
+    """The entities of a file's name: ``subject``, ``session`` (None when absent), the other entities
+    present (``trc``, ``from``, ``to``, ``desc``, ``space``, ...), ``suffix`` (the parts after the last
+    entity: ``dseg``, ``gland_stats``; None when absent, as in a log name ``sub-S001_ses-psma.log``) and
+    ``extension`` (from the name's first dot: ``.nii.gz``, ``.itksnap.txt``; ``""`` when none). The
+    folder is not read. A name that does not start with ``sub-<id>``, or has a part before the suffix
+    that is not ``<key>-<value>``, raises ValueError."""
+    base = os.path.basename(os.fspath(file))
+    stem, dot, ext = base.partition(".")
+    parts = stem.split("_")
+    out: dict[str, str | None] = {"subject": None, "session": None}
+    n = len(parts)  # the suffix: the parts after the last entity (gland_stats: two)
+    while n > 1 and "-" not in parts[n - 1]:
+        n -= 1
+    suffix = "_".join(parts[n:]) or None
+    for i, part in enumerate(parts[:n]):
+        key, sep, value = part.partition("-")
+        if not sep or not _VALUE.fullmatch(key) or not _VALUE.fullmatch(value):
+            raise ValueError(f"{base}: {part!r} is not a <key>-<value> entity")
+        key = {"sub": "subject", "ses": "session"}.get(key, key)
+        if (i == 0) != (key == "subject") or (key in out and out[key] is not None):
+            raise ValueError(f"{base}: not a sub-<id>[_ses-<session>]... file name")
+        out[key] = value
+    if not _SUBJECT.fullmatch(out["subject"] or ""):
+        raise ValueError(f"{base}: not a sub-<id>[_ses-<session>]... file name")
+    if suffix is not None and not all(_VALUE.fullmatch(p) for p in parts[n:]):
+        raise ValueError(f"{base}: suffix {suffix!r} holds other characters than letters and digits")
+    out["suffix"] = suffix
+    out["extension"] = dot + ext
+    return out
+
+
+def label_table_of(dseg: str | os.PathLike) -> str:
+    """The label table written beside a label map: ``X_dseg.nii.gz`` -> ``X_dseg.tsv``."""
+    s = str(dseg)
+    if not s.endswith(".nii.gz"):
+        raise ValueError(f"{s}: a label map's name ends in .nii.gz")
+    return s[: -len(".nii.gz")] + ".tsv"
+
+
+def transform_prefix_of(affine: str | os.PathLike) -> str:
+    """The prefix of a transform's files from its affine: ``P_xfm.mat`` -> ``P`` (the inverse of
+    :func:`session_transform_paths`)."""
+    s = str(affine)
+    if not s.endswith("_xfm.mat"):
+        raise ValueError(f"{s}: a transform's affine ends in _xfm.mat")
+    return s[: -len("_xfm.mat")]
+
+
+def session_transform_paths(prefix: str | os.PathLike) -> dict[str, str]:
+    """The session transform's files of ``prefix``: ``{affine: P_xfm.mat, warp: P_xfm.nii.gz,
+    inverse_warp: P_invxfm.nii.gz}``."""
+    p = str(prefix)
+    return {"affine": p + "_xfm.mat", "warp": p + "_xfm.nii.gz", "inverse_warp": p + "_invxfm.nii.gz"}
