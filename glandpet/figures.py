@@ -925,3 +925,27 @@ def _save_png_small(fig, out_png: Path, max_bytes: int = 1_400_000) -> None:
         with Image.open(out_png) as im:
             q = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
         q.save(out_png, format="PNG", optimize=True)
+
+
+#: width (px) of the QC montage's thumbnail, the copy the Snakemake report embeds (issue 21)
+THUMBNAIL_WIDTH = 640
+
+
+def montage_thumbnail(png, out_png, width: int = THUMBNAIL_WIDTH) -> Path:
+    """A small copy of a QC montage for the Snakemake report: ``width`` px wide (aspect kept,
+    Lanczos), 256-colour palette PNG (~90 KB for a two-session montage, vs ~700 KB for the 1600 px
+    original). The self-contained report embeds every montage in base64, so with full-size
+    montages a 1,000-subject report would be ~1 GB (``benchmarks/report_scale.py``); the full image
+    stays in ``figures/qc/`` and the caption names it."""
+    from PIL import Image
+
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(png) as im:
+        rgb = im.convert("RGB")
+    if rgb.width > width:
+        rgb = rgb.resize((width, max(1, round(rgb.height * width / rgb.width))), Image.Resampling.LANCZOS)
+    tmp = out_png.with_name(f".{out_png.name}.tmp")
+    rgb.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(tmp, format="PNG", optimize=True)
+    tmp.replace(out_png)
+    return out_png

@@ -1,6 +1,7 @@
 # Per subject, once its sessions are measured: the per-gland PSMA/FAPI index and (both sessions) within-gland voxel
 # correlation after session alignment, and the QC montage (CT + gland contours, each session's PET
-# fused). One job: both read the same images, and the DAG of a large cohort grows with its jobs.
+# fused) with its thumbnail for the report. One job: both read the same images, and the DAG of a
+# large cohort grows with its jobs.
 
 
 rule index_and_montage:
@@ -8,8 +9,11 @@ rule index_and_montage:
         unpack(index_and_montage_inputs),
     output:
         index=f"{RESULTS}/sub-{{subject}}/sub-{{subject}}_gland_index.parquet",
-        png=report(
-            f"{RESULTS}/figures/qc/sub-{{subject}}_qc.png",
+        png=f"{RESULTS}/figures/qc/sub-{{subject}}_qc.png",
+        # the report embeds a 640 px thumbnail, not the 1600 px montage: a self-contained report of
+        # 1,000 full montages is ~1 GB (benchmarks/report_scale.py); the caption names the full image
+        thumbnail=report(
+            f"{RESULTS}/figures/qc/thumbnails/sub-{{subject}}_qc.png",
             caption="../report/qc_montage.rst",
             category="QC montages",
             subcategory="{subject}",

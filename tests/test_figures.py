@@ -242,3 +242,23 @@ def test_index_by_group_shows_only_groups_with_data(tmp_path):
 
     x, y = np.array([5.0, 6, 7, 8]), np.array([1.0, 2, 3])
     assert figures._mann_whitney(x, y) == (pytest.approx(mann_whitney_test(x, y)[1]), pytest.approx(1.0))
+
+
+def test_montage_thumbnail_is_small_and_keeps_the_aspect(tmp_path):
+    """The report's copy of a QC montage (issue 21): 640 px wide, aspect kept, a palette PNG far
+    smaller than the montage; a narrower image keeps its size."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    big = tmp_path / "sub-01_qc.png"
+    Image.fromarray(rng.integers(0, 255, (1272, 1600, 4), dtype=np.uint8), "RGBA").save(big)
+    out = figures.montage_thumbnail(big, tmp_path / "thumbnails" / "sub-01_qc.png")
+    with Image.open(out) as im:
+        assert im.size == (figures.THUMBNAIL_WIDTH, round(1272 * figures.THUMBNAIL_WIDTH / 1600))
+        assert im.mode == "P"
+    assert out.stat().st_size < big.stat().st_size / 4
+    small = tmp_path / "small.png"
+    Image.new("RGB", (300, 200), "white").save(small)
+    with Image.open(figures.montage_thumbnail(small, tmp_path / "small_thumb.png")) as im:
+        assert im.size == (300, 200)
+    assert not list((tmp_path / "thumbnails").glob(".*"))  # no temporary file left

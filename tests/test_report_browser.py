@@ -198,3 +198,12 @@ def test_report_renders_every_category_figure_table_and_montage(browser, report,
     assert shot.stat().st_size > 20_000
     if os.environ.get("GLANDPET_REFRESH_SCREENSHOT"):
         shutil.copyfile(shot, REPO / "docs" / "report_screenshot.png")
+
+    # issue 21: the report embeds the montage's thumbnail; its caption links the full image, which
+    # lies beside the report (results/figures/qc/)
+    s = subjects[0]
+    rep.rows()[f"sub-{s}_qc.png"].find_element(rep.By.CSS_SELECTOR, "a[iconname=information-circle]").click()
+    links = _wait(lambda: [a for a in browser.find_elements(rep.By.CSS_SELECTOR, f"a[href$='figures/qc/sub-{s}_qc.png']")
+                           if a.is_displayed()], what="the caption's link to the full montage")
+    full = report.parent / "figures" / "qc" / f"sub-{s}_qc.png"
+    assert links[0].get_attribute("href") == full.as_uri() and full.stat().st_size > 10_000

@@ -72,6 +72,8 @@ def test_adding_a_subject_runs_only_its_jobs_and_the_cohort_aggregation(workflow
     shutil.copytree(shared / "work" / "sub-S001", results / "work" / "sub-S001")
     (results / "figures" / "qc").mkdir(parents=True)
     shutil.copy2(shared / "figures" / "qc" / "sub-S001_qc.png", results / "figures" / "qc")
+    (results / "figures" / "qc" / "thumbnails").mkdir()
+    shutil.copy2(shared / "figures" / "qc" / "thumbnails" / "sub-S001_qc.png", results / "figures" / "qc" / "thumbnails")
     study_config(tmp_path, workflow_run, ["S001"])
     proc = snakemake(tmp_path, "--cores", "2")
     done = planned(proc.stdout + proc.stderr)
