@@ -156,7 +156,7 @@ def pet_to_ct(w):
     return ses_file(w.subject, w.session, "xfm.mat", from_="pet", to="ct")
 
 
-CORRECTIONS = config["segmentation"].get("corrections", "")
+CORRECTIONS = config["segmentation"]["corrections"]
 
 
 def correction_kind(subject, session):

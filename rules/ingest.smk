@@ -24,7 +24,7 @@ checkpoint index_dicom:
         runtime=120,
     params:
         dicom_root=DICOM_ROOT,
-        overrides=config.get("series_overrides", []),
+        overrides=config["series_overrides"],
         suv_type=config["suv_type"],
     script:
         "../scripts/index_dicom.py"

@@ -60,7 +60,7 @@ rule cohort_statistics:
         mem_mb=2000,
         runtime=10,
     params:
-        clinical=config.get("clinical", {}),
+        clinical=config["clinical"],
     script:
         "../scripts/cohort_statistics.py"
 

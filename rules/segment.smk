@@ -32,11 +32,11 @@ rule segment_glands:
     params:
         atlases=ATLASES,
         fusion=config["segmentation"]["fusion"],
-        refine_hu=config["segmentation"].get("refine_hu", {}),
-        atlases_per_gland=config["segmentation"].get("atlases_per_gland", 5),
-        atlases_per_region=config["segmentation"].get("atlases_per_region", 0),
-        preserve_volume=config["segmentation"].get("preserve_volume", True),
-        refine_intensity=config["segmentation"].get("refine_intensity", True),
+        refine_hu=config["segmentation"]["refine_hu"],
+        atlases_per_gland=config["segmentation"]["atlases_per_gland"],
+        atlases_per_region=config["segmentation"]["atlases_per_region"],
+        preserve_volume=config["segmentation"]["preserve_volume"],
+        refine_intensity=config["segmentation"]["refine_intensity"],
     script:
         "../scripts/segment_glands.py"
 

@@ -66,3 +66,25 @@ def test_the_workflow_says_a_typo_in_one_line(tmp_path):
     assert proc.returncode != 0
     assert "config: unknown key pvc.methd (did you mean pvc.method?)" in out
     assert "Failed validating" not in out and len(out.splitlines()) <= 8, out
+
+
+def test_the_schema_holds_the_defaults_config_yaml_shows():
+    """Defaults once (issue 20): validate() fills an empty config from config.schema.yaml's `default:`
+    values, and the result is config.yaml, key for key; a partial section gets its missing keys."""
+    filled: dict = {}
+    validate(filled, SCHEMA)
+    assert filled == default_config()
+    partial = {"segmentation": {"fusion": "majority"}, "pvc": {"fwhm_mm": {"psma": 5.0}}}
+    validate(partial, SCHEMA)
+    expected = copy.deepcopy(default_config()["segmentation"])
+    expected["fusion"] = "majority"
+    assert partial["segmentation"] == expected
+    assert partial["pvc"] == {"method": "gtm", "fwhm_mm": {"psma": 5.0, "fapi": "auto"}}
+
+
+def test_rules_read_config_keys_without_a_second_default():
+    """No rule writes a default a second time (`config.get(key, default)`): the schema has it."""
+    rules = REPO / "rules"
+    found = [f"{p.name}: {m.group(0)}" for p in sorted(rules.glob("*.smk"))
+             for m in re.finditer(r"config(?:\[[^\]]+\])*\.get\([^)]*\)", p.read_text())]
+    assert found == []
