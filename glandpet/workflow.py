@@ -381,6 +381,19 @@ def plan_after_index(workflow: Any, series_path: str) -> None:
     _logging.getLogger("snakemake").addHandler(handler)
 
 
+def per_attempt(first: int) -> Any:
+    """A rule's resource (``mem_mb``, ``runtime`` in minutes) that grows with the attempt: ``first``
+    on the first, 2x on the second, 3x on the third (``retries`` in profiles/slurm: a job that ran
+    out of memory or time asks for more). The one place of each rule's resources: the SLURM profile
+    repeats none of them."""
+
+    def resource(wildcards: Any, attempt: int) -> int:
+        return int(first) * int(attempt)
+
+    resource.__name__ = f"per_attempt_{int(first)}"
+    return resource
+
+
 def remember_input_function_params(workflow: Any) -> int:
     """Let Snakemake look up each input function's parameters once, not on every call.
 

@@ -19,6 +19,7 @@ from glandpet.workflow import (
     config_digest,
     finish_run,
     params_digest,
+    per_attempt,
     plan_after_index,
     reference_session,
     selected_sessions,

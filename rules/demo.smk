@@ -19,8 +19,8 @@ rule demo_phantom:
         "../envs/glandpet.yaml"
     threads: 2
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=per_attempt(4000),
+        runtime=per_attempt(30),
     params:
         outdir=lambda w, output: os.path.dirname(output.sheet),
         subjects=config["demo"]["subjects"],
@@ -45,8 +45,8 @@ rule phantom_atlases:
         "../envs/glandpet.yaml"
     threads: 2
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=per_attempt(4000),
+        runtime=per_attempt(30),
     params:
         outdir=lambda w, output: os.path.dirname(
             os.path.dirname(os.path.dirname(output.atlases[0]))

@@ -26,8 +26,8 @@ rule index_and_montage:
         "../envs/ants.yaml"
     threads: 1
     resources:
-        mem_mb=3000,
-        runtime=20,
+        mem_mb=per_attempt(3000),
+        runtime=per_attempt(20),
     params:
         index=config["index"],
     script:

@@ -20,8 +20,8 @@ checkpoint index_dicom:
         "../envs/glandpet.yaml"
     threads: 2
     resources:
-        mem_mb=4000,
-        runtime=120,
+        mem_mb=per_attempt(4000),
+        runtime=per_attempt(120),
     params:
         dicom_root=DICOM_ROOT,
         overrides=config["series_overrides"],
@@ -45,8 +45,8 @@ rule convert_pet:
         "../envs/glandpet.yaml"
     threads: 1
     resources:
-        mem_mb=3000,
-        runtime=20,
+        mem_mb=per_attempt(3000),
+        runtime=per_attempt(20),
     params:
         dicom_root=DICOM_ROOT,
         modality="pet",

@@ -21,8 +21,8 @@ rule measure_glands:
         "../envs/glandpet.yaml"
     threads: 1
     resources:
-        mem_mb=3000,
-        runtime=15,
+        mem_mb=per_attempt(3000),
+        runtime=per_attempt(15),
     params:
         suv_type=config["suv_type"],
         pvc=config["pvc"],

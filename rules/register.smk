@@ -18,8 +18,8 @@ rule convert_ct_register_pet:
         "../envs/ants.yaml"
     threads: 1  # one ITK thread: bit-reproducible transforms (see glandpet.registration)
     resources:
-        mem_mb=3000,
-        runtime=30,
+        mem_mb=per_attempt(3000),
+        runtime=per_attempt(30),
     params:
         dicom_root=DICOM_ROOT,
     script:
@@ -43,7 +43,7 @@ rule align_sessions:
         "../envs/ants.yaml"
     threads: 2
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=per_attempt(4000),
+        runtime=per_attempt(30),
     script:
         "../scripts/align_sessions.py"

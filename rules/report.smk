@@ -28,8 +28,8 @@ rule cohort_tables:
         "../envs/glandpet.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=15,
+        mem_mb=per_attempt(4000),
+        runtime=per_attempt(15),
     params:
         config_hash=config_digest(config),
         atlases=ATLASES,
@@ -57,8 +57,8 @@ rule cohort_statistics:
         "../envs/glandpet.yaml"
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=per_attempt(2000),
+        runtime=per_attempt(10),
     params:
         clinical=config["clinical"],
     script:
@@ -102,8 +102,8 @@ rule report_tables:
         "../envs/glandpet.yaml"
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=per_attempt(2000),
+        runtime=per_attempt(10),
     script:
         "../scripts/report_tables.py"
 
@@ -130,7 +130,7 @@ rule cohort_figures:
         "../envs/glandpet.yaml"
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=per_attempt(2000),
+        runtime=per_attempt(10),
     script:
         "../scripts/cohort_figures.py"

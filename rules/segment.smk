@@ -27,8 +27,8 @@ rule segment_glands:
         "../envs/ants.yaml"
     threads: 2
     resources:
-        mem_mb=6000,
-        runtime=60,
+        mem_mb=per_attempt(6000),
+        runtime=per_attempt(60),
     params:
         atlases=ATLASES,
         fusion=config["segmentation"]["fusion"],
@@ -58,7 +58,7 @@ rule apply_correction:
         "../envs/ants.yaml"
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=per_attempt(2000),
+        runtime=per_attempt(10),
     script:
         "../scripts/apply_correction.py"

@@ -88,3 +88,18 @@ def test_rules_read_config_keys_without_a_second_default():
     found = [f"{p.name}: {m.group(0)}" for p in sorted(rules.glob("*.smk"))
              for m in re.finditer(r"config(?:\[[^\]]+\])*\.get\([^)]*\)", p.read_text())]
     assert found == []
+
+
+def test_each_rule_sets_its_resources_once_and_the_slurm_profile_repeats_none():
+    """Issue 20: memory and runtime live in the rules (glandpet.workflow.per_attempt: the first
+    attempt's value, x2 and x3 on the profile's retries); profiles/slurm has no second list."""
+    from glandpet.workflow import per_attempt
+
+    assert [per_attempt(3000)(None, a) for a in (1, 2, 3)] == [3000, 6000, 9000]
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    assert "set-resources" not in profile and profile["retries"] >= 1
+    for smk in sorted((REPO / "rules").glob("*.smk")):
+        for block in re.split(r"\n(?=(?:rule|checkpoint) )", smk.read_text())[1:]:
+            name = block.split()[1].rstrip(":")
+            assert re.search(r"mem_mb=per_attempt\(\d+\)", block), f"{smk.name}: {name} has no mem_mb"
+            assert re.search(r"runtime=per_attempt\(\d+\)", block), f"{smk.name}: {name} has no runtime"
