@@ -58,7 +58,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .geometry import LPS_TO_RAS
+from .geometry import transform_lps_to_ras
 from .glands import DEFAULT_LABELS, GLANDS, SIDES
 
 log = logging.getLogger(__name__)
@@ -581,7 +581,7 @@ def _linear_to_ct(pet: np.ndarray, pet_aff: np.ndarray, ct_shape, ct_aff: np.nda
     if xfm is not None:
         A, b = xfm
         T[:3, :3], T[:3, 3] = A, b
-    M = np.linalg.inv(pet_aff) @ LPS_TO_RAS @ T @ LPS_TO_RAS @ ct_aff  # CT voxel -> PET voxel
+    M = np.linalg.inv(pet_aff) @ transform_lps_to_ras(T) @ ct_aff  # CT voxel -> PET voxel
     return ndimage.affine_transform(pet, M[:3, :3], offset=M[:3, 3], output_shape=tuple(ct_shape), order=1,
                                     mode="constant", cval=0.0, prefilter=False).astype(np.float32)
 
@@ -590,9 +590,9 @@ def _session_warp_list(session_warp) -> list[str]:
     """ANTs transform list (this CT's points -> the other session's CT points)."""
     if isinstance(session_warp, (list, tuple)):
         return [str(t) for t in session_warp]
-    from .registration import session_paths
+    from .layout import session_transform_paths
 
-    p = session_paths(str(session_warp))
+    p = session_transform_paths(session_warp)
     return [p["warp"], p["affine"]] if Path(p["warp"]).exists() else [p["affine"]]
 
 

@@ -25,6 +25,13 @@ def ras_to_lps(affine) -> np.ndarray:
     return LPS_TO_RAS @ np.asarray(affine, dtype=float)
 
 
+def transform_lps_to_ras(transform) -> np.ndarray:
+    """A 4x4 transform between LPS points (ITK / ANTs) as the same transform between RAS points
+    (``LPS_TO_RAS @ transform @ LPS_TO_RAS``; the flip is its own inverse, so this also converts back).
+    The flip only changes signs, so the result is exact."""
+    return LPS_TO_RAS @ np.asarray(transform, dtype=float) @ LPS_TO_RAS
+
+
 def lps_to_ras(affine) -> np.ndarray:
     """The 4x4 affine ``affine`` (voxel -> LPS mm, e.g. built from DICOM headers) as voxel -> RAS mm
     (a new float64 array), what a NIfTI file stores."""

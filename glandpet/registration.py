@@ -533,11 +533,6 @@ def register_ct_to_ct(fixed, moving, outprefix: str, stages: list[dict], *, com_
                             verbose=verbose)
 
 
-def session_paths(out_prefix) -> dict:
-    """The session transform's files of ``out_prefix``: :func:`glandpet.layout.session_transform_paths`."""
-    return session_transform_paths(out_prefix)
-
-
 def align_sessions(fixed_ct, moving_ct, out_prefix, threads: int = 1, *, spacing_mm: float = CT_CT_SPACING_MM,
                    syn: dict | None = None, verbose: bool = False) -> dict:
     """Align the FAPI session's CT (moving) to the PSMA session's CT (fixed).

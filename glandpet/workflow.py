@@ -681,13 +681,13 @@ def ct_to_pet_affine(xfm_path: str) -> Any:
     """The rigid CT->PET transform of a session (ITK .mat) as a 4x4 matrix in RAS mm."""
     import numpy as np
 
-    from .geometry import LPS_TO_RAS
+    from .geometry import transform_lps_to_ras
     from .registration import transform_matrix
 
     A, b = transform_matrix(xfm_path)
     m_lps = np.eye(4)
     m_lps[:3, :3], m_lps[:3, 3] = A, b
-    return LPS_TO_RAS @ m_lps @ LPS_TO_RAS
+    return transform_lps_to_ras(m_lps)
 
 
 def seg_confidence_columns(seg_qc_path: str | None, gland: str, side: str, review_below: float | None = None,

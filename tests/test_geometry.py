@@ -89,3 +89,12 @@ def test_re_exported_names_are_the_one_matrix():
 
     assert dicom_series.LPS_TO_RAS is LPS_TO_RAS
     assert model.LPS_TO_RAS is LPS_TO_RAS
+
+
+def test_transform_lps_to_ras_is_the_flip_conjugate_exactly():
+    from glandpet.geometry import transform_lps_to_ras
+
+    t = np.array(AFFINE, dtype=float)
+    got = transform_lps_to_ras(t)
+    assert np.array_equal(got, LPS_TO_RAS @ t @ LPS_TO_RAS)
+    assert np.array_equal(transform_lps_to_ras(got), t)

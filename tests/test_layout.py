@@ -132,15 +132,13 @@ def test_label_table_and_transform_prefix():
         transform_prefix_of("x/sub-A_from-fapi_to-psma_xfm.nii.gz")
 
 
-def test_session_transform_paths_and_the_registration_alias():
-    from glandpet.registration import session_paths
-
+def test_session_transform_paths():
     prefix = path(R, "S001", from_="fapi", to="psma")
     want = {"affine": "results/sub-S001/sub-S001_from-fapi_to-psma_xfm.mat",
             "warp": "results/sub-S001/sub-S001_from-fapi_to-psma_xfm.nii.gz",
             "inverse_warp": "results/sub-S001/sub-S001_from-fapi_to-psma_invxfm.nii.gz"}
     assert session_transform_paths(prefix) == want
-    assert session_paths(Path(prefix)) == want
+    assert session_transform_paths(Path(prefix)) == want
     assert transform_prefix_of(want["affine"]) == prefix
 
 

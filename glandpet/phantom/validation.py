@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..geometry import LPS_TO_RAS, ras_to_lps
+from ..geometry import ras_to_lps, transform_lps_to_ras
 
 
 def pet_sidecars(cohort: str | Path) -> dict[tuple[str, str], dict]:
@@ -64,7 +64,7 @@ def pvc_errors(cohort: str | Path, fwhm_mm: float | str | None = None) -> pd.Dat
         table = read_label_table(tdir / f"sub-{sub}_ses-{ses}_space-ct_dseg.tsv")
         sel = xfm[(xfm.subject_id == sub) & (xfm.session == ses) & (xfm.from_space == "pet") & (xfm.to_space == "ct")]
         pet_to_ct = np.asarray(sel.iloc[0]["matrix_lps"], float).reshape(4, 4)
-        ct_in_pet = LPS_TO_RAS @ np.linalg.inv(pet_to_ct) @ LPS_TO_RAS @ lab_img.affine
+        ct_in_pet = transform_lps_to_ras(np.linalg.inv(pet_to_ct)) @ lab_img.affine
         suv = np.asarray(suv_img.dataobj, dtype=np.float32)
         fr = label_fractions_on_grid(np.asarray(lab_img.dataobj).astype(np.int16), ct_in_pet, suv.shape,
                                      suv_img.affine, [lab.index for lab in table])
@@ -126,7 +126,7 @@ def voxel_correlations(cohort: str | Path) -> pd.DataFrame:
         fapi_on_psma = map_coordinates(np.asarray(fapi_img.dataobj, np.float32), src, order=1, cval=np.nan).reshape(shape)
         lab_img = nib.load(d["psma"] / f"sub-{sub}_ses-psma_space-ct_dseg.nii.gz")
         table = read_label_table(d["psma"] / f"sub-{sub}_ses-psma_space-ct_dseg.tsv")
-        ct_in_pet = LPS_TO_RAS @ np.linalg.inv(matrix(sub, "psma", "pet", "ct")) @ LPS_TO_RAS @ lab_img.affine
+        ct_in_pet = transform_lps_to_ras(np.linalg.inv(matrix(sub, "psma", "pet", "ct"))) @ lab_img.affine
         fr = label_fractions_on_grid(np.asarray(lab_img.dataobj).astype(np.int16), ct_in_pet, shape,
                                      psma_img.affine, [lab.index for lab in table])
         psma = np.asarray(psma_img.dataobj, np.float32)
