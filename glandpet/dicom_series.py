@@ -23,6 +23,9 @@ Policy (refuse, never resample; every message names the series):
   (PlanePosition, PlaneOrientation, PixelMeasures, PixelValueTransformation);
 - compressed transfer syntaxes are decoded when pydicom has a decoder for them; otherwise
   refused with the transfer syntax name.
+
+The geometry check (:func:`volume_geometry_problem`: one position, spacing, tilt) is public: the DICOM
+catalog (:mod:`glandpet.catalog_grouping`) runs the same check on the headers before any series is read.
 """
 
 from __future__ import annotations
@@ -58,6 +61,63 @@ class GeometryError(UserError):
 
     def __reduce__(self):  # picklable (process pools) despite the extra arguments
         return (type(self), (str(self), self.kind, self.modality))
+
+
+@dataclass(frozen=True)
+class VolumeGeometryProblem:
+    """Why slice positions are not one regular volume: ``kind`` ("same_position", "unequal_spacing"
+    or "tilt", as :class:`GeometryError`) and ``message``, which names neither the series nor a remedy."""
+
+    kind: str
+    message: str
+
+
+# what the reader adds to a VolumeGeometryProblem's message when it refuses the series
+_REFUSAL = {
+    "same_position": "; split the series (one volume per folder)",
+    "unequal_spacing": " Refusing rather than resampling",
+    "tilt": "; not supported for a PET (a CT is de-sheared by glandpet.convert)",
+}
+
+
+def volume_geometry_problem(dist: Sequence[float], positions: Sequence[Sequence[float]], normal: np.ndarray,
+                            names: Sequence[str] | None = None) -> VolumeGeometryProblem | None:
+    """The first reason slices are not one regular volume, with the reader's tolerances, else None.
+
+    `dist`: each slice's position along the unit slice `normal` (mm); `positions`: its
+    ImagePositionPatient (LPS mm), in the same order (any order: slices are taken sorted by `dist`,
+    stably); `names`: the slices' file names, then named in a "same_position" message. Checked in
+    order: two slices at one position (closer than 0.01 mm), unequal spacing (a gap off the mean step
+    by more than 0.01 mm + 5 %), positions drifting off the normal (by more than 0.01 mm + 0.1 % of
+    the stack's extent: gantry tilt). Used by :func:`load_series` and by the DICOM catalog, which
+    checks the headers without reading pixels (:mod:`glandpet.catalog_grouping`)."""
+    dist = np.asarray(dist, dtype=float)
+    if len(dist) < 2:
+        return None
+    order = np.argsort(dist, kind="stable")
+    d = dist[order]
+    gaps = np.diff(d)
+    if np.any(gaps < _ABS_TOL_MM):
+        k = int(np.argmin(gaps))
+        where = f"{names[order[k]]}, {names[order[k + 1]]}, " if names is not None else ""
+        return VolumeGeometryProblem("same_position", f"two different instances at the same slice position ({where}"
+                                     f"{d[k]:.3f} mm): multiple stacks or dynamic frames")
+    step = (d[-1] - d[0]) / (len(d) - 1)
+    dev = np.abs(gaps - step)
+    if np.max(dev) > _ABS_TOL_MM + _REL_TOL * step:
+        k = int(np.argmax(dev))
+        return VolumeGeometryProblem("unequal_spacing", f"unequal slice spacing (gap {gaps[k]:.3f} mm between slices "
+                                     f"{k} and {k + 1}, median {np.median(gaps):.3f} mm): missing slices?")
+    pos = np.array([positions[i] for i in order], dtype=float)
+    perp = (pos - pos[0]) - np.outer(d - d[0], normal)
+    off = np.linalg.norm(perp, axis=1)
+    if np.max(off) > _ABS_TOL_MM + 1e-3 * abs(d[-1] - d[0]):
+        k = int(np.argmax(off))
+        angle = np.degrees(np.arctan2(off[k], abs(d[k] - d[0]) or 1.0))
+        return VolumeGeometryProblem("tilt", f"slice positions are not along the slice normal (sideways drift "
+                                     f"{off[k]:.3f} mm over {abs(d[k] - d[0]):.1f} mm, about {angle:.2f} deg): "
+                                     "gantry tilt or sheared stack")
+    return None
 
 
 @dataclass
@@ -312,39 +372,14 @@ def load_series(files_or_dir, *, read_pixels: bool = True, label: str | None = N
     dist = dist[order]
 
     if len(slices) > 1:
+        problem = volume_geometry_problem(dist, [s.position for s in slices], n, names=[s.path.name for s in slices])
+        if problem is not None:
+            raise GeometryError(f"{label}: {problem.message}{_REFUSAL[problem.kind]}", problem.kind, modality)
         gaps = np.diff(dist)
-        if np.any(gaps < _ABS_TOL_MM):
-            k = int(np.argmin(gaps))
-            raise GeometryError(
-                f"{label}: two different instances at the same slice position ({slices[k].path.name}, "
-                f"{slices[k + 1].path.name}, {dist[k]:.3f} mm): multiple stacks or dynamic frames; "
-                f"split the series (one volume per folder)", "same_position", modality
-            )
         step = (dist[-1] - dist[0]) / (len(slices) - 1)
-        tol = _ABS_TOL_MM + _REL_TOL * step
-        if np.max(np.abs(gaps - step)) > tol:
-            k = int(np.argmax(np.abs(gaps - step)))
-            raise GeometryError(
-                f"{label}: unequal slice spacing (gap {gaps[k]:.3f} mm between slices {k} and {k + 1}, "
-                f"median {np.median(gaps):.3f} mm): missing slices? Refusing rather than resampling",
-                "unequal_spacing", modality,
-            )
         dev = float(np.max(np.abs(gaps - step)))
         if dev > _ABS_TOL_MM:
             notes.append(f"slice spacing varies by up to {dev:.3f} mm around {step:.4f} mm (accepted; mean spacing used)")
-        p0 = slices[0].position
-        offsets = np.array([s.position - p0 for s in slices])
-        perp = offsets - np.outer(dist - dist[0], n)
-        off = np.linalg.norm(perp, axis=1)
-        if np.max(off) > _ABS_TOL_MM + 1e-3 * abs(dist[-1] - dist[0]):
-            # slice positions drift sideways: gantry tilt (or sheared stack)
-            k = int(np.argmax(off))
-            angle = np.degrees(np.arctan2(off[k], abs(dist[k] - dist[0]) or 1.0))
-            raise GeometryError(
-                f"{label}: slice positions are not along the slice normal (sideways drift {off[k]:.3f} mm "
-                f"over {abs(dist[k] - dist[0]):.1f} mm, about {angle:.2f} deg): gantry tilt or sheared stack; "
-                f"not supported for a PET (a CT is de-sheared by glandpet.convert)", "tilt", modality
-            )
         slice_vec = (slices[-1].position - slices[0].position) / (len(slices) - 1)
     else:
         thick = float(slices[0].ds.get("SpacingBetweenSlices", 0) or slices[0].ds.get("SliceThickness", 0) or 1.0)

@@ -479,7 +479,7 @@ def test_compressed_without_decoder_is_refused_naming_syntax_and_package(mini, t
     from pydicom.pixels.decoders import base
     from pydicom.uid import RLELossless
 
-    from glandpet import series_index
+    from glandpet import catalog_failures
 
     pet = files(mini, "B", "pet")
     edit(pet, lambda ds, k: ds.compress(RLELossless))
@@ -488,7 +488,7 @@ def test_compressed_without_decoder_is_refused_naming_syntax_and_package(mini, t
         is_available = False
 
     monkeypatch.setattr(base, "get_decoder", lambda uid: Unavailable())
-    monkeypatch.setattr(series_index, "_DECODER_CACHE", {})
+    monkeypatch.setattr(catalog_failures, "DECODER_CACHE", {})
     assert_fails(index(mini), "B", "psma", "compressed transfer syntax 'RLE Lossless' (1.2.840.10008.1.2.5)",
                  "no decoder for it is installed", "decompress the series")
     from glandpet.convert import convert_series
