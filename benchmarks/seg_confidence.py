@@ -99,12 +99,13 @@ def _segment_and_score(key: str, ct, truth, truth_tsv, atlases: list[dict], cach
     import tempfile
 
     from glandpet.atlas_validate import score_scan
-    from glandpet.segmentation import segment_kwargs, segment_subject
+    from glandpet.segmentation import segment_subject
+    from glandpet.segmentation_params import SegmentationParams
 
     with tempfile.TemporaryDirectory(prefix="gp_conf_") as tmp:
         t0, c0 = time.perf_counter(), _cpu()
-        m = segment_subject(ct, atlases, Path(tmp) / "dseg.nii.gz", Path(tmp) / "dseg.tsv", threads=threads,
-                            **segment_kwargs(None))
+        m = segment_subject(ct, atlases, Path(tmp) / "dseg.nii.gz", Path(tmp) / "dseg.tsv",
+                            SegmentationParams.from_config(None), threads=threads)
         rows = score_scan(truth, truth_tsv, Path(tmp) / "dseg.nii.gz")
         cache.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(tmp) / "dseg.nii.gz", cache / f"{key}_dseg.nii.gz")

@@ -34,6 +34,11 @@ def _child(q, fn_name, kwargs, threads):
 
     fn = {"pet2ct": R.register_pet_to_ct, "align": R.align_sessions, "segment": S.segment_subject,
           "to_session": S.labels_to_session, "to_pet": S.labels_to_pet}[fn_name]
+    if fn_name == "segment":  # --fusion is a segmentation parameter
+        from glandpet.segmentation_params import SegmentationParams
+
+        kwargs = dict(kwargs)
+        kwargs["params"] = SegmentationParams(fusion=kwargs.pop("fusion", "auto"))
     t1 = time.perf_counter()
     ru = resource.getrusage(resource.RUSAGE_SELF)
     c1 = ru.ru_utime + ru.ru_stime

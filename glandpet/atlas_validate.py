@@ -1,12 +1,13 @@
 """`glandpet atlas validate DIR [DIR ...]`: leave-one-out cross-validation of an atlas library.
 
 Each held-out atlas's CT is segmented by the workflow's own segmentation
-(:func:`glandpet.segmentation.segment_subject`, arguments from the ``segmentation:`` config keys
-through :func:`glandpet.segmentation.segment_kwargs`) with the other atlases (all of them, or
-``n_atlases`` of them chosen per held-out scan by a seeded draw), and its automatic labels are
-compared with its own contours (:func:`glandpet.seg_metrics.mask_metrics`): Dice, symmetric mean
-surface distance and HD95 in mm, contour and automatic volume and the relative volume error. One row
-per held-out atlas x gland x side (:data:`glandpet.tables.ATLAS_VALIDATION`), medians per gland.
+(:func:`glandpet.segmentation.segment_subject`, parameters from the ``segmentation:`` config keys
+through :meth:`glandpet.segmentation_params.SegmentationParams.from_config`) with the other atlases
+(all of them, or ``n_atlases`` of them chosen per held-out scan by a seeded draw), and its automatic
+labels are compared with its own contours (:func:`glandpet.seg_metrics.mask_metrics`): Dice,
+symmetric mean surface distance and HD95 in mm, contour and automatic volume and the relative volume
+error. One row per held-out atlas x gland x side (:data:`glandpet.tables.ATLAS_VALIDATION`), medians
+per gland.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def score_scan(truth_labels: str | Path, truth_table: str | Path, auto_dseg: str
 
     from .glands import DEFAULT_LABELS, read_label_table
     from .seg_metrics import mask_metrics, spacing_of_affine
-    from .segmentation import relabel_to_default
+    from .segmentation_atlas_registration import relabel_to_default
 
     t_img, a_img = nib.load(str(truth_labels)), nib.load(str(auto_dseg))
     if tuple(t_img.shape[:3]) != tuple(a_img.shape[:3]) or not np.allclose(t_img.affine, a_img.affine, atol=1e-3):
@@ -155,7 +156,8 @@ def validate_atlases(atlases: Sequence[Mapping[str, Any]], *, seg_config: Mappin
     scans). ``on_scan(name, rows, info)`` is called after each scan. A scan whose segmentation
     fails gets rows with the error message and no metrics; the others go on."""
     from .progress import Progress
-    from .segmentation import segment_kwargs, segment_subject
+    from .segmentation import segment_subject
+    from .segmentation_params import SegmentationParams
     from .tables import ATLAS_VALIDATION, config_hash
 
     by_name = {a["name"]: dict(a) for a in atlases}
@@ -167,7 +169,7 @@ def validate_atlases(atlases: Sequence[Mapping[str, Any]], *, seg_config: Mappin
     unknown = [h for h in held if h not in by_name]
     if unknown:
         raise UserError(f"unknown atlas(es) to hold out: {', '.join(unknown)}")
-    kwargs = segment_kwargs(seg_config)
+    params = SegmentationParams.from_config(seg_config)
     prov = {"pipeline_version": _version(), "config_hash": config_hash(dict(seg_config or {}))}
     rows: list[dict] = []
     keep = Path(labels_dir) if labels_dir else None
@@ -183,7 +185,7 @@ def validate_atlases(atlases: Sequence[Mapping[str, Any]], *, seg_config: Mappin
             error = None
             try:
                 segment_subject(by_name[name]["ct"], [_atlas_arg(by_name[x]) for x in library], dseg,
-                                out_dir / f"{name}_dseg.tsv", threads=threads, **kwargs)
+                                out_dir / f"{name}_dseg.tsv", params, threads=threads)
                 scored = score_scan(by_name[name]["labels"], by_name[name]["label_table"], dseg)
             except Exception as exc:  # one lost scan must not end a run of hours
                 error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

@@ -1,6 +1,7 @@
 """`glandpet segment CT.nii.gz OUT_dseg.nii.gz --atlas DIR [--atlas DIR ...] [--config CONFIG]
 [--threads N]`: the workflow's gland segmentation (:func:`glandpet.segmentation.segment_subject`,
-arguments from :func:`glandpet.segmentation.segment_kwargs`) on one CT, outside a study.
+parameters from :meth:`glandpet.segmentation_params.SegmentationParams.from_config`) on one CT,
+outside a study.
 
 Also the checks shared with ``glandpet atlas validate``: an atlas folder as ``glandpet atlas add``
 writes it (:func:`read_atlas_dir`), a NIfTI that must be readable (:func:`check_nifti`), a CT that must show a body
@@ -213,7 +214,8 @@ def dseg_table_path(out_dseg: str | Path) -> Path:
 # ------------------------------------------------------------------------------ command
 def run(args: argparse.Namespace) -> int:
     from .glands import read_label_table
-    from .segmentation import segment_kwargs, segment_subject
+    from .segmentation import segment_subject
+    from .segmentation_params import SegmentationParams
 
     out_tsv = dseg_table_path(args.output)
     if args.threads < 1:
@@ -225,12 +227,12 @@ def run(args: argparse.Namespace) -> int:
     if dup:
         raise UserError(f"atlas folder(s) given twice: {', '.join(dup)}")
     seg = load_segmentation_config(args.config)
-    kwargs = segment_kwargs(seg)
+    params = SegmentationParams.from_config(seg)
     out = sys.stdout
     print(f"glandpet segment: {Path(args.ct).name} ({'x'.join(map(str, ct.shape[:3]))}) with {len(atlases)} "
           f"atlas(es), {args.threads} thread(s)", file=out, flush=True)
     metrics = segment_subject(args.ct, [{k: a[k] for k in ("name", "ct", "labels", "label_table")} for a in atlases],
-                              args.output, out_tsv, threads=args.threads, **kwargs)
+                              args.output, out_tsv, params, threads=args.threads)
     vols = metrics.get("volumes_ml", {})
     for lab in read_label_table(out_tsv):
         print(f"  {lab.index:>2}  {lab.name:<20} {vols.get(lab.name, 0.0):8.2f} mL", file=out)

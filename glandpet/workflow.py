@@ -1004,13 +1004,15 @@ def segment_glands(inputs: Any, output: Any, session: str, atlases: list[Mapping
 
     set_threads(threads, blas=True)  # ITK and BLAS: what Snakemake granted the job
     if "atlases" in inputs.keys():
-        from .segmentation import segment_kwargs, segment_subject
+        from .segmentation import segment_subject
+        from .segmentation_params import SegmentationParams
 
-        kwargs = segment_kwargs(dict(fusion=fusion, refine_hu=refine_hu, atlases_per_gland=atlases_per_gland,
-                                     atlases_per_region=atlases_per_region, preserve_volume=preserve_volume,
-                                     refine_intensity=refine_intensity))
-        metrics = segment_subject(inputs.ct, [dict(a) for a in atlases], output.dseg, output.table,
-                                  threads=threads, **kwargs)
+        params = SegmentationParams.from_config(dict(
+            fusion=fusion, refine_hu=refine_hu, atlases_per_gland=atlases_per_gland,
+            atlases_per_region=atlases_per_region, preserve_volume=preserve_volume,
+            refine_intensity=refine_intensity))
+        metrics = segment_subject(inputs.ct, [dict(a) for a in atlases], output.dseg, output.table, params,
+                                  threads=threads)
         message = None
         missing = metrics.get("labels_absent")
         if missing:

@@ -14,7 +14,8 @@ from glandpet.atlas_validate import choose_library, choose_subjects, estimate_co
 from glandpet.cli import main
 from glandpet.glands import read_label_table
 from glandpet.segment_cli import load_segmentation_config
-from glandpet.segmentation import relabel_to_default, segment_kwargs
+from glandpet.segmentation_atlas_registration import relabel_to_default
+from glandpet.segmentation_params import SegmentationParams
 
 OKBP = "openkbp-parotid-ct"
 
@@ -225,19 +226,21 @@ def test_validate_error_paths(tiny, capsys):
 
 def test_segmentation_config(tmp_path, capsys, tiny):
     """--config: a study config's `segmentation:` keys (or those keys alone) over the defaults,
-    validated against the schema's segmentation section; mapped by segment_kwargs as the workflow does."""
+    validated against the schema's segmentation section; mapped by SegmentationParams.from_config as the
+    workflow does."""
     defaults = load_segmentation_config(None)
-    assert segment_kwargs(defaults) == segment_kwargs({})  # config.yaml's defaults are segment_kwargs' own
+    # config.yaml's defaults are SegmentationParams' own
+    assert SegmentationParams.from_config(defaults) == SegmentationParams.from_config({})
     study = tmp_path / "study.yaml"
     study.write_text("results: r\nsegmentation:\n  fusion: majority\n  refine_hu: {parotid: [-100, 80]}\n")
     seg = load_segmentation_config(study)
     assert seg["fusion"] == "majority" and seg["atlases_per_gland"] == defaults["atlases_per_gland"]
-    kw = segment_kwargs(seg)
-    assert kw["fusion"] == "majority" and kw["refine"] == {"parotid": {"hu": [-100, 80]}}
+    kw = SegmentationParams.from_config(seg)
+    assert kw.fusion == "majority" and kw.refine == {"parotid": {"hu": [-100, 80]}}
     keys_only = tmp_path / "seg.yaml"
     keys_only.write_text("atlases_per_gland: 0\nrefine_intensity: false\n")
-    kw = segment_kwargs(load_segmentation_config(keys_only))
-    assert kw["atlases_per_gland"] == 0 and kw["refine_intensity"] is False and kw["fusion"] == "auto"
+    kw = SegmentationParams.from_config(load_segmentation_config(keys_only))
+    assert kw.atlases_per_gland == 0 and kw.refine_intensity is False and kw.fusion == "auto"
     bad = tmp_path / "bad.yaml"
     bad.write_text("segmentation:\n  fusion: best\n")
     _, ct, good = tiny

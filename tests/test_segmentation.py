@@ -13,7 +13,11 @@ import scipy.ndimage as ndi
 from test_registration import CT_SHAPE, CT_SP, PET_SHAPE, PET_SP, render, rigid, save
 
 from glandpet import segmentation as S
+from glandpet import segmentation_atlas_registration as A
+from glandpet import segmentation_fusion as F
+from glandpet import segmentation_refinement as RF
 from glandpet.glands import DEFAULT_LABELS, Label, write_label_table
+from glandpet.segmentation_params import SegmentationParams
 
 
 def dice(a, b):
@@ -25,17 +29,17 @@ def test_majority_vote_strict_majority_and_ties():
     a = np.array([1, 1, 1, 0, 1, 0])
     b = np.array([1, 1, 0, 0, 0, 2])
     c = np.array([1, 0, 0, 0, 2, 2])
-    out = S.majority_vote([a, b, c], [{1, 2}] * 3, [1, 2])
+    out = F.majority_vote([a, b, c], [{1, 2}] * 3, [1, 2])
     assert out.tolist() == [1, 1, 0, 0, 0, 2]
     # two atlases: 1-1 tie; without weights the voxel stays background
-    out2 = S.majority_vote([a, b], [{1, 2}] * 2, [1, 2])
+    out2 = F.majority_vote([a, b], [{1, 2}] * 2, [1, 2])
     assert out2.tolist() == [1, 1, 0, 0, 0, 0]
     # ties broken by the atlases' local similarity for that label
     w = [{1: 0.9, 2: 0.9}, {1: 0.5, 2: 0.5}]
-    out3 = S.majority_vote([a, b], [{1, 2}] * 2, [1, 2], weights=w)
+    out3 = F.majority_vote([a, b], [{1, 2}] * 2, [1, 2], weights=w)
     assert out3.tolist() == [1, 1, 1, 0, 1, 0]
     w = [{1: 0.5, 2: 0.5}, {1: 0.9, 2: 0.9}]
-    out4 = S.majority_vote([a, b], [{1, 2}] * 2, [1, 2], weights=w)
+    out4 = F.majority_vote([a, b], [{1, 2}] * 2, [1, 2], weights=w)
     assert out4.tolist() == [1, 1, 0, 0, 0, 2]
 
 
@@ -44,10 +48,10 @@ def test_majority_vote_union_of_gland_subsets():
     a = np.array([1, 7, 7, 0])
     b = np.array([1, 0, 0, 0])
     c = np.array([0, 0, 7, 0])
-    out = S.majority_vote([a, b, c], [{1, 7}, {1}, {1, 7}], [1, 7])
+    out = F.majority_vote([a, b, c], [{1, 7}, {1}, {1, 7}], [1, 7])
     # label 7: holders a and c -> voxel 1: 1/2 tie -> background; voxel 2: 2/2
     assert out.tolist() == [1, 0, 7, 0]
-    out = S.majority_vote([a, b], [{1, 7}, {1}], [1, 7])
+    out = F.majority_vote([a, b], [{1, 7}, {1}], [1, 7])
     assert out.tolist() == [1, 7, 7, 0]  # a is the only holder of 7
 
 
@@ -63,8 +67,8 @@ def test_shape_average_fusion_keeps_the_consensus_volume_and_position():
     centres = [(20, 16, 20), (20, 20, 20), (20, 24, 20)]
     maps = [np.where(_ball(shp, c, r), 5, 0).astype(np.uint8) for c in centres]
     vol = int((maps[0] == 5).sum())
-    vote = S.majority_vote(maps, [{5}] * 3, [5])
-    sba = S.shape_average_fusion(maps, [{5}] * 3, [5], (1.0, 1.0, 1.0))
+    vote = F.majority_vote(maps, [{5}] * 3, [5])
+    sba = F.shape_average_fusion(maps, [{5}] * 3, [5], (1.0, 1.0, 1.0))
     assert (vote == 5).sum() < 0.8 * vol
     assert (sba == 5).sum() == vol
     assert np.allclose(np.argwhere(sba == 5).mean(0), (20, 20, 20), atol=0.1)  # ties at the rim: by position
@@ -72,10 +76,10 @@ def test_shape_average_fusion_keeps_the_consensus_volume_and_position():
     assert dice(sba == 5, maps[1] == 5) > max(0.9, dice(vote == 5, maps[1] == 5))
     # the weights pull the shape towards the more similar atlas
     w = [{5: 0.1}, {5: 0.1}, {5: 10.0}]
-    sbw = S.shape_average_fusion(maps, [{5}] * 3, [5], (1.0, 1.0, 1.0), weights=w)
+    sbw = F.shape_average_fusion(maps, [{5}] * 3, [5], (1.0, 1.0, 1.0), weights=w)
     assert np.argwhere(sbw == 5).mean(0)[1] > 22
     # anisotropic voxels: the volume is still the median voter volume in voxels
-    sb2 = S.shape_average_fusion(maps, [{5}] * 3, [5], (1.0, 1.0, 3.0))
+    sb2 = F.shape_average_fusion(maps, [{5}] * 3, [5], (1.0, 1.0, 3.0))
     assert (sb2 == 5).sum() == vol
 
 
@@ -87,33 +91,33 @@ def test_shape_average_fusion_voters_holders_and_overlap():
     b = a.copy()
     c = np.zeros(shp, np.uint8)
     c[_ball(shp, (10, 15, 15), 6)] = 1  # c lacks label 2 and is not allowed to vote on 1
-    out = S.shape_average_fusion([a, b, c], [{1, 2}, {1, 2}, {1}], [1, 2], (1, 1, 1), voters={1: [0, 1], 2: [0, 1, 2]})
+    out = F.shape_average_fusion([a, b, c], [{1, 2}, {1, 2}, {1}], [1, 2], (1, 1, 1), voters={1: [0, 1], 2: [0, 1, 2]})
     assert np.array_equal(out == 1, a == 1) and np.array_equal(out == 2, a == 2)
     # labels never share a voxel; a voxel both claim goes to the one it lies deeper in
     a2 = np.zeros(shp, np.uint8)
     a2[_ball(shp, (12, 15, 15), 4)] = 2
-    out = S.shape_average_fusion([a, a2], [{1}, {2}], [1, 2], (1, 1, 1))
+    out = F.shape_average_fusion([a, a2], [{1}, {2}], [1, 2], (1, 1, 1))
     assert set(np.unique(out)) == {0, 1, 2}
     assert out[10, 15, 15] == 1 and out[12, 15, 15] == 2
-    assert (S.shape_average_fusion([a], [{1}], [7], (1, 1, 1)) == 0).all()  # nobody holds 7
+    assert (F.shape_average_fusion([a], [{1}], [7], (1, 1, 1)) == 0).all()  # nobody holds 7
 
 
 def test_top_voxels():
     s = np.array([[0.1, 0.5], [0.9, 0.5]])
-    assert S._top_voxels(s, 1).tolist() == [[False, False], [True, False]]
-    assert S._top_voxels(s, 0).sum() == 0 and S._top_voxels(s, 9).sum() == 4
+    assert F._top_voxels(s, 1).tolist() == [[False, False], [True, False]]
+    assert F._top_voxels(s, 0).sum() == 0 and F._top_voxels(s, 9).sum() == 4
 
 
 def test_select_atlases_drops_low_outlier():
-    assert sorted(S.select_atlases({"a": 0.90, "b": 0.88, "c": 0.40})) == ["a", "b"]
-    assert sorted(S.select_atlases({"a": 0.90, "b": 0.88, "c": 0.87})) == ["a", "b", "c"]
-    assert sorted(S.select_atlases({"a": 0.9, "b": 0.2})) == ["a", "b"]  # two: no outlier test
+    assert sorted(A.select_atlases({"a": 0.90, "b": 0.88, "c": 0.40})) == ["a", "b"]
+    assert sorted(A.select_atlases({"a": 0.90, "b": 0.88, "c": 0.87})) == ["a", "b", "c"]
+    assert sorted(A.select_atlases({"a": 0.9, "b": 0.2})) == ["a", "b"]  # two: no outlier test
 
 
 def test_relabel_to_default():
     table = [Label(10, "parotid", "right"), Label(20, "lacrimal", "left")]
     arr = np.array([0, 10, 20, 30])
-    assert S.relabel_to_default(arr, table).tolist() == [0, 2, 7, 0]
+    assert A.relabel_to_default(arr, table).tolist() == [0, 2, 7, 0]
 
 
 def test_refine_labels_hu_window():
@@ -121,7 +125,7 @@ def test_refine_labels_hu_window():
     ct[8:22, 8:22, 8:22] = 10.0  # the true gland
     dseg = np.zeros(ct.shape, np.uint8)
     dseg[10:24, 10:24, 10:24] = 1  # shifted atlas label
-    out, info = S.refine_labels(dseg, ct, (1.0, 1.0, 1.0), {"parotid": {"hu": [-20, 30], "dilate_mm": 3,
+    out, info = RF.refine_labels(dseg, ct, (1.0, 1.0, 1.0), {"parotid": {"hu": [-20, 30], "dilate_mm": 3,
                                                                         "smooth_mm": 0}})
     truth = ct == 10.0
     assert dice(out == 1, truth) > dice(dseg == 1, truth)
@@ -166,8 +170,8 @@ def test_segment_subject_small(cohort, fusion, per_region):
     d, subj, truth, atlases = cohort
     out = d / f"dseg_{fusion}.nii.gz"
     tsv = d / f"dseg_{fusion}.tsv"
-    m = S.segment_subject(subj, atlases, out, tsv, fusion=fusion, threads=2, spacing_mm=3.0,
-                          region_spacing_mm=3.0, atlases_per_region=per_region)
+    m = S.segment_subject(subj, atlases, out, tsv, SegmentationParams(
+        fusion=fusion, spacing_mm=3.0, region_spacing_mm=3.0, atlases_per_region=per_region), threads=2)
     if per_region:
         assert {"orbit_left", "orbit_right"} <= set(m["atlases"]["a0"]["preselected_for"])
         upper = [a for a in ("a0", "a1", "a2") if "upper" in m["atlases"][a]["preselected_for"]]
@@ -232,9 +236,9 @@ def test_atlas_stage_a_converges_from_perturbed_poses(angles, trans, tmp_path):
     M = rigid(angles, trans)
     fixed = save(*render(CT_SHAPE, CT_SP, seed=3), tmp_path / "f.nii.gz")
     moving = save(*render(CT_SHAPE, CT_SP, M, seed=4), tmp_path / "m.nii.gz")
-    f = R.resample_iso(ants.image_read(fixed), S.ATLAS_SPACING_MM)
-    m = R.resample_iso(ants.image_read(moving), S.ATLAS_SPACING_MM)
-    r = R.register_ct_to_ct(f, m, str(tmp_path / "a_"), S.ATLAS_STAGES)
+    f = R.resample_iso(ants.image_read(fixed), A.ATLAS_SPACING_MM)
+    m = R.resample_iso(ants.image_read(moving), A.ATLAS_SPACING_MM)
+    r = R.register_ct_to_ct(f, m, str(tmp_path / "a_"), A.ATLAS_STAGES)
     df = pd.DataFrame(GLAND_POINTS, columns=["x", "y", "z"])
     est = ants.apply_transforms_to_points(3, df, r["fwdtransforms"])[["x", "y", "z"]].to_numpy()
     true = GLAND_POINTS @ M[:3, :3].T + M[:3, 3]
@@ -244,29 +248,30 @@ def test_atlas_stage_a_converges_from_perturbed_poses(angles, trans, tmp_path):
 
 def test_gland_voters_drop_outliers_then_keep_the_most_similar():
     scores = {0: 0.90, 1: 0.88, 2: 0.40, 3: 0.86, 4: 0.91, 5: 0.87, 6: 0.89}
-    assert S.gland_voters(scores, select=True, top_k=0) == [0, 1, 3, 4, 5, 6]  # 2 is a low outlier
-    assert S.gland_voters(scores, select=True, top_k=3) == [0, 4, 6]
-    assert S.gland_voters(scores, select=False, top_k=None) == list(range(7))
-    assert S.gland_voters({0: 0.5, 1: 0.5, 2: 0.5}, top_k=2) == [0, 1]  # ties: the lower index
+    assert A.gland_voters(scores, select=True, top_k=0) == [0, 1, 3, 4, 5, 6]  # 2 is a low outlier
+    assert A.gland_voters(scores, select=True, top_k=3) == [0, 4, 6]
+    assert A.gland_voters(scores, select=False, top_k=None) == list(range(7))
+    assert A.gland_voters({0: 0.5, 1: 0.5, 2: 0.5}, top_k=2) == [0, 1]  # ties: the lower index
 
 
 def test_fusion_per_gland():
-    assert S.fusion_per_gland("auto") == S.AUTO_FUSION
-    assert set(S.fusion_per_gland("jlf").values()) == {"jlf"}
-    mixed = S.fusion_per_gland({"lacrimal": "jlf"})
-    assert mixed["lacrimal"] == "jlf" and mixed["parotid"] == S.AUTO_FUSION["parotid"]
+    assert F.fusion_per_gland("auto") == F.AUTO_FUSION
+    assert set(F.fusion_per_gland("jlf").values()) == {"jlf"}
+    mixed = F.fusion_per_gland({"lacrimal": "jlf"})
+    assert mixed["lacrimal"] == "jlf" and mixed["parotid"] == F.AUTO_FUSION["parotid"]
     with pytest.raises(ValueError, match="fusion must be"):
-        S.fusion_per_gland("staple")
+        F.fusion_per_gland("staple")
     with pytest.raises(ValueError, match="unknown gland 'thyroid'"):
-        S.fusion_per_gland({"thyroid": "jlf"})
+        F.fusion_per_gland({"thyroid": "jlf"})
     with pytest.raises(ValueError, match="parotid: method must be"):
-        S.fusion_per_gland({"parotid": "vote"})
+        F.fusion_per_gland({"parotid": "vote"})
 
 
 def test_jlf_fusion_grows_a_small_gland_to_its_minimum(tmp_path):
     """JLF's arg-max keeps the overlap of misplaced atlases; with ``min_voxels`` the gland grows
     into the free voxels of highest probability up to that count (never beyond, never shrinks)."""
-    ants = S._ants()
+    import ants
+
     shp = (32, 32, 32)
     rng = np.random.default_rng(0)
 
@@ -279,13 +284,13 @@ def test_jlf_fusion_grows_a_small_gland_to_its_minimum(tmp_path):
     cts = [ct_of(b) for b in balls]
     labs = [np.where(b, 3, 0).astype(np.uint8) for b in balls]
     args = (fix, fix, cts, labs, [{3}] * 3, {3: [0, 1, 2]}, [3], str(tmp_path))
-    plain = S._fuse_jlf(*args)
+    plain = F._fuse_jlf(*args)
     n = int(balls[0].sum())
     assert 0 < (plain == 3).sum() < 0.8 * n
-    grown = S._fuse_jlf(*args, min_voxels={3: n})
+    grown = F._fuse_jlf(*args, min_voxels={3: n})
     assert (grown == 3).sum() == n
     assert ((plain == 3) <= (grown == 3)).all()
-    assert (S._fuse_jlf(*args, min_voxels={3: 5}) == 3).sum() == (plain == 3).sum()
+    assert (F._fuse_jlf(*args, min_voxels={3: 5}) == 3).sum() == (plain == 3).sum()
 
 
 # ------------------------------------------------------------------ intensity refinement (unit)
@@ -315,7 +320,7 @@ def _gland_scene(gland_hu, around_hu, noise=10.0, seed=0):
 def test_intensity_refine_moves_a_misplaced_boundary_by_the_ct():
     truth, ct, fused, sp = _gland_scene(gland_hu=10.0, around_hu=-100.0)  # parotid in fat
     before = dice(fused == 1, truth == 1)
-    out, info = S.intensity_refine(fused, ct, sp)
+    out, info = RF.intensity_refine(fused, ct, sp)
     after = dice(out == 1, truth == 1)
     assert after > before + 0.05 and after > 0.93, (before, after)
     assert info["parotid_left"]["gland_hu_median"] == pytest.approx(10.0, abs=5)
@@ -328,13 +333,13 @@ def test_intensity_refine_uses_weak_contrast():
     """A submandibular-like gland (42 HU) in muscle (52 HU), CT noise 10 HU: the boundary still
     moves the right way."""
     truth, ct, fused, sp = _gland_scene(gland_hu=42.0, around_hu=52.0)
-    out, _ = S.intensity_refine(fused, ct, sp)
+    out, _ = RF.intensity_refine(fused, ct, sp)
     assert dice(out == 1, truth == 1) > dice(fused == 1, truth == 1) + 0.03
 
 
 def test_intensity_refine_leaves_the_boundary_where_the_ct_shows_none():
     truth, ct, fused, sp = _gland_scene(gland_hu=45.0, around_hu=45.0)  # no contrast at all
-    out, _ = S.intensity_refine(fused, ct, sp)
+    out, _ = RF.intensity_refine(fused, ct, sp)
     assert dice(out == 1, fused == 1) > 0.95
     assert abs(int((out == 1).sum()) - int((fused == 1).sum())) < 0.1 * (fused == 1).sum()
 
@@ -345,9 +350,9 @@ def test_intensity_refine_skips_thin_glands():
     fused = np.zeros(shp, np.uint8)
     fused[10:30, 18:21, 3:9] = 9  # a 3 mm thick layer (a tubarial gland)
     ct = np.where(fused > 0, 45.0, 55.0).astype(np.float32)
-    out, info = S.intensity_refine(fused, ct, sp)
+    out, info = RF.intensity_refine(fused, ct, sp)
     assert np.array_equal(out, fused)
-    assert "thin" in info[S.LABEL_BY_INDEX[9].name]["skipped"]
+    assert "thin" in info[A.LABEL_BY_INDEX[9].name]["skipped"]
 
 
 def test_preselect_atlases_keeps_the_most_similar_per_region_and_every_gland():
@@ -365,13 +370,13 @@ def test_preselect_atlases_keeps_the_most_similar_per_region_and_every_gland():
     cts = [subject + s * ndi.gaussian_filter(rng.normal(size=shp), 1.5) for s in noise]
     holds = [{1, 3}, {1, 2, 3}, {1, 3}, {1, 3}, {1, 3}]  # label 2: only atlas 1 (the worst)
     regions = {"a": [1, 2], "b": [3]}
-    chosen, scores = S.preselect_atlases(subject, cts, [lab] * 5, holds, regions, (2.0, 2.0, 2.0), 2)
+    chosen, scores = A.preselect_atlases(subject, cts, [lab] * 5, holds, regions, (2.0, 2.0, 2.0), 2)
     assert chosen["b"] == [0, 4]
     assert chosen["a"] == [0, 1, 4]  # 0 and 4 for label 1, the only holder of label 2
     assert max(scores["b"], key=scores["b"].get) == 0 and min(scores["b"], key=scores["b"].get) == 1
-    every, none_scored = S.preselect_atlases(subject, cts, [lab] * 5, holds, regions, (2.0, 2.0, 2.0), 0)
+    every, none_scored = A.preselect_atlases(subject, cts, [lab] * 5, holds, regions, (2.0, 2.0, 2.0), 0)
     assert every == {"a": [0, 1, 2, 3, 4], "b": [0, 1, 2, 3, 4]} and none_scored == {}
-    few, _ = S.preselect_atlases(subject, cts[:2], [lab] * 2, holds[:2], {**regions, "c": [7]}, (2.0,) * 3, 2)
+    few, _ = A.preselect_atlases(subject, cts[:2], [lab] * 2, holds[:2], {**regions, "c": [7]}, (2.0,) * 3, 2)
     assert few == {"a": [0, 1], "b": [0, 1]}  # no more holders than k; nobody holds region c
 
 
@@ -396,8 +401,8 @@ def test_anatomy_translation_finds_the_head_in_a_shorter_shifted_scan(tmp_path):
     pts = idx @ aff[:3, :3].T + aff[:3, 3]
     hu = phantom_values(pts - t_true)[0].reshape(shp)
     moving = save(hu.astype(np.float32), aff, tmp_path / "m.nii.gz")
-    f = R.resample_iso(ants.image_read(fixed), S.ATLAS_SPACING_MM)
-    m = R.resample_iso(ants.image_read(moving), S.ATLAS_SPACING_MM)
+    f = R.resample_iso(ants.image_read(fixed), A.ATLAS_SPACING_MM)
+    m = R.resample_iso(ants.image_read(moving), A.ATLAS_SPACING_MM)
     com = R.body_com(m) - R.body_com(f)
     t = R.anatomy_translation(f, m)
     assert np.linalg.norm(com - t_true) > 25.0  # the old start: far outside the rigid stage's reach
@@ -412,13 +417,13 @@ def test_lost_atlases_flags_a_gland_far_from_the_consensus():
     far[_ball(shp, (10, 10, 10), 3)] = 2
     maps.append(far)
     holds = [{1}] * 4 + [{1, 2}]
-    lost = S.lost_atlases(maps, holds, sp)
+    lost = A.lost_atlases(maps, holds, sp)
     assert lost == [set(), set(), set(), set(), {1}]  # label 2: one holder, nothing to decide
     # two holders: no consensus to compare with
-    assert S.lost_atlases([maps[0], far], [{1}, {1}], sp) == [set(), set()]
+    assert A.lost_atlases([maps[0], far], [{1}, {1}], sp) == [set(), set()]
     # an atlas whose warped gland vanished is lost too
     empty = np.zeros(shp, np.uint8)
-    assert S.lost_atlases(maps[:3] + [empty], [{1}] * 4, sp)[3] == {1}
+    assert A.lost_atlases(maps[:3] + [empty], [{1}] * 4, sp)[3] == {1}
 
 
 def test_lost_atlases_never_rejects_without_a_majority():
@@ -430,16 +435,16 @@ def test_lost_atlases_never_rejects_without_a_majority():
     pair_a = [(20, 20, 8), (21, 20, 9)]
     pair_b = [(20, 20, 32), (19, 21, 33)]  # ~48 mm from pair_a
     maps = [np.where(_ball(shp, c, 3), 1, 0).astype(np.uint8) for c in pair_a + pair_b]
-    assert S.lost_atlases(maps, [{1}] * 4, sp) == [set()] * 4
+    assert A.lost_atlases(maps, [{1}] * 4, sp) == [set()] * 4
     # scattered more than LOST_MM apart, no two within it: no consensus either
     spread = [(8, 20, 20), (20, 20, 20), (32, 20, 20)]  # 24 mm steps
     maps3 = [np.where(_ball(shp, c, 3), 1, 0).astype(np.uint8) for c in spread]
-    assert S.lost_atlases(maps3, [{1}] * 3, sp) == [set()] * 3
+    assert A.lost_atlases(maps3, [{1}] * 3, sp) == [set()] * 3
     # three agree, two elsewhere (apart from each other): the two are lost
     five = [(20, 20, 20), (21, 20, 20), (20, 21, 20), (20, 20, 4), (4, 20, 20)]
     maps5 = [np.where(_ball(shp, c, 3), 1, 0).astype(np.uint8) for c in five]
-    assert S.lost_atlases(maps5, [{1}] * 5, sp) == [set(), set(), set(), {1}, {1}]
+    assert A.lost_atlases(maps5, [{1}] * 5, sp) == [set(), set(), set(), {1}, {1}]
     # every lost atlas never leaves the gland without voters
     for m in (maps, maps3, maps5):
-        lost = S.lost_atlases(m, [{1}] * len(m), sp)
+        lost = A.lost_atlases(m, [{1}] * len(m), sp)
         assert sum(1 in x for x in lost) < len(m)

@@ -4,8 +4,8 @@ Two held-out scans, four atlases from other patients (default settings, 2 thread
 share no world frame and their fields of view differ (okbp-train-33 stops 5 mm above the parotids
 and 30 mm below them; okbp-train-24 runs from the chest to above the head), so the atlases must be
 found from the images (:func:`glandpet.registration.anatomy_translation`) and a lost one must not
-vote (:func:`glandpet.segmentation.lost_atlases`). The bounds below were set from the measurement
-of this split (see BOUNDS) and are not to be loosened. Skips where ../shared/data is absent.
+vote (:func:`glandpet.segmentation_atlas_registration.lost_atlases`). The bounds below were set from
+the measurement of this split (see BOUNDS) and are not to be loosened. Skips where ../shared/data is absent.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 
 from glandpet import segmentation as S
 from glandpet.glands import label_value
+from glandpet.segmentation_params import SegmentationParams
 
 OKBP = "openkbp-parotid-ct"
 HELD_OUT = ("okbp-train-33", "okbp-train-24")
@@ -45,8 +46,8 @@ def test_parotid_on_real_ct_small_split(shared_data, tmp_path):
     dice, verr, lost, conf = [], [], {}, []
     for subj in HELD_OUT:
         out = tmp_path / f"{subj}_dseg.nii.gz"
-        m = S.segment_subject(root / subj / "ct.nii.gz", atlases, out, tmp_path / f"{subj}_dseg.tsv", threads=2,
-                              **S.segment_kwargs(None))
+        m = S.segment_subject(root / subj / "ct.nii.gz", atlases, out, tmp_path / f"{subj}_dseg.tsv",
+                              SegmentationParams.from_config(None), threads=2)
         lost[subj] = {n: a.get("lost_at_stage_a") for n, a in m["atlases"].items() if a.get("lost_at_stage_a")}
         seg = np.asarray(nib.load(str(out)).dataobj)
         truth = np.asarray(nib.load(str(root / subj / "labels.nii.gz")).dataobj)
