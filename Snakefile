@@ -5,8 +5,8 @@ import os
 
 from snakemake.utils import min_version, validate
 
-from glandpet.preflight import config_error_line
-from glandpet.workflow import remember_input_function_params
+from glandpet.study.preflight import config_error_line
+from glandpet.workflow.steps import remember_input_function_params
 
 min_version("9.0")
 

@@ -1,4 +1,4 @@
-"""Measure glandpet.cohort_stats.aggregate_tables on N synthetic per-subject `gland_stats` files.
+"""Measure glandpet.cohort.statistics.aggregate_tables on N synthetic per-subject `gland_stats` files.
 
 Usage: python benchmarks/aggregate.py [--subjects 5000] [--repeats 3] [--dir DIR]
 
@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from glandpet.cohort_stats import aggregate_tables
+from glandpet.cohort.statistics import aggregate_tables
 from glandpet.glands import GLANDS, SESSIONS, SIDES
 from glandpet.tables import GLAND_STATS, provenance, to_table
 

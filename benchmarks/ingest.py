@@ -57,9 +57,9 @@ def in_process_breakdown(series: Path, out: Path) -> dict[str, float]:
     sys.path.insert(0, str(ROOT))
     import numpy as np
 
-    from glandpet import convert as cv
-    from glandpet.dicom_series import load_series
-    from glandpet.suv import suv_result
+    from glandpet.dicom import convert as cv
+    from glandpet.dicom.series import load_series
+    from glandpet.suv.factors import suv_result
 
     t0 = time.perf_counter()
     s = load_series(series)
@@ -77,8 +77,8 @@ def in_process_breakdown(series: Path, out: Path) -> dict[str, float]:
 
 def cohort_benchmark(cohort: Path) -> None:
     """Index + convert + SUV of a whole phantom cohort, in this process."""
-    from glandpet.convert import convert_series
-    from glandpet.series_index import index_tree
+    from glandpet.dicom.convert import convert_series
+    from glandpet.dicom.catalog import index_tree
 
     dicom = cohort / "dicom"
     mb = sum(f.stat().st_size for f in dicom.rglob("*") if f.is_file()) / 1e6
@@ -137,7 +137,7 @@ def main() -> None:
             w, r = run([py, "-m", "glandpet.cli", "convert", str(series), str(tmp / f"g_{suv}.nii.gz"), "--suv", suv],
                        a.repeat)
             rows.append((f"glandpet convert --suv {suv} (.nii.gz)", w, r))
-        w, r = run([py, "-c", "import glandpet.convert, glandpet.suv"], a.repeat)
+        w, r = run([py, "-c", "import glandpet.dicom.convert, glandpet.suv.factors"], a.repeat)
         rows.append(("python start-up + imports only", w, r))
         d2n = shutil.which("dcm2niix")
         if d2n:

@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from glandpet.phantom.cohort import generate_cohort
     from glandpet.phantom.pacs_export import build_pacs_export, reduced_cohort
-    from glandpet.preflight import ERROR, load_config, run_check
-    from glandpet.study import init_study
+    from glandpet.study.preflight import ERROR, load_config, run_check
+    from glandpet.study.draft import init_study
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="glandpet-initcheck-"))
     work.mkdir(parents=True, exist_ok=True)

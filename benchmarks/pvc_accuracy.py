@@ -2,7 +2,7 @@
 true SUVmean.
 
 With the TRUE gland masks and PET-to-CT transform (the method, not the segmentation), for the PSF
-the phantom blurred with, the ``auto`` PSF (glandpet.pvc.auto_fwhm_mm of what each session's
+the phantom blurred with, the ``auto`` PSF (glandpet.measure.pvc.auto_fwhm_mm of what each session's
 DICOM header records) and the former fixed default (6.5 mm)::
 
     python benchmarks/pvc_accuracy.py COHORT_DIR

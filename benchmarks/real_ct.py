@@ -7,7 +7,7 @@ planning CTs with clinical parotid contours, in atlas layout), with libraries of
 Each held-out scan (all, or K chosen by a seeded draw: ``--cases``) is segmented with N of the
 other scans (a seeded draw per held-out scan, the same for every run; N >= 23: all the others),
 by the workflow's segmentation with default settings (or ``--config``'s ``segmentation:`` keys),
-through :func:`glandpet.atlas_validate.validate_atlases` -- the function behind
+through :func:`glandpet.segmentation.atlas_validate.validate_atlases` -- the function behind
 ``glandpet atlas validate``. Prints per scan the Dice, surface distances and volume error of each
 parotid and the scan's wall and CPU time; per N the medians, the time per scan and the CPU-hours
 (and what the full 24-scan run would cost); at the end one summary row per N beside the issue's
@@ -68,15 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="folder for the per-scan tables (TSV)")
     args = ap.parse_args(argv)
 
-    from glandpet.atlas_validate import (
-        choose_library,
-        choose_subjects,
-        estimate_cost,
-        format_medians,
-        medians_per_gland,
-        validate_atlases,
-    )
-    from glandpet.segment_cli import load_segmentation_config, read_atlas_dir
+    from glandpet.segmentation.atlas_validate import choose_library, choose_subjects, estimate_cost, format_medians, medians_per_gland, validate_atlases
+    from glandpet.segmentation.segment_command import load_segmentation_config, read_atlas_dir
 
     if not args.data.is_dir():
         print(f"real_ct: {args.data} not found (the OpenKBP atlases; see --data)", file=sys.stderr)

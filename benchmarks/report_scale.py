@@ -14,9 +14,9 @@ Snakemake's own code on the real workflow, in three timed steps:
    run in the repository, else ``docs/qc_montage.png``, a two-session montage of the demo: 1600 x
    1272 px, ~0.7 MB); a control's (one session) is its top two rows (CT and one PET), as the
    montage is one row shorter (``--control-montage``: a real one). Its report thumbnail is
-   ``glandpet.figures.montage_thumbnail`` of it.
+   ``glandpet.cohort.figures.montage_thumbnail`` of it.
    The cohort figures are copies of the montage (an upper bound: 7 PNGs). The report tables
-   (``tables/report/*.html``) are glandpet.report_tables' views of synthetic tables with the
+   (``tables/report/*.html``) are glandpet.cohort.report_tables' views of synthetic tables with the
    N-subject row counts: gland_stats (N x sessions x 4 glands x 2 sides), a qc table with every
    stage of every session, 5 % of the gland sides flagged for review and 2 % of the sessions with a
    warning (the review queue and the failure list grow with N); the statistics and results pages
@@ -73,7 +73,7 @@ def montage_templates(montage: Path, tmp: Path, control: Path | None = None) -> 
     """Bytes of the pSS (two-session) and control (one-session) montages and their thumbnails."""
     from PIL import Image
 
-    from glandpet.figures import DPI, montage_thumbnail
+    from glandpet.cohort.figures import DPI, montage_thumbnail
 
     out = {"pss": montage.read_bytes()}
     if control is None:
@@ -91,7 +91,7 @@ def montage_templates(montage: Path, tmp: Path, control: Path | None = None) -> 
 
 def report_tables_html(sheet: pd.DataFrame, rng: np.random.Generator) -> dict[str, bytes]:
     """The four tables/report pages from synthetic tables of the cohort's row counts."""
-    from glandpet import report_tables as rt
+    from glandpet.cohort import report_tables as rt
 
     sessions = [(r.subject_id, r.group, s) for r in sheet.itertuples()
                 for s in (("psma", "fapi") if r.group == "pss" else ("fapi",))]

@@ -5,10 +5,10 @@
 
 1. ``glandpet phantom`` cohort with ``atlas_dicom=True``: each atlas individual is written as
    NIfTI (ct, labels: the label-map atlas) and as an RT planning export (DICOM CT + RTSTRUCT).
-2. ``glandpet atlas add`` (:func:`glandpet.rtstruct.build_atlas`) on each export: the
+2. ``glandpet atlas add`` (:func:`glandpet.dicom.rtstruct.build_atlas`) on each export: the
    RTSTRUCT-built atlas. Reports the per-gland Dice between the two atlases' label maps (the
    contour round trip) and whether the CT voxels and affines agree.
-3. :func:`glandpet.segmentation.segment_subject` of every subject's first-session CT with each
+3. :func:`glandpet.segmentation.multi_atlas.segment_subject` of every subject's first-session CT with each
    atlas set; prints the per-gland Dice against the phantom truth for both sets and their difference.
 """
 
@@ -50,11 +50,11 @@ def main(argv=None) -> int:
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(a.threads))
     import nibabel as nib
 
-    from glandpet.convert import convert_series
+    from glandpet.dicom.convert import convert_series
     from glandpet.glands import DEFAULT_LABELS
     from glandpet.phantom.cohort import generate_cohort
-    from glandpet.rtstruct import build_atlas
-    from glandpet.segmentation import segment_subject
+    from glandpet.dicom.rtstruct import build_atlas
+    from glandpet.segmentation.multi_atlas import segment_subject
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="gp_rtbench_"))
     ph = work / "phantom"

@@ -10,7 +10,7 @@ dry run and prints the functions of the workflow (Snakefile, rules/*.smk, glandp
 most. The peak memory is the dry run's own (ru_maxrss of the child process).
 
 Where the time goes (issue 21; py-spy of the 1,000-subject dry run, 7,507 jobs): the workflow's own
-code (input functions, the series table, the failure records: glandpet.workflow.DagLookup) is ~3 %
+code (input functions, the series table, the failure records: glandpet.workflow.dag.DagLookup) is ~3 %
 of it. The rest is Snakemake's per-job work: creating the jobs (~16 %: expanding inputs, outputs,
 logs, benchmarks), reading the source of every `script:` job's script through its source cache
 (~25 %: three URI parses per job, each building a namedtuple class), deciding what needs to run
@@ -112,7 +112,7 @@ def synth_cohort(root: Path, n: int, n_atlases: int = 3, id_column: str = "dicom
     pq.write_table(pa.table({"series_key": [r["series_key"] for r in rows],
                              "paths": [[] for _ in rows]}), results / "work" / "series_files.parquet")
     # the index's failures table, empty, with its schema (the end-of-run summary reads it)
-    from glandpet.series_index import FAILURES_SCHEMA
+    from glandpet.dicom.catalog import FAILURES_SCHEMA
 
     pq.write_table(FAILURES_SCHEMA.empty_table(), results / "work" / "index_failures.parquet")
     # every other output of the checkpoint (read from rules/ingest.smk): an empty table
@@ -149,7 +149,7 @@ def total_jobs(out: str) -> int:
 
 def sheet_seconds(root: Path) -> float:
     """CPU seconds of reading and validating the subject sheet (done once per Snakemake start)."""
-    from glandpet.subjects import read_subject_sheet
+    from glandpet.study.subjects import read_subject_sheet
 
     t0 = time.process_time()
     read_subject_sheet(root / "subjects.tsv", root / "dicom")

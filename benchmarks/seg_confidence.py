@@ -4,9 +4,9 @@
                                         [--cache DIR] [--rescore] [--review-below T] [--threads 2]
 
 Two sets, each segmented with the workflow's default settings
-(:func:`glandpet.segmentation.segment_subject`):
+(:func:`glandpet.segmentation.multi_atlas.segment_subject`):
 
-* real CT: K held-out OpenKBP planning CTs (seeded draw, :func:`glandpet.atlas_validate.choose_subjects`),
+* real CT: K held-out OpenKBP planning CTs (seeded draw, :func:`glandpet.segmentation.atlas_validate.choose_subjects`),
   each segmented with N atlases drawn from the other scans; parotids only (the scans' contours);
 * real-anatomy phantom: S phantom subjects rendered from real label maps (the phantom's atlas
   renderer, :func:`glandpet.phantom.cohort.make_atlas`, on the first cases of the collection) segmented
@@ -15,7 +15,7 @@ Two sets, each segmented with the workflow's default settings
 Each scan's metrics (``glands``: confidence, reasons, signals) and true Dice per gland are cached
 as JSON in ``--cache`` (default ``~/.cache/glandpet/seg_confidence``); a scan already there is not
 segmented again, and ``--rescore`` only scores the cache (the confidence recomputed from the cached
-signals with the current :func:`glandpet.seg_confidence.confidence`). Printed per set: the Spearman
+signals with the current :func:`glandpet.segmentation.confidence.confidence`). Printed per set: the Spearman
 correlation of confidence with Dice, the recall of the glands with Dice < 0.6 by the ``review``
 flag, the flagged fraction; the same with the threshold chosen leave-one-scan-out (for each scan,
 the lowest threshold that catches >= 90 % of the other scans' Dice < 0.6 glands); and what each
@@ -98,9 +98,9 @@ def _segment_and_score(key: str, ct, truth, truth_tsv, atlases: list[dict], cach
         return json.loads(f.read_text())
     import tempfile
 
-    from glandpet.atlas_validate import score_scan
-    from glandpet.segmentation import segment_subject
-    from glandpet.segmentation_params import SegmentationParams
+    from glandpet.segmentation.atlas_validate import score_scan
+    from glandpet.segmentation.multi_atlas import segment_subject
+    from glandpet.segmentation.params import SegmentationParams
 
     with tempfile.TemporaryDirectory(prefix="gp_conf_") as tmp:
         t0, c0 = time.perf_counter(), _cpu()
@@ -122,8 +122,8 @@ def run_real(k: int, n_atlases: int, seed: int, cache: Path, threads: int) -> li
     sys.path.insert(0, str(REPO / "benchmarks"))
     from real_ct import read_cases
 
-    from glandpet.atlas_validate import choose_library, choose_subjects
-    from glandpet.segment_cli import read_atlas_dir
+    from glandpet.segmentation.atlas_validate import choose_library, choose_subjects
+    from glandpet.segmentation.segment_command import read_atlas_dir
 
     data = DATA / "openkbp-parotid-ct"
     names = read_cases(data)
@@ -163,13 +163,13 @@ def run_phantom(n_subjects: int, n_atlases: int, seed: int, cache: Path, threads
 
 def recompute_final(rec: dict, cache_dir: Path) -> dict:
     """Recompute the final-label signals (boundary contrast, volume ratio) of a cached scan from its
-    kept label map and CT, so a change of :func:`glandpet.seg_confidence.final_signals` re-scores
+    kept label map and CT, so a change of :func:`glandpet.segmentation.confidence.final_signals` re-scores
     without re-segmenting. A record without its label map is returned unchanged."""
     import nibabel as nib
 
-    from glandpet import seg_confidence as SC
+    from glandpet.segmentation import confidence as SC
     from glandpet.glands import DEFAULT_LABELS
-    from glandpet.seg_metrics import spacing_of_affine
+    from glandpet.segmentation.metrics import spacing_of_affine
 
     dseg = cache_dir / f"{rec['key']}_dseg.nii.gz"
     if not dseg.is_file() or not rec.get("ct"):
@@ -203,7 +203,7 @@ def gland_rows(records: list[dict], conf_fn=None) -> list[dict]:
 
 
 def report(name: str, records: list[dict], review_below: float) -> dict:
-    from glandpet import seg_confidence as SC
+    from glandpet.segmentation import confidence as SC
 
     rows = gland_rows(records, SC.confidence)
     if not rows:
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     ap.add_argument("--review-below", type=float, default=None, help="threshold (default: the config's default)")
     args = ap.parse_args(argv)
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(args.threads))
-    from glandpet import seg_confidence as SC
+    from glandpet.segmentation import confidence as SC
 
     thr = SC.REVIEW_BELOW if args.review_below is None else args.review_below
     if args.rescore:

@@ -30,12 +30,14 @@ from pathlib import Path
 def _child(q, fn_name, kwargs, threads):
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     t0 = time.perf_counter()
-    from glandpet import registration as R, segmentation as S
+    from glandpet.registration import pet_to_ct
+    from glandpet.registration import sessions
+    from glandpet.segmentation import multi_atlas as S
 
-    fn = {"pet2ct": R.register_pet_to_ct, "align": R.align_sessions, "segment": S.segment_subject,
+    fn = {"pet2ct": pet_to_ct.register_pet_to_ct, "align": sessions.align_sessions, "segment": S.segment_subject,
           "to_session": S.labels_to_session, "to_pet": S.labels_to_pet}[fn_name]
     if fn_name == "segment":  # --fusion is a segmentation parameter
-        from glandpet.segmentation_params import SegmentationParams
+        from glandpet.segmentation.params import SegmentationParams
 
         kwargs = dict(kwargs)
         kwargs["params"] = SegmentationParams(fusion=kwargs.pop("fusion", "auto"))
@@ -76,7 +78,7 @@ def run_step(fn_name, itk_threads, **kwargs):
 
 
 def _convert(ph, sid, work):
-    from glandpet.convert import convert_series
+    from glandpet.dicom.convert import convert_series
 
     ses = {}
     for sesdir in sorted(glob.glob(f"{ph}/dicom/{sid}/*")):

@@ -6,30 +6,33 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__, atlas_cli, segment_cli, study_cli
-from .errors import UserError
+from glandpet import __version__
+from glandpet.segmentation import atlas_add
+from glandpet.segmentation import segment_command
+from glandpet.study import commands
+from glandpet.errors import UserError
 
 
 def _phantom(args: argparse.Namespace) -> int:
-    from .phantom.cohort import run_phantom
+    from glandpet.phantom.cohort import run_phantom
 
     return run_phantom(args)
 
 
 def _index(args: argparse.Namespace) -> int:
-    from .series_index import run_index
+    from glandpet.dicom.catalog import run_index
 
     return run_index(args)
 
 
 def _suv_factors(args: argparse.Namespace) -> int:
-    from .suv import run_suv_factors
+    from glandpet.suv.factors import run_suv_factors
 
     return run_suv_factors(args)
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .convert import run_convert
+    from glandpet.dicom.convert import run_convert
 
     return run_convert(args)
 
@@ -76,10 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--suv", default="none", choices=["bw", "bsa", "lbm", "lbm_janmahasatian", "ibw", "none"],
                     help="a PET in this SUV type instead of Bq/mL (default none)")
     cv.set_defaults(func=_convert)
-    segment_cli.add_subparser(sub)  # glandpet segment
-    atlas_cli.add_subparser(sub)  # glandpet atlas add, validate
-    study_cli.add_subparsers(sub)  # glandpet init, check
-    from .dicom_export import add_subparser as add_export
+    segment_command.add_subparser(sub)  # glandpet segment
+    atlas_add.add_subparser(sub)  # glandpet atlas add, validate
+    commands.add_subparsers(sub)  # glandpet init, check
+    from glandpet.dicom.export import add_subparser as add_export
 
     add_export(sub)  # glandpet export dicom
     return p

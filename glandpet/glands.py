@@ -81,7 +81,7 @@ def read_label_table(path: str | Path) -> list[Label]:
     return out
 
 
-#: Label-editor colours (RGB 0-255) per gland, those of the QC montage (glandpet.figures.GLAND_COLOUR)
+#: Label-editor colours (RGB 0-255) per gland, those of the QC montage (glandpet.cohort.figures.GLAND_COLOUR)
 #: for the left side; the right side is darker (RIGHT_SHADE) so the two sides stay apart in the editor.
 EDITOR_RGB: dict[str, tuple[int, int, int]] = {
     "parotid": (0, 229, 255),

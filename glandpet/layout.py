@@ -14,7 +14,7 @@ set of entities has one name; for example::
 :func:`parse` is the inverse (it also reads the names of log files, ``sub-<id>_ses-<session>.log``);
 :func:`label_table_of` names the label table beside a label map, :func:`transform_prefix_of` and
 :func:`session_transform_paths` the three files of the session transform. Nothing here touches the
-file system. The Python steps (glandpet.workflow, glandpet.registration) and the input functions of
+file system. The Python steps (glandpet.workflow.steps, glandpet.registration.transforms) and the input functions of
 rules/common.smk name files through it; the rules' ``output:`` patterns spell the same names with
 wildcards (tests/test_layout.py holds the names literally).
 """

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__
+from glandpet import __version__
 
 PROVENANCE = [
     pa.field("pipeline_version", pa.string(), nullable=False),
@@ -48,7 +48,7 @@ GLAND_STATS = pa.schema(
         pa.field("pvc_fwhm_mm", pa.float64()),
         pa.field("n_voxels", pa.int64()),
         pa.field("suv_type", pa.string(), nullable=False),
-        pa.field("seg_confidence", pa.float64()),  # 0-1 (glandpet.seg_confidence); null: none recorded
+        pa.field("seg_confidence", pa.float64()),  # 0-1 (glandpet.segmentation.confidence); null: none recorded
         pa.field("seg_flag", pa.string()),  # ok | review (confidence under segmentation.review_below)
         pa.field("segmentation_source", pa.string()),  # atlas | corrected
     ]
@@ -128,7 +128,7 @@ COHORT_STATS = pa.schema(
     + PROVENANCE
 )
 
-# The study's registered outcomes (glandpet.cohort_stats.registered_outcomes): one row per test. Group
+# The study's registered outcomes (glandpet.cohort.statistics.registered_outcomes): one row per test. Group
 # comparisons (pSS = a vs control = b) and clinical associations of a gland value (per session SUVmax,
 # SUVmean, SUVmean after PVC; or the PSMA/FAPI index, session null) with a declared clinical variable.
 # family: primary | secondary (definitions, absent clinical columns and methods in the Parquet metadata
@@ -161,7 +161,7 @@ OUTCOMES = pa.schema(
     + PROVENANCE
 )
 
-# Diagnostic value (glandpet.cohort_stats.diagnostic_table): ROC of pSS vs control per gland (and
+# Diagnostic value (glandpet.cohort.statistics.diagnostic_table): ROC of pSS vs control per gland (and
 # "parotid+submandibular", the mean of the two) for the PSMA/FAPI index and PSMA / FAPI SUVmean alone.
 DIAGNOSTIC = pa.schema(
     [
@@ -182,7 +182,7 @@ DIAGNOSTIC = pa.schema(
     + PROVENANCE
 )
 
-# Leave-one-out validation of an atlas library (`glandpet atlas validate`, glandpet/atlas_validate.py):
+# Leave-one-out validation of an atlas library (`glandpet atlas validate`, glandpet/segmentation/atlas_validate.py):
 # one row per held-out atlas x gland x side of its contours; the automatic labels from the other atlases.
 ATLAS_VALIDATION = pa.schema(
     [

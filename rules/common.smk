@@ -7,13 +7,13 @@ import time
 import pandas as pd
 
 from glandpet import layout
-from glandpet.corrections import (
+from glandpet.segmentation.corrections import (
     check_corrections,
     corrected_subjects,
     correction_index,
     source_of,
 )
-from glandpet.workflow import (
+from glandpet.workflow.steps import (
     DagLookup,
     atlas_list,
     config_digest,
@@ -72,7 +72,7 @@ _RULE_PARAMS = {}
 
 def rule_params():
     """{rule: params digest} of this run: a failure record of a job whose rule's params changed since
-    it failed no longer applies (glandpet.workflow.record_is_current)."""
+    it failed no longer applies (glandpet.workflow.failures.record_is_current)."""
     if not _RULE_PARAMS:
         _RULE_PARAMS.update({r.name: params_digest(r.params) for r in workflow.rules})
     return _RULE_PARAMS
@@ -107,7 +107,7 @@ _DAG_LOOKUP = []
 
 def dag_lookup():
     """Sessions and failed products per subject, worked out once per state of the series table and
-    the failure records (glandpet.workflow.DagLookup): input functions ask ~20 times per subject.
+    the failure records (glandpet.workflow.dag.DagLookup): input functions ask ~20 times per subject.
     """
     if not _DAG_LOOKUP:
         _DAG_LOOKUP.append(DagLookup(series_table(), rule_params))

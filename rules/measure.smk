@@ -8,7 +8,7 @@ rule measure_glands:
         dseg=dseg,
         xfm=pet_to_ct,
         sidecar=pet_sidecar,
-        # the segmentation's per-gland confidence (glandpet.seg_confidence)
+        # the segmentation's per-gland confidence (glandpet.segmentation.confidence)
         seg_qc=lambda w: ses_file(w.subject, w.session, "qc.json", desc="segment"),
     output:
         stats=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_gland_stats.parquet",

@@ -16,7 +16,7 @@ rule convert_ct_register_pet:
         f"{BENCH}/convert_ct_register_pet/sub-{{subject}}_ses-{{session}}.tsv"
     conda:
         "../envs/ants.yaml"
-    threads: 1  # one ITK thread: bit-reproducible transforms (see glandpet.registration)
+    threads: 1  # one ITK thread: bit-reproducible transforms (see glandpet.registration.transforms)
     resources:
         mem_mb=per_attempt(3000),
         runtime=per_attempt(30),

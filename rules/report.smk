@@ -1,5 +1,5 @@
 # Cohort tables (one pass over the per-subject files), statistics, figures and the HTML report.
-from glandpet.report_tables import use_one_node_per_rule_graph
+from glandpet.cohort.report_tables import use_one_node_per_rule_graph
 
 # the report's step graph: one node per rule (Snakemake's has one per rule and DAG level)
 use_one_node_per_rule_graph()

@@ -30,7 +30,7 @@ import pydicom
 import pytest
 
 from glandpet.errors import SUVError, UserError
-from glandpet.series_index import index_tree
+from glandpet.dicom.catalog import index_tree
 
 N_SLICES = 12  # per series of the mini cohort: enough for geometry checks, fast to read
 
@@ -183,7 +183,7 @@ def test_subject_folder_missing(mini):
     msg = assert_fails(index(mini), "B", None, "its dicom_dir folder (subject sheet line 3) does not exist", series=None)
     assert "'B'" not in msg and "/B" not in msg  # the folder name is not repeated (it may be a patient's name)
     # the sheet reader still refuses it by default (glandpet check), and names the line
-    from glandpet.subjects import read_subject_sheet
+    from glandpet.study.subjects import read_subject_sheet
 
     with pytest.raises(UserError, match=r"line 3 \(subject B\), column dicom_dir"):
         read_subject_sheet(mini / "subjects.tsv", mini / "dicom")
@@ -296,7 +296,7 @@ def test_injection_after_scan(mini, datetime_field):
      "RadionuclideTotalDose < 1e4 read as MBq"),
 ], ids=["weight-in-grams", "dose-in-MBq"])
 def test_units_recognised_and_suv_unchanged(mini, change, rule):
-    from glandpet.suv import suv_result
+    from glandpet.suv.factors import suv_result
 
     before = suv_result([pydicom.dcmread(f, stop_before_pixels=True) for f in files(mini, "B", "pet")])
     edit(files(mini, "B", "pet"), change)
@@ -329,7 +329,7 @@ def test_missing_slices(mini):
 
 
 def test_gantry_tilt(mini):
-    """A tilted CT is converted (glandpet.ct_dcm2niix.deshear): a warning saying what is corrected, not a
+    """A tilted CT is converted (glandpet.dicom.ct_dcm2niix.deshear): a warning saying what is corrected, not a
     failure; a tilted PET stays refused."""
     def tilt(ds, k):  # ~10 degrees: positions drift along y
         x, y, z = (float(v) for v in ds.ImagePositionPatient)
@@ -347,7 +347,7 @@ def test_gantry_tilt(mini):
 
 
 def test_unequally_spaced_ct_is_a_warning_not_a_failure(mini):
-    """A CT whose only fault is unequal slice spacing is converted through dcm2niix (glandpet.ct_dcm2niix):
+    """A CT whose only fault is unequal slice spacing is converted through dcm2niix (glandpet.dicom.ct_dcm2niix):
     the index keeps the session and says what will be corrected."""
     def shift(ds, k):
         if k >= 6:
@@ -369,7 +369,7 @@ def test_mixed_series_in_one_folder(mini):
     shutil.rmtree(mini / "dicom" / "B" / "pet")
     r = index(mini)
     assert_clean(r)
-    from glandpet.workflow import session_selections
+    from glandpet.workflow.steps import session_selections
 
     sel = session_selections(r.series, r.files)["B"]["psma"]
     assert len(sel["pet_files"]) == N_SLICES and len(sel["ct_files"]) == N_SLICES
@@ -426,7 +426,7 @@ def _enhanced_pet(classic: list[Path], out: Path) -> None:
 
 
 def test_enhanced_multiframe_pet(mini, tmp_path):
-    from glandpet.convert import convert_series
+    from glandpet.dicom.convert import convert_series
     import nibabel as nib
 
     classic = files(mini, "B", "pet")
@@ -459,7 +459,7 @@ def test_compressed_transfer_syntax_is_decoded(mini, tmp_path, name):
     from pydicom.pixels.encoders.base import get_encoder
     from pydicom.uid import UID
 
-    from glandpet.convert import convert_series
+    from glandpet.dicom.convert import convert_series
     import nibabel as nib
 
     uid = UID(COMPRESSED[name])
@@ -479,7 +479,7 @@ def test_compressed_without_decoder_is_refused_naming_syntax_and_package(mini, t
     from pydicom.pixels.decoders import base
     from pydicom.uid import RLELossless
 
-    from glandpet import catalog_failures
+    from glandpet.dicom import catalog_failures
 
     pet = files(mini, "B", "pet")
     edit(pet, lambda ds, k: ds.compress(RLELossless))
@@ -491,7 +491,7 @@ def test_compressed_without_decoder_is_refused_naming_syntax_and_package(mini, t
     monkeypatch.setattr(catalog_failures, "DECODER_CACHE", {})
     assert_fails(index(mini), "B", "psma", "compressed transfer syntax 'RLE Lossless' (1.2.840.10008.1.2.5)",
                  "no decoder for it is installed", "decompress the series")
-    from glandpet.convert import convert_series
+    from glandpet.dicom.convert import convert_series
 
     with pytest.raises(UserError, match=r"sub-B ses-psma PET series #3: pixel data use the compressed transfer syntax "
                                         r"'RLE Lossless'"):
@@ -517,37 +517,39 @@ def test_messages_hold_no_identifier(mini):
 def test_job_failure_record_feeds_the_qc_table_and_the_dag(tmp_path):
     """A job that raises leaves a failure record; the next run leaves that session out and qc lists it;
     a job that then succeeds removes its record."""
-    from glandpet import workflow as wf
+    from glandpet.workflow import dag
+    from glandpet.workflow import failures
+    from glandpet.workflow import steps
 
     results = tmp_path / "results"
     log = results / "logs" / "convert_pet" / "sub-B_ses-psma_trc-ga68psma11.log"
     with pytest.raises(UserError):
-        with wf.log_to(log):
+        with failures.log_to(log):
             raise UserError("sub-B ses-psma PET series #3 'PET AC': cannot decode pixels of x (transfer syntax ?)")
-    recs = [{k: v for k, v in r.items() if k not in ("fingerprint", "_mtime")} for r in wf.failure_records(results)]
+    recs = [{k: v for k, v in r.items() if k not in ("fingerprint", "_mtime")} for r in failures.failure_records(results)]
     assert recs == [{"subject_id": "B", "session": "psma", "stage": "convert_pet", "status": "failed",
                      "message": "sub-B ses-psma PET series #3 'PET AC': cannot decode pixels of x (transfer syntax ?)",
                      "log": log.name}]
     assert "Traceback" in log.read_text()
     # the DAG: the session is left out
     series = results / "tables" / "series.parquet"
-    from glandpet.series_index import SERIES_SCHEMA
+    from glandpet.dicom.catalog import SERIES_SCHEMA
     from glandpet.tables import write_table
 
     rows = [dict(subject_id="B", session=s, role="pet_ac", selected=True, tracer_slug=s, series_key=s) for s in
             ("psma", "fapi")]
     write_table(rows, SERIES_SCHEMA, series)
-    wf._selected.cache_clear()
-    assert wf.selected_sessions(str(series), "B") == {"fapi": "fapi"}
-    qc = wf._failure_rows(None, results)
+    dag._selected.cache_clear()
+    assert dag.selected_sessions(str(series), "B") == {"fapi": "fapi"}
+    qc = steps._failure_rows(None, results)
     assert qc[0]["status"] == "failed" and qc[0]["stage"] == "convert_pet" and qc[0]["session"] == "psma"
     # success removes the record
-    with wf.log_to(log):
+    with failures.log_to(log):
         pass
-    assert wf.failure_records(results) == []
-    assert wf.selected_sessions(str(series), "B") == {"psma": "psma", "fapi": "fapi"}
+    assert failures.failure_records(results) == []
+    assert dag.selected_sessions(str(series), "B") == {"psma": "psma", "fapi": "fapi"}
     # cohort-level logs leave no record
-    assert wf.failure_record_path(results / "logs" / "cohort_tables.log") is None
+    assert failures.failure_record_path(results / "logs" / "cohort_tables.log") is None
 
 
 def test_cohort_tables_list_failures_even_when_every_subject_failed(small_cohort, tmp_path):
@@ -555,8 +557,10 @@ def test_cohort_tables_list_failures_even_when_every_subject_failed(small_cohort
     with no subject left to measure it still writes (empty) gland tables and the qc table."""
     from types import SimpleNamespace as NS
 
-    from glandpet import workflow as wf
-    from glandpet.series_index import FAILURES_SCHEMA, SERIES_SCHEMA
+    from glandpet.workflow import dag
+    from glandpet.workflow import failures
+    from glandpet.workflow import steps
+    from glandpet.dicom.catalog import FAILURES_SCHEMA, SERIES_SCHEMA
     from glandpet.tables import QC, write_table
 
     res = tmp_path / "results"
@@ -567,11 +571,11 @@ def test_cohort_tables_list_failures_even_when_every_subject_failed(small_cohort
                       message="sub-A: its dicom_dir folder holds no files")], FAILURES_SCHEMA,
                 res / "work" / "index_failures.parquet")
     with pytest.raises(UserError):
-        with wf.log_to(res / "logs" / "convert_ct" / "sub-B_ses-fapi.log"):
+        with failures.log_to(res / "logs" / "convert_ct" / "sub-B_ses-fapi.log"):
             raise UserError("sub-B ses-fapi CT series #2 'CT': unequal slice spacing")
     out = NS(gland_stats=res / "tables" / "gland_stats.parquet", gland_index=res / "tables" / "gland_index.parquet",
              qc=res / "tables" / "qc.parquet")
-    wf.cohort_tables(NS(sheet=tmp_path / "s.tsv", series=res / "tables" / "series.parquet", stats=[], index=[],
+    steps.cohort_tables(NS(sheet=tmp_path / "s.tsv", series=res / "tables" / "series.parquet", stats=[], index=[],
                         qc=[res / "tables" / "series.parquet"], failures=res / "work" / "index_failures.parquet"),
                      out, "0123456789ab", [{"label_table": small_cohort / "atlases" / "atlas01" / "labels.tsv"}])
     qc = pd.read_parquet(out.qc)
@@ -589,7 +593,7 @@ def pq_schema_equals(path, schema) -> bool:
 
 
 def test_convert_failure_leaves_no_output(mini, tmp_path):
-    from glandpet.convert import convert_series
+    from glandpet.dicom.convert import convert_series
 
     pet = files(mini, "B", "pet")
     out = tmp_path / "o" / "pet.nii.gz"
@@ -613,7 +617,9 @@ def test_keep_going_processes_the_other_subject_and_qc_names_the_broken_one(smal
     (Measured once to the end, qc.parquet included: docs in the helper's note.)"""
     import yaml
 
-    from glandpet import workflow as wf
+    from glandpet.workflow import dag
+    from glandpet.workflow import failures
+    from glandpet.workflow import steps
     from workflow_run import snakemake
 
     dicom = tmp_path / "dicom"
@@ -635,7 +641,7 @@ def test_keep_going_processes_the_other_subject_and_qc_names_the_broken_one(smal
     assert not (results / "sub-S001").exists()  # nothing of S001 is written as if it were a result
     plan = snakemake(tmp_path, "-n", "--cores", "2", str(results / "tables" / "qc.parquet")).stdout
     assert "subject=S002" in plan and "subject=S001" not in plan and "rule cohort_tables" in plan
-    qc = pd.DataFrame(wf._failure_rows(str(results / "work" / "index_failures.parquet"), results))
+    qc = pd.DataFrame(steps._failure_rows(str(results / "work" / "index_failures.parquet"), results))
     bad = qc[(qc["subject_id"] == "S001") & (qc["status"] == "failed")].set_index("session")
     assert set(bad.index) == {"psma", "fapi"} and set(bad["stage"]) == {"index"}
     assert bad.loc["psma", "message"].startswith("sub-S001 ses-psma: PET series #3")

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from glandpet import cohort_stats as cs
+from glandpet.cohort import statistics as cs
 from glandpet.errors import UserError
-from glandpet.subjects import DEFAULT_CLINICAL, parse_binary, read_subject_sheet
+from glandpet.study.subjects import DEFAULT_CLINICAL, parse_binary, read_subject_sheet
 
 GLANDS = ("parotid", "submandibular", "lacrimal")
 
@@ -218,7 +218,7 @@ def test_sheet_type_error_names_line_and_column(tmp_path, col, kind, bad):
 def test_config_defaults_are_the_registered_outcomes():
     import yaml
 
-    from glandpet.preflight import _REPO
+    from glandpet.study.preflight import _REPO
 
     schema = yaml.safe_load((_REPO / "config.schema.yaml").read_text())
     config = yaml.safe_load((_REPO / "config.yaml").read_text())

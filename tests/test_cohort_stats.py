@@ -8,14 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from scipy import stats
 
-from glandpet.cohort_stats import (
-    aggregate_tables,
-    bootstrap_spearman_ci,
-    clinical_associations,
-    compare_groups,
-    index_by_group,
-    psma_fapi_correlation,
-)
+from glandpet.cohort.statistics import aggregate_tables, bootstrap_spearman_ci, clinical_associations, compare_groups, index_by_group, psma_fapi_correlation
 from glandpet.tables import GLAND_STATS, provenance, write_table
 
 

@@ -41,8 +41,8 @@ def test_bad_values_name_the_key(patch, key):
 
 def test_a_typo_is_one_line_with_a_suggestion():
     """Before: the workflow printed Snakemake's 50-line schema dump; `glandpet check` and the
-    workflow now share one wording (glandpet.preflight.config_error_line)."""
-    from glandpet.preflight import config_error_line, validate_config
+    workflow now share one wording (glandpet.study.preflight.config_error_line)."""
+    from glandpet.study.preflight import config_error_line, validate_config
 
     cfg = default_config()
     cfg["pvc"] = dict(cfg["pvc"], methd="gtm")
@@ -91,9 +91,9 @@ def test_rules_read_config_keys_without_a_second_default():
 
 
 def test_each_rule_sets_its_resources_once_and_the_slurm_profile_repeats_none():
-    """Issue 20: memory and runtime live in the rules (glandpet.workflow.per_attempt: the first
+    """Issue 20: memory and runtime live in the rules (glandpet.workflow.dag.per_attempt: the first
     attempt's value, x2 and x3 on the profile's retries); profiles/slurm has no second list."""
-    from glandpet.workflow import per_attempt
+    from glandpet.workflow.dag import per_attempt
 
     assert [per_attempt(3000)(None, a) for a in (1, 2, 3)] == [3000, 6000, 9000]
     profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())

@@ -12,8 +12,8 @@ import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from glandpet.convert import convert_series
-from glandpet.dicom_series import load_series
+from glandpet.dicom.convert import convert_series
+from glandpet.dicom.series import load_series
 from glandpet.errors import UserError
 
 SECRET = {

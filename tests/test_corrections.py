@@ -13,13 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from glandpet.corrections import (
-    CORRECTION_PATTERN,
-    check_corrections,
-    correction_index,
-    load_correction,
-    source_of,
-)
+from glandpet.segmentation.corrections import CORRECTION_PATTERN, check_corrections, correction_index, load_correction, source_of
 from glandpet.errors import UserError
 from glandpet.glands import DEFAULT_LABELS, write_itksnap_labels, write_slicer_ctbl
 
@@ -43,7 +37,7 @@ def ct_and_labels(tmp_path):
 def _clear_caches():
     """The folder listing is cached per process (the workflow's input functions); a test that
     changes the folder lists it again."""
-    from glandpet import corrections
+    from glandpet.segmentation import corrections
 
     for f in (corrections._listing, corrections._index, corrections.corrected_subjects):
         f.cache_clear()
@@ -242,7 +236,7 @@ def test_a_dicom_seg_correction_reads_as_the_same_labels(corrected_run, tmp_path
     import pydicom
     import yaml
 
-    from glandpet.dicom_export import build_seg, session_inputs
+    from glandpet.dicom.export import build_seg, session_inputs
     from glandpet.glands import read_label_table
 
     work, subject, ses = corrected_run["work"], corrected_run["subject"], corrected_run["session"]

@@ -1,5 +1,5 @@
 """CT series glandpet's reader refuses (gantry tilt, unequal slice spacing) are converted through
-nipype + dcm2niix (glandpet.ct_dcm2niix) into the right place of the DICOM patient frame; a tilted or
+nipype + dcm2niix (glandpet.dicom.ct_dcm2niix) into the right place of the DICOM patient frame; a tilted or
 irregular PET stays refused; and dcm2niix, as an independent converter, agrees with glandpet's PET
 converter on two real PET series once their conventions are undone."""
 
@@ -13,8 +13,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from glandpet.convert import convert_series
-from glandpet.dicom_series import GeometryError, load_series
+from glandpet.dicom.convert import convert_series
+from glandpet.dicom.series import GeometryError, load_series
 from glandpet.errors import UserError
 from glandpet.phantom.dicom_writer import make_uid, write_ct_series
 from glandpet.phantom.model import PatientInfo, StudyInfo
@@ -146,7 +146,7 @@ def test_tilt_correction_agrees_with_dcm2niix_voxels(tmp_path, vendor, tilt):
     """dcm2niix's tilt-corrected voxels (its own de-shear, placed by its header's axes but not its
     origin, which is off on these phantoms) as an independent check of glandpet's: the vectors
     between the sphere centroids agree within 0.5 mm, and with the truth."""
-    from glandpet.ct_dcm2niix import run_dcm2niix
+    from glandpet.dicom.ct_dcm2niix import run_dcm2niix
 
     src = write_phantom_ct(tmp_path / "dicom", vendor, tilt)
     convert_series(src, tmp_path / "ct.nii")
@@ -196,7 +196,7 @@ def test_pet_converter_agrees_with_dcm2niix(shared_data, tmp_path, name):
     """glandpet's PET (float32 Bq/mL, rows as stored, slices along the normal) and dcm2niix's
     (rows flipped, its own slice order, stored values x scl_slope/inter) of the same series: every
     glandpet voxel centre is a dcm2niix voxel centre, and the values there agree."""
-    from glandpet.ct_dcm2niix import run_dcm2niix
+    from glandpet.dicom.ct_dcm2niix import run_dcm2niix
 
     src = shared_data / "real-pet" / name / "image"
     files = sorted(src.iterdir())

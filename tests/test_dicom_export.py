@@ -1,4 +1,4 @@
-"""`glandpet export dicom` (glandpet.dicom_export): DICOM SEG + TID 1500 SR per session, the SEG reader
+"""`glandpet export dicom` (glandpet.dicom.export): DICOM SEG + TID 1500 SR per session, the SEG reader
 (`seg_to_label_map`), and STOW-RS / QIDO-RS against a real Orthanc.
 
 dciodvfy (Debian's dicom3tools) and Orthanc (Debian's orthanc + orthanc-dicomweb, started by
@@ -25,15 +25,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from glandpet.cli import main
-from glandpet.dicom_export import (
-    GLAND_CODES,
-    LATERALITY_CODES,
-    PRIVATE_SCHEME,
-    build_seg,
-    labels_on_ct_instances,
-    seg_to_label_map,
-    stow,
-)
+from glandpet.dicom.export import GLAND_CODES, LATERALITY_CODES, PRIVATE_SCHEME, build_seg, labels_on_ct_instances, seg_to_label_map, stow
 from glandpet.errors import UserError
 from glandpet.glands import DEFAULT_LABELS, GLANDS, SIDES, label_value
 
@@ -200,7 +192,7 @@ def test_corrected_sessions_export_the_corrected_labels(tmp_path):
     say segmentation_source = corrected."""
     import pandas as pd
 
-    from glandpet.dicom_export import _measured_on_correction
+    from glandpet.dicom.export import _measured_on_correction
 
     for sources, expected in ((["atlas", "atlas"], False), (["atlas", "corrected"], True)):
         p = tmp_path / f"{expected}.parquet"

@@ -17,7 +17,9 @@ from types import SimpleNamespace as NS
 import pandas as pd
 import pytest
 
-from glandpet import workflow as wf
+from glandpet.workflow import dag
+from glandpet.workflow import failures
+from glandpet.workflow import steps
 from glandpet.errors import UserError
 
 
@@ -32,20 +34,20 @@ class Job:
 
 
 def _series(results: Path, subject: str, sessions=("psma", "fapi")) -> str:
-    from glandpet.series_index import SERIES_SCHEMA
+    from glandpet.dicom.catalog import SERIES_SCHEMA
     from glandpet.tables import write_table
 
     path = results / "tables" / "series.parquet"
     rows = [dict(subject_id=subject, session=s, role="pet_ac", selected=True, tracer_slug=s, series_key=s)
             for s in sessions]
     write_table(rows, SERIES_SCHEMA, path)
-    wf._selected.cache_clear()
+    dag._selected.cache_clear()
     return str(path)
 
 
 def _fail(results: Path, rule: str, name: str, job=None, message="boom"):
     with pytest.raises(UserError):
-        with wf.log_to(results / "logs" / rule / name, job=job):
+        with failures.log_to(results / "logs" / rule / name, job=job):
             raise UserError(message)
 
 
@@ -54,11 +56,11 @@ def test_index_and_montage_failure_keeps_the_subjects_sessions(tmp_path):
     results = tmp_path / "results"
     series = _series(results, "B")
     _fail(results, "index_and_montage", "sub-B.log")
-    assert wf.selected_sessions(series, "B") == {"psma": "psma", "fapi": "fapi"}
-    assert wf.product_failed(results, "B", "index_and_montage")
+    assert dag.selected_sessions(series, "B") == {"psma": "psma", "fapi": "fapi"}
+    assert dag.product_failed(results, "B", "index_and_montage")
     # the session alignment failing leaves out the session that needs it, not the reference one
     _fail(results, "align_sessions", "sub-B.log")
-    assert wf.selected_sessions(series, "B") == {"psma": "psma"}
+    assert dag.selected_sessions(series, "B") == {"psma": "psma"}
 
 
 def test_failure_record_is_stale_once_inputs_params_or_code_change(tmp_path, monkeypatch):
@@ -71,35 +73,35 @@ def test_failure_record_is_stale_once_inputs_params_or_code_change(tmp_path, mon
     _fail(results, "measure_glands", "sub-B_ses-psma.log", job=job)
     rec = json.loads((results / "work" / "failed" / "measure_glands" / "sub-B_ses-psma.json").read_text())
     assert set(rec["fingerprint"]) == {"inputs", "params", "code"}
-    params_now = {"measure_glands": wf.params_digest(job.params)}
-    assert wf.selected_sessions(series, "B", params_now) == {"fapi": "fapi"}  # current: left out
+    params_now = {"measure_glands": failures.params_digest(job.params)}
+    assert dag.selected_sessions(series, "B", params_now) == {"fapi": "fapi"}  # current: left out
     # the rule's params changed (e.g. back to the default PVC method): the job is retried
-    params_default = {"measure_glands": wf.params_digest({"pvc": {"method": "gtm"}, "suv_type": "bw"})}
-    assert wf.selected_sessions(series, "B", params_default) == {"psma": "psma", "fapi": "fapi"}
-    assert wf.failure_records(results, params_default) == []
-    assert len(wf.failure_records(results, params_default, stale=True)) == 1
+    params_default = {"measure_glands": failures.params_digest({"pvc": {"method": "gtm"}, "suv_type": "bw"})}
+    assert dag.selected_sessions(series, "B", params_default) == {"psma": "psma", "fapi": "fapi"}
+    assert failures.failure_records(results, params_default) == []
+    assert len(failures.failure_records(results, params_default, stale=True)) == 1
     # the code changed
     monkeypatch.setattr(wf, "code_digest", lambda: "0" * 16)
-    assert wf.selected_sessions(series, "B", params_now) == {"psma": "psma", "fapi": "fapi"}
+    assert dag.selected_sessions(series, "B", params_now) == {"psma": "psma", "fapi": "fapi"}
     monkeypatch.undo()
-    assert wf.selected_sessions(series, "B", params_now) == {"fapi": "fapi"}
+    assert dag.selected_sessions(series, "B", params_now) == {"fapi": "fapi"}
     # the input was replaced
     time.sleep(0.01)
     suv.write_bytes(b"fixed image")
-    assert wf.selected_sessions(series, "B", params_now) == {"psma": "psma", "fapi": "fapi"}
+    assert dag.selected_sessions(series, "B", params_now) == {"psma": "psma", "fapi": "fapi"}
     # a record without a fingerprint (written before fingerprints existed) no longer applies
     p = results / "work" / "failed" / "convert_pet" / "sub-B_ses-fapi_trc-fapi.json"
     p.parent.mkdir(parents=True)
     p.write_text(json.dumps({"subject_id": "B", "session": "fapi", "stage": "convert_pet", "status": "failed",
                              "message": "old"}))
-    assert wf.selected_sessions(series, "B", params_now) == {"psma": "psma", "fapi": "fapi"}
+    assert dag.selected_sessions(series, "B", params_now) == {"psma": "psma", "fapi": "fapi"}
 
 
 def test_dag_lookup_answers_as_the_functions_and_checks_each_record_once_per_state(tmp_path, monkeypatch):
     """Before: every input function call checked every failure record of the cohort (stat of each record's
     inputs): O(subjects x records) per DAG. DagLookup gives the same answers, checking each record once
     per state of the series table and the records' folder."""
-    from glandpet.series_index import SERIES_SCHEMA
+    from glandpet.dicom.catalog import SERIES_SCHEMA
     from glandpet.tables import write_table
 
     results = tmp_path / "results"
@@ -107,7 +109,7 @@ def test_dag_lookup_answers_as_the_functions_and_checks_each_record_once_per_sta
     path = results / "tables" / "series.parquet"
     write_table([dict(subject_id=s, session=ses, role="pet_ac", selected=True, tracer_slug=ses, series_key=s + ses)
                  for s in subjects for ses in ("psma", "fapi")], SERIES_SCHEMA, path)
-    wf._selected.cache_clear()
+    dag._selected.cache_clear()
     series = str(path)
     suv = tmp_path / "suv.nii.gz"
     suv.write_bytes(b"corrupt")
@@ -118,13 +120,13 @@ def test_dag_lookup_answers_as_the_functions_and_checks_each_record_once_per_sta
     _fail(results, "mystery_step", "sub-S5.log")  # any other subject-level failure: the whole subject
 
     calls = []
-    real = wf.record_is_current
+    real = failures.record_is_current
     monkeypatch.setattr(wf, "record_is_current", lambda rec, params=None: calls.append(1) or real(rec, params))
-    params = {"measure_glands": wf.params_digest({})}  # this run's: S1's record is current
-    lookup = wf.DagLookup(series, params)
+    params = {"measure_glands": failures.params_digest({})}  # this run's: S1's record is current
+    lookup = dag.DagLookup(series, params)
 
     def expected():
-        return {s: (wf.selected_sessions(series, s, params), wf.product_failed(results, s, "index_and_montage", params))
+        return {s: (dag.selected_sessions(series, s, params), dag.product_failed(results, s, "index_and_montage", params))
                 for s in subjects}
 
     def answers():
@@ -142,7 +144,7 @@ def test_dag_lookup_answers_as_the_functions_and_checks_each_record_once_per_sta
     # a new record (its rule folder changes) and a new series table are seen by the same lookup
     time.sleep(0.01)
     _fail(results, "measure_glands", "sub-S0_ses-fapi.log")
-    assert lookup.sessions("S0") == {"psma": "psma"} == wf.selected_sessions(series, "S0", params)
+    assert lookup.sessions("S0") == {"psma": "psma"} == dag.selected_sessions(series, "S0", params)
     write_table([dict(subject_id="S0", session="psma", role="pet_ac", selected=True, tracer_slug="psma",
                       series_key="x")], SERIES_SCHEMA, path)
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
@@ -153,14 +155,14 @@ def test_dag_lookup_answers_as_the_functions_and_checks_each_record_once_per_sta
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
     assert lookup.sessions("S1") == {"fapi": "fapi"}
     suv.write_bytes(b"fixed image")
-    assert wf.DagLookup(series, lambda: params).sessions("S1") == {"psma": "psma", "fapi": "fapi"}
+    assert dag.DagLookup(series, lambda: params).sessions("S1") == {"psma": "psma", "fapi": "fapi"}
 
 
 def test_single_session_index_does_not_need_the_other_session(tmp_path, monkeypatch):
     """Before: a subject left with its PSMA session (its FAPI dropped at the index) crashed with
     AttributeError: 'InputFiles' object has no attribute 'psma_pet_dseg' (the montage's psma_suv key
     made gland_index ask for the voxel correlation)."""
-    import glandpet.gland_index as gi
+    import glandpet.measure.gland_index as gi
 
     stats = tmp_path / "stats.parquet"
     pd.DataFrame({"subject_id": ["A"], "gland": ["parotid"]}).to_parquet(stats)
@@ -177,12 +179,12 @@ def test_single_session_index_does_not_need_the_other_session(tmp_path, monkeypa
             return list(vars(self))
 
     inputs = Inputs(stats=[str(stats)], psma_suv="x_suv.nii.gz", psma_xfm="x.mat", ct="ct.nii.gz", dseg="d.nii.gz")
-    wf.gland_index(inputs, str(tmp_path / "index.parquet"), "A", {"definition": "ratio"})
+    steps.gland_index(inputs, str(tmp_path / "index.parquet"), "A", {"definition": "ratio"})
     assert seen == {"spearman": None}
 
 
 def test_left_out_summary_counts_and_points_to_qc(tmp_path):
-    from glandpet.series_index import FAILURES_SCHEMA
+    from glandpet.dicom.catalog import FAILURES_SCHEMA
     from glandpet.tables import write_table
 
     results = tmp_path / "results"
@@ -194,14 +196,14 @@ def test_left_out_summary_counts_and_points_to_qc(tmp_path):
                 FAILURES_SCHEMA, results / "work" / "index_failures.parquet")
     _fail(results, "measure_glands", "sub-B_ses-fapi.log", message="sub-B ses-fapi: corrupt SUV image")
     usable = {"A": {"psma": "x"}, "B": {}, "C": {}}
-    text = wf.left_out_summary(results, ["A", "B", "C"], lambda s: usable[s], causes=2)
+    text = dag.left_out_summary(results, ["A", "B", "C"], lambda s: usable[s], causes=2)
     lines = text.splitlines()
     assert lines[0] == "glandpet: this run left out 2 of 3 subject(s), 1 more session(s); causes:"
     assert "[index] sub-A ses-fapi: CT series #2 'CT': 1 of its files is truncated" in lines[1]
     assert "[index] sub-C" in lines[2] and "warning" not in text
     assert lines[3].startswith("  and 1 more; every cause") and str(results / "tables" / "qc.parquet") in lines[3]
     assert "params or the code change" in lines[4]
-    assert wf.left_out_summary(tmp_path / "empty", ["A"], lambda s: {"psma": "x"}) is None
+    assert dag.left_out_summary(tmp_path / "empty", ["A"], lambda s: {"psma": "x"}) is None
 
 
 # ------------------------------------------------------------------------------------------ the workflow
@@ -209,7 +211,7 @@ SITECUSTOMIZE = '''
 import os
 _poison = os.environ.get("GLANDPET_TEST_POISON")
 if _poison:
-    import glandpet.workflow as _wf
+    import glandpet.workflow.steps as _wf
     _measure = _wf.measure_glands
 
     def measure_glands(inputs, output, subject, session, *args, **kw):

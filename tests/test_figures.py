@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from glandpet import figures
+from glandpet.cohort import figures
 from glandpet.glands import GLANDS, SIDES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -205,7 +205,7 @@ def test_canonical_keeps_world_coordinates():
 def test_pet_to_ct_transform_direction(tmp_path):
     """A PET imaged 6 mm off along LPS +x: the CT->PET transform x_pet = x_ct + t brings it back."""
     pytest.importorskip("ants")
-    from glandpet.registration import transform_matrix, translation_transform
+    from glandpet.registration.transforms import transform_matrix, translation_transform
 
     n = 32
     ct_aff = _lps_affine((2.0, 2.0, 2.0), (-31.0, -31.0, -31.0))
@@ -238,7 +238,7 @@ def test_index_by_group_shows_only_groups_with_data(tmp_path):
     assert "n=4" in svg and "n=0" not in svg
     assert "no control with both sessions" in svg
     # the p in the group panels is cohort_stats' permutation p (exact here: 4 vs 3, no ties)
-    from glandpet.cohort_stats import mann_whitney_test
+    from glandpet.cohort.statistics import mann_whitney_test
 
     x, y = np.array([5.0, 6, 7, 8]), np.array([1.0, 2, 3])
     assert figures._mann_whitney(x, y) == (pytest.approx(mann_whitney_test(x, y)[1]), pytest.approx(1.0))

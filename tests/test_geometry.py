@@ -84,10 +84,10 @@ def test_the_flip_is_written_only_in_geometry():
 
 
 def test_re_exported_names_are_the_one_matrix():
-    from glandpet import dicom_series
+    from glandpet.dicom import series
     from glandpet.phantom import model
 
-    assert dicom_series.LPS_TO_RAS is LPS_TO_RAS
+    assert series.LPS_TO_RAS is LPS_TO_RAS
     assert model.LPS_TO_RAS is LPS_TO_RAS
 
 

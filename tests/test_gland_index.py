@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from glandpet.gland_index import MIN_VOXELS, gland_index_table, psma_fapi_index, voxel_spearman
+from glandpet.measure.gland_index import MIN_VOXELS, gland_index_table, psma_fapi_index, voxel_spearman
 
 REF = {
     "parotid": {"psma_mean": 10.0, "psma_sd": 2.0, "fapi_mean": 3.0, "fapi_sd": 1.0},

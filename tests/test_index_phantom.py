@@ -1,6 +1,6 @@
 """The within-gland PSMA~FAPI voxel correlation reproduces the phantom's planted fibrotic zones
 (true masks and true transforms; the correlation computed as the pipeline computes it:
-:func:`glandpet.gland_index.voxel_spearman`, mask eroded by one voxel, on the PSMA PET grid)."""
+:func:`glandpet.measure.gland_index.voxel_spearman`, mask eroded by one voxel, on the PSMA PET grid)."""
 
 import numpy as np
 import pytest

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from glandpet.series_index import index_tree
+from glandpet.dicom.catalog import index_tree
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from glandpet.convert import convert_series
-from glandpet.series_index import index_tree
+from glandpet.dicom.convert import convert_series
+from glandpet.dicom.catalog import index_tree
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """glandpet.layout: the pipeline's file names, built and taken apart in one module.
 
 The expected names are written out literally: they are the names the workflow wrote before the
-module existed (rules/*.smk outputs, rules/common.smk input functions, glandpet.registration).
+module existed (rules/*.smk outputs, rules/common.smk input functions, glandpet.registration.transforms).
 """
 
 import json
@@ -143,36 +143,37 @@ def test_session_transform_paths():
 
 
 def test_one_subject_id_pattern():
-    from glandpet.corrections import CORRECTION_PATTERN
-    from glandpet.subjects import ID_PATTERN
+    from glandpet.segmentation.corrections import CORRECTION_PATTERN
+    from glandpet.study.subjects import ID_PATTERN
 
     assert layout.SUBJECT_ID_PATTERN == "[A-Za-z0-9]+"
     assert ID_PATTERN.pattern == f"^{layout.SUBJECT_ID_PATTERN}$"
     assert f"(?P<subject>{layout.SUBJECT_ID_PATTERN})" in CORRECTION_PATTERN.pattern
     common = (ROOT / "rules" / "common.smk").read_text()
     assert "subject=layout.SUBJECT_ID_PATTERN," in common and "tracer=layout.ENTITY_VALUE_PATTERN," in common
-    for f in ("rules/common.smk", "glandpet/subjects.py", "glandpet/workflow.py", "glandpet/corrections.py"):
+    for f in ("rules/common.smk", "glandpet/study/subjects.py", "glandpet/workflow/steps.py", "glandpet/segmentation/corrections.py"):
         assert "[A-Za-z0-9]+" not in (ROOT / f).read_text(), f
 
 
 def test_no_name_slicing_left_in_the_steps():
     pattern = re.compile(r'-\s*len\(\s*"(_xfm\.mat|\.nii\.gz)"\s*\)')
-    for f in ("glandpet/workflow.py", "glandpet/registration.py"):
+    for f in ("glandpet/workflow/steps.py", "glandpet/registration/transforms.py"):
         text = (ROOT / f).read_text()
         assert '-len("_xfm.mat")' not in text and '-len(".nii.gz")' not in text, f
         assert not pattern.search(text), f
 
 
 def test_workflow_reads_subject_and_session_through_the_layout(tmp_path):
-    from glandpet import workflow as wf
+    from glandpet.workflow import failures
+    from glandpet.workflow import steps
 
     logs = tmp_path / "logs"
-    assert wf.failure_record_path(logs / "convert_pet" / "sub-S001_ses-psma_trc-PSMA11.log") == \
+    assert failures.failure_record_path(logs / "convert_pet" / "sub-S001_ses-psma_trc-PSMA11.log") == \
         tmp_path / "work" / "failed" / "convert_pet" / "sub-S001_ses-psma_trc-PSMA11.json"
-    assert wf.failure_record_path(logs / "align_sessions" / "sub-S001.log") == \
+    assert failures.failure_record_path(logs / "align_sessions" / "sub-S001.log") == \
         tmp_path / "work" / "failed" / "align_sessions" / "sub-S001.json"
-    assert wf.failure_record_path(logs / "cohort_tables.log") is None
-    assert wf.failure_record_path(logs / "report" / "cohort_tables.log") is None
+    assert failures.failure_record_path(logs / "cohort_tables.log") is None
+    assert failures.failure_record_path(logs / "report" / "cohort_tables.log") is None
 
     qc = {}
     for p, stage in ((path(tmp_path, "S001", "psma", "qc.json", desc="register"), "register"),
@@ -182,6 +183,6 @@ def test_workflow_reads_subject_and_session_through_the_layout(tmp_path):
         qc[stage] = p
     other = tmp_path / "notes.json"
     other.write_text("{}")
-    rows = wf._qc_rows([qc["register"], qc["align"], str(other), str(tmp_path / "tables" / "series.parquet")])
+    rows = steps._qc_rows([qc["register"], qc["align"], str(other), str(tmp_path / "tables" / "series.parquet")])
     assert [(r["subject_id"], r["session"], r["stage"]) for r in rows] == [
         ("S001", "psma", "register"), ("S001", None, "align"), ("?", None, "?")]

@@ -8,15 +8,7 @@ import numpy as np
 import pytest
 
 from glandpet.glands import DEFAULT_LABELS, Label
-from glandpet.measure import (
-    PEAK_RADIUS_MM,
-    gland_statistics,
-    label_fractions_on_grid,
-    sphere_kernel,
-    suv_peak,
-    volume_ml_from_labels,
-    weighted_quantile,
-)
+from glandpet.measure.gland_stats import PEAK_RADIUS_MM, gland_statistics, label_fractions_on_grid, sphere_kernel, suv_peak, volume_ml_from_labels, weighted_quantile
 
 R = PEAK_RADIUS_MM
 SPHERE = 4.0 / 3.0 * math.pi * R**3

@@ -16,16 +16,8 @@ import yaml
 from glandpet.cli import main
 from glandpet.errors import UserError
 from glandpet.phantom.pacs_export import reduced_cohort
-from glandpet.preflight import (
-    ERROR,
-    WARNING,
-    Problem,
-    load_config,
-    problems_table,
-    raise_for_problems,
-    run_check,
-)
-from glandpet.study import config_text
+from glandpet.study.preflight import ERROR, WARNING, Problem, load_config, problems_table, raise_for_problems, run_check
+from glandpet.study.draft import config_text
 
 PATIENTS = {"A": ("S001", "PA1001"), "B": ("S002", "PB2002")}  # A: PSMA + FAPI; B: FAPI only
 

@@ -14,21 +14,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from glandpet.pvc import (
-    BACKGROUND,
-    BACKGROUND_AIR,
-    BACKGROUND_BODY,
-    FWHM_TO_SIGMA,
-    background_regions,
-    blur,
-    body_fraction_from_ct,
-    fwhm_to_sigma_voxels,
-    gtm,
-    gtm_system,
-    rbv,
-    rbv_region_means,
-    region_means,
-)
+from glandpet.measure.pvc import BACKGROUND, BACKGROUND_AIR, BACKGROUND_BODY, FWHM_TO_SIGMA, background_regions, blur, body_fraction_from_ct, fwhm_to_sigma_voxels, gtm, gtm_system, rbv, rbv_region_means, region_means
 
 F = 2  # fine voxels per PET voxel and axis
 PET_SHAPE = (64, 64, 48)
@@ -252,16 +238,16 @@ def _session_on_disk(tmp_path):
 
 @pytest.mark.parametrize("method", ["gtm", "rbv"])
 def test_measure_step_corrects_with_each_method(tmp_path, method):
-    """The workflow's own measurement call (glandpet.workflow.measure_glands) with ``pvc.method``
+    """The workflow's own measurement call (glandpet.workflow.steps.measure_glands) with ``pvc.method``
     gtm and rbv: RBV used to crash there (its GTM means were computed and then not read)."""
     import pandas as pd
     from types import SimpleNamespace
 
-    from glandpet import workflow
+    from glandpet.workflow import steps
 
     paths, true = _session_on_disk(tmp_path)
     out = SimpleNamespace(stats=str(tmp_path / "stats.parquet"), pet_dseg=str(tmp_path / "pet_dseg.nii.gz"))
-    workflow.measure_glands(SimpleNamespace(**paths), out, "01", "psma", "bw",
+    steps.measure_glands(SimpleNamespace(**paths), out, "01", "psma", "bw",
                             {"method": method, "fwhm_mm": {"psma": FWHM}})
     df = pd.read_parquet(out.stats).set_index("gland")
     assert (df["pvc_method"] == method).all() and (df["pvc_fwhm_mm"] == FWHM).all()

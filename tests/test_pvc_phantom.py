@@ -12,7 +12,7 @@ from glandpet.phantom.validation import pvc_errors
 @pytest.fixture(scope="module", params=[None, "auto"], ids=["true-psf", "auto-psf"])
 def errors(small_cohort, request):
     """GTM with the PSF the phantom blurred with, and with the ``auto`` PSF that the pipeline
-    derives from what the PET header records (glandpet.pvc.auto_fwhm_mm)."""
+    derives from what the PET header records (glandpet.measure.pvc.auto_fwhm_mm)."""
     return pvc_errors(small_cohort, request.param)
 
 
@@ -32,7 +32,7 @@ def test_auto_psf_follows_each_sessions_header(small_cohort):
     import pandas as pd
 
     from glandpet.phantom.validation import pet_sidecars
-    from glandpet.pvc import auto_fwhm_mm
+    from glandpet.measure.pvc import auto_fwhm_mm
 
     truth = pd.read_parquet(small_cohort / "truth" / "gland_truth.parquet")
     sessions = truth.groupby(["subject_id", "session"])[["tracer", "psf_fwhm_mm"]].first()

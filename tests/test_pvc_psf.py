@@ -7,15 +7,7 @@ import math
 
 import pytest
 
-from glandpet.pvc import (
-    DEFAULT_FILTER_FWHM_MM,
-    POSITRON_RANGE_FWHM_MM,
-    SCANNER_FWHM_MM,
-    auto_fwhm_mm,
-    recon_filter_from_kernel,
-    recon_filter_from_sidecar,
-    session_fwhm_mm,
-)
+from glandpet.measure.pvc import DEFAULT_FILTER_FWHM_MM, POSITRON_RANGE_FWHM_MM, SCANNER_FWHM_MM, auto_fwhm_mm, recon_filter_from_kernel, recon_filter_from_sidecar, session_fwhm_mm
 
 
 @pytest.mark.parametrize("kernel, expected", [

@@ -15,7 +15,10 @@ import nibabel as nib
 import pytest
 from scipy import ndimage as ndi
 
-from glandpet import registration as R
+from glandpet.registration import field_of_view
+from glandpet.registration import pet_to_ct
+from glandpet.registration import sessions
+from glandpet.registration import transforms
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -126,7 +129,7 @@ PET_SHAPE, PET_SP = (48, 54, 52), (4.0, 4.0, 4.0)
 
 
 def _err(xfm, M):
-    A, b = R.transform_matrix(str(xfm))
+    A, b = transforms.transform_matrix(str(xfm))
     est = GLAND_POINTS @ A.T + b
     true = GLAND_POINTS @ M[:3, :3].T + M[:3, 3]
     return np.linalg.norm(est - true, axis=1)
@@ -142,18 +145,18 @@ def ct_path(tmp_path_factory):
 def test_pet_to_ct_recovers_known_rigid(ct_path, tmp_path):
     M = rigid((2.0, -1.5, 1.0), (3.0, -2.5, 2.0))
     pet = save(*render(PET_SHAPE, PET_SP, M, what="pet"), tmp_path / "pet.nii.gz")
-    m = R.register_pet_to_ct(ct_path, pet, tmp_path / "x.mat", threads=2)
+    m = pet_to_ct.register_pet_to_ct(ct_path, pet, tmp_path / "x.mat", threads=2)
     e = _err(tmp_path / "x.mat", M)
     assert e.max() < 1.0, e
     assert m["warning"] is None
     assert m["mi_after"] > m["mi_before"]
-    assert abs(m["rotation_deg"] - R.rotation_angle_deg(M[:3, :3])) < 0.5
+    assert abs(m["rotation_deg"] - transforms.rotation_angle_deg(M[:3, :3])) < 0.5
     assert m["seconds"] < 30
 
 
 def test_pet_to_ct_identity_stays_identity(ct_path, tmp_path):
     pet = save(*render(PET_SHAPE, PET_SP, what="pet"), tmp_path / "pet.nii.gz")
-    m = R.register_pet_to_ct(ct_path, pet, tmp_path / "x.mat", threads=1)
+    m = pet_to_ct.register_pet_to_ct(ct_path, pet, tmp_path / "x.mat", threads=1)
     assert _err(tmp_path / "x.mat", np.eye(4)).max() < 1.0
     assert m["displacement_mm"] < 1.0
 
@@ -166,10 +169,10 @@ def test_pet_to_ct_is_bit_reproducible(ct_path, tmp_path):
     maps = []
     for k in range(2):
         out = tmp_path / f"x{k}.mat"
-        code = ("import sys; from glandpet.registration import register_pet_to_ct as r; "
+        code = ("import sys; from glandpet.registration.transforms import register_pet_to_ct as r; "
                 "r(sys.argv[1], sys.argv[2], sys.argv[3], threads=1)")
         subprocess.run([sys.executable, "-c", code, str(ct_path), str(pet), str(out)], check=True)
-        maps.append(R.transform_matrix(str(out)))
+        maps.append(transforms.transform_matrix(str(out)))
     np.testing.assert_array_equal(maps[0][0], maps[1][0])
     np.testing.assert_array_equal(maps[0][1], maps[1][1])
     assert _err(tmp_path / "x0.mat", M).max() < 1.0
@@ -178,7 +181,7 @@ def test_pet_to_ct_is_bit_reproducible(ct_path, tmp_path):
 def test_large_correction_warns(ct_path, tmp_path):
     M = rigid((0, 0, 0), (0, 0, 14.0))
     pet = save(*render(PET_SHAPE, PET_SP, M, what="pet"), tmp_path / "pet.nii.gz")
-    m = R.register_pet_to_ct(ct_path, pet, tmp_path / "x.mat", threads=2)
+    m = pet_to_ct.register_pet_to_ct(ct_path, pet, tmp_path / "x.mat", threads=2)
     assert m["warning"] and "implausibly large" in m["warning"]
     assert _err(tmp_path / "x.mat", M).max() < 1.5
 
@@ -186,12 +189,12 @@ def test_large_correction_warns(ct_path, tmp_path):
 def test_transform_direction_convention(tmp_path):
     """The written transform maps fixed (CT) points to moving (PET) points: a PET whose content sits
     at x + t reads back at x after warping into CT space; labels go the other way onto the PET grid."""
-    from glandpet.segmentation import labels_to_pet
+    from glandpet.segmentation.multi_atlas import labels_to_pet
 
     shape, sp = (41, 41, 41), (2.0, 2.0, 2.0)
     aff = grid(shape, sp, centre=(0, 0, 0))
     t = np.array([6.0, -4.0, 10.0])
-    xfm = R.translation_transform(t, str(tmp_path / "t.mat"), centre=(0, 0, 0))
+    xfm = transforms.translation_transform(t, str(tmp_path / "t.mat"), centre=(0, 0, 0))
     # point map check
     import ants
 
@@ -204,7 +207,7 @@ def test_transform_direction_convention(tmp_path):
     pet[tuple(ijk)] = 1.0
     pet_p = save(pet, aff, tmp_path / "pet.nii.gz")
     ct_p = save(np.zeros(shape, np.float32), aff, tmp_path / "ct.nii.gz")
-    out = R.warp(pet_p, ct_p, [xfm], interpolation="nearestNeighbor").numpy()
+    out = transforms.warp(pet_p, ct_p, [xfm], interpolation="nearestNeighbor").numpy()
     got = np.argwhere(out > 0.5)[0]
     assert np.allclose(got @ aff[:3, :3].T + aff[:3, 3], x0, atol=1e-3)
     # labels in CT space at x0 land on the PET grid at x0 + t
@@ -226,9 +229,9 @@ def test_perturbed_starts_converge(ct_path, angles, trans, tmp_path):
 
     M = rigid(angles, trans)
     mov = save(*render(CT_SHAPE, CT_SP, M, seed=1), tmp_path / "mov.nii.gz")
-    f, _ = R.prepare_ct(ants.image_read(ct_path), 3.0)
-    m, _ = R.prepare_ct(ants.image_read(mov), 3.0, margin_mm=30)
-    r = R.register_ct_to_ct(f, m, str(tmp_path / "p_"), [R.CT_CT_RIGID, R.CT_CT_AFFINE])
+    f, _ = sessions.prepare_ct(ants.image_read(ct_path), 3.0)
+    m, _ = sessions.prepare_ct(ants.image_read(mov), 3.0, margin_mm=30)
+    r = sessions.register_ct_to_ct(f, m, str(tmp_path / "p_"), [sessions.CT_CT_RIGID, sessions.CT_CT_AFFINE])
     e = _err(r["fwdtransforms"][-1], M)
     assert e.max() < 1.5, e
 
@@ -238,7 +241,7 @@ def test_align_sessions_files_and_roundtrip(ct_path, tmp_path):
 
     M = rigid((4, -3, 2), (5, -6, 4))
     mov = save(*render(CT_SHAPE, CT_SP, M, seed=2), tmp_path / "mov.nii.gz")
-    out = R.align_sessions(ct_path, mov, tmp_path / "sub-1_from-fapi_to-psma", threads=2, spacing_mm=3.0)
+    out = sessions.align_sessions(ct_path, mov, tmp_path / "sub-1_from-fapi_to-psma", threads=2, spacing_mm=3.0)
     for k in ("affine", "warp", "inverse_warp"):
         assert (tmp_path / out[k].split("/")[-1]).exists()
     assert out["cc_after"] > out["cc_before"]
@@ -251,7 +254,7 @@ def test_align_sessions_files_and_roundtrip(ct_path, tmp_path):
     assert np.linalg.norm(est - true, axis=1).max() < 1.5
     # moving labels -> fixed space and back stay labels
     lab_m = save(*render(CT_SHAPE, CT_SP, M, what="lab"), tmp_path / "lab_mov.nii.gz")
-    back = R.apply_session_transform(lab_m, ct_path, tmp_path / "sub-1_from-fapi_to-psma", tmp_path / "lab_fix.nii.gz",
+    back = transforms.apply_session_transform(lab_m, ct_path, tmp_path / "sub-1_from-fapi_to-psma", tmp_path / "lab_fix.nii.gz",
                                      interpolation="genericLabel")
     vals = set(np.unique(back.numpy()).astype(int))
     assert vals <= {0, 1, 2, 3, 4, 7, 8}
@@ -259,7 +262,7 @@ def test_align_sessions_files_and_roundtrip(ct_path, tmp_path):
     got = np.asarray(nib.load(str(tmp_path / "lab_fix.nii.gz")).dataobj)
     d = 2 * ((got == 1) & (ref == 1)).sum() / ((got == 1).sum() + (ref == 1).sum())
     assert d > 0.8
-    fw = R.apply_inverse_session_transform(tmp_path / "lab_fix.nii.gz", mov, tmp_path / "sub-1_from-fapi_to-psma")
+    fw = transforms.apply_inverse_session_transform(tmp_path / "lab_fix.nii.gz", mov, tmp_path / "sub-1_from-fapi_to-psma")
     assert set(np.unique(fw.numpy()).astype(int)) <= vals
 
 
@@ -274,7 +277,7 @@ def test_transform_matrix_reads_ants_affine_files_without_ants(tmp_path):
     tx.set_fixed_parameters((4.0, -6.0, 8.0))  # a centre: ITK folds it into the offset
     for name in ("t.mat", "t.txt"):
         ants.write_transform(tx, str(tmp_path / name))
-        A, b = R.transform_matrix(str(tmp_path / name))
+        A, b = transforms.transform_matrix(str(tmp_path / name))
         for p in GLAND_POINTS:
             np.testing.assert_allclose(A @ p + b, tx.apply_to_point(tuple(p)), atol=1e-3)
 
@@ -310,12 +313,12 @@ def test_qc_mi_is_largest_when_aligned(ct_metal_path, tmp_path):
     """The QC MI falls as the PET moves off its CT (0 -> 3 mm): larger = better aligned."""
     import ants
 
-    ct3 = R.resample_iso(R._as_float(ants.image_read(ct_metal_path)), R.PET_CT_SPACING_MM)
+    ct3 = field_of_view.resample_iso(transforms._as_float(ants.image_read(ct_metal_path)), pet_to_ct.PET_CT_SPACING_MM)
     mi = []
     for s in (0.0, 1.0, 2.0, 3.0):
         pet = save(*_hot_pet(rigid((0, 0, 0), (s, -s / 2, s / 2))), tmp_path / f"pet{s}.nii.gz")
-        on_ct = ants.resample_image_to_target(R._as_float(ants.image_read(pet)), ct3, interp_type="linear")
-        mi.append(R._mi(ct3, on_ct))
+        on_ct = ants.resample_image_to_target(transforms._as_float(ants.image_read(pet)), ct3, interp_type="linear")
+        mi.append(pet_to_ct._mi(ct3, on_ct))
     assert all(a > b for a, b in zip(mi, mi[1:])), mi
 
 
@@ -328,8 +331,8 @@ def test_pet_to_ct_qc_reports_the_improvement(ct_metal_path, tmp_path, seed, ang
     over each image's full range and the whole field) two of these three reported no gain or a loss."""
     M = rigid(angles, trans)
     pet = save(*_hot_pet(M, seed=seed), tmp_path / "pet.nii.gz")
-    m = R.register_pet_to_ct(ct_metal_path, pet, tmp_path / "x.mat", threads=1)
-    before = _err(R.translation_transform((0, 0, 0), str(tmp_path / "id.mat")), M).max()
+    m = pet_to_ct.register_pet_to_ct(ct_metal_path, pet, tmp_path / "x.mat", threads=1)
+    before = _err(transforms.translation_transform((0, 0, 0), str(tmp_path / "id.mat")), M).max()
     after = _err(tmp_path / "x.mat", M).max()
     assert after < 1.0 and before > 1.8, (before, after)  # the registration did improve the alignment
     assert m["mi_after"] > m["mi_before"], (m["mi_before"], m["mi_after"])
@@ -343,17 +346,17 @@ _THREAD_VARS = ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "OPEN
 def test_set_threads_sets_itk_only_by_default(monkeypatch, threads, expected):
     for var in _THREAD_VARS:
         monkeypatch.setenv(var, "untouched")
-    assert R.set_threads(threads) == int(expected)
-    assert [R.os.environ[v] for v in _THREAD_VARS] == [expected] + ["untouched"] * 3
+    assert transforms.set_threads(threads) == int(expected)
+    assert [transforms.os.environ[v] for v in _THREAD_VARS] == [expected] + ["untouched"] * 3
 
 
 @pytest.mark.parametrize("threads, expected", [(3, "3"), (0, "1"), (-2, "1"), (2.7, "2")])
 def test_set_threads_with_blas_sets_every_variable(monkeypatch, threads, expected):
-    """The workflow's steps (glandpet.workflow imports this one function) limit ITK and BLAS."""
-    from glandpet import workflow
+    """The workflow's steps (glandpet.workflow.steps imports this one function) limit ITK and BLAS."""
+    from glandpet.workflow import steps
 
     for var in _THREAD_VARS:
         monkeypatch.setenv(var, "untouched")
-    assert workflow.set_threads is R.set_threads
-    assert R.set_threads(threads, blas=True) == int(expected)
-    assert [R.os.environ[v] for v in _THREAD_VARS] == [expected] * 4
+    assert steps.set_threads is transforms.set_threads
+    assert transforms.set_threads(threads, blas=True) == int(expected)
+    assert [transforms.os.environ[v] for v in _THREAD_VARS] == [expected] * 4

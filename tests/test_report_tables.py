@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from glandpet import tables
-from glandpet.report_tables import gland_values_view, statistics_view, write_report_tables
+from glandpet.cohort.report_tables import gland_values_view, statistics_view, write_report_tables
 
 
 def _stats_rows():
@@ -111,7 +111,7 @@ def test_graph_has_one_node_per_rule_on_a_staggered_dag():
 
     from snakemake.report.rulegraph_spec import rulegraph_spec
 
-    from glandpet.report_tables import rulegraph_one_node_per_rule
+    from glandpet.cohort.report_tables import rulegraph_one_node_per_rule
 
     class Job:  # hashable by identity, like Snakemake's jobs
         def __init__(self, rule):
@@ -151,7 +151,7 @@ def test_results_page_primary_apart_with_median_iqr_effect_p_q(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_clinical import synthetic_cohort
 
-    from glandpet import cohort_stats as cs
+    from glandpet.cohort import statistics as cs
 
     gs, gi, sheet = synthetic_cohort(n_pss=6, n_control=4)
     out, notes = cs.registered_outcomes(gs, gi, sheet, {"essdai": "continuous", "anti_ssa": "binary", "nope": "ordinal"},

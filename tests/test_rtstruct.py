@@ -1,4 +1,4 @@
-"""RTSTRUCT -> label map (glandpet.rtstruct), the phantom's RTSTRUCT writer, and `glandpet atlas add`."""
+"""RTSTRUCT -> label map (glandpet.dicom.rtstruct), the phantom's RTSTRUCT writer, and `glandpet atlas add`."""
 
 from __future__ import annotations
 
@@ -19,15 +19,7 @@ from glandpet.phantom.rtstruct_writer import (
     mask_contours,
     write_rtstruct,
 )
-from glandpet.rtstruct import (
-    RoiNameMap,
-    ct_grid,
-    fill_polygons,
-    normalise_roi_name,
-    read_rtstruct,
-    rtstruct_to_labels,
-    self_intersection,
-)
+from glandpet.dicom.rtstruct import RoiNameMap, ct_grid, fill_polygons, normalise_roi_name, read_rtstruct, rtstruct_to_labels, self_intersection
 
 
 # ------------------------------------------------------------------------------ fill rule

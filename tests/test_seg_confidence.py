@@ -1,4 +1,4 @@
-"""Per-gland segmentation confidence (glandpet.seg_confidence) and the review queue it feeds:
+"""Per-gland segmentation confidence (glandpet.segmentation.confidence) and the review queue it feeds:
 gland_stats columns, qc rows, the report table and the montage's marks. The relation of the
 confidence to the true Dice is measured by benchmarks/seg_confidence.py and asserted on real
 segmentations in tests/test_segmentation_real_ct.py and tests/test_segmentation_accuracy.py."""
@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from glandpet import seg_confidence as SC
+from glandpet.segmentation import confidence as SC
 from glandpet import tables
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def _qc_json(tmp_path, glands, name="sub-A_ses-psma_desc-segment_qc.json"):
 
 
 def test_measure_columns_from_the_segment_qc(tmp_path):
-    from glandpet.workflow import seg_confidence_columns
+    from glandpet.segmentation.confidence import seg_confidence_columns
 
     p = _qc_json(tmp_path, {"parotid_left": {"confidence": 0.42, "reasons": ["x"]},
                             "parotid_right": {"confidence": 0.91, "reasons": []}})
@@ -116,8 +116,8 @@ def _stats():
 
 
 def test_flagged_glands_become_warning_qc_rows_worst_first_and_the_review_table(tmp_path):
-    from glandpet.report_tables import qc_view, review_queue
-    from glandpet.workflow import _review_rows
+    from glandpet.cohort.report_tables import qc_view, review_queue
+    from glandpet.workflow.steps import _review_rows
 
     qa = _qc_json(tmp_path, {"parotid_left": {"confidence": 0.42, "reasons": ["atlases disagree (Dice to fusion 0.50)"],
                                               "volume_ml": 31.0, "atlas_volumes_ml": [18.0, 22.5, 25.0]}})
@@ -139,8 +139,8 @@ def test_flagged_glands_become_warning_qc_rows_worst_first_and_the_review_table(
 def test_montage_marks_flagged_glands(tmp_path):
     from test_figures import _phantom
 
-    from glandpet import figures
-    from glandpet.workflow import flagged_glands
+    from glandpet.cohort import figures
+    from glandpet.workflow.steps import flagged_glands
 
     st = _stats()
     st.to_parquet(tmp_path / "sub-A_ses-psma_gland_stats.parquet")

@@ -1,4 +1,4 @@
-"""Segmentation metrics (glandpet.seg_metrics) on shapes with known answers."""
+"""Segmentation metrics (glandpet.segmentation.metrics) on shapes with known answers."""
 
 from __future__ import annotations
 
@@ -7,16 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from glandpet.seg_metrics import (
-    dice,
-    directed_surface_distances_mm,
-    hausdorff_mm,
-    mask_metrics,
-    mean_surface_distance_mm,
-    spacing_of_affine,
-    surface,
-    volume_ml,
-)
+from glandpet.segmentation.metrics import dice, directed_surface_distances_mm, hausdorff_mm, mask_metrics, mean_surface_distance_mm, spacing_of_affine, surface, volume_ml
 
 
 def _sphere(shape, spacing, centre_mm, r_mm):

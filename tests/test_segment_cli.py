@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from glandpet.atlas_validate import choose_library, choose_subjects, estimate_cost
+from glandpet.segmentation.atlas_validate import choose_library, choose_subjects, estimate_cost
 from glandpet.cli import main
 from glandpet.glands import read_label_table
-from glandpet.segment_cli import load_segmentation_config
-from glandpet.segmentation_atlas_registration import relabel_to_default
-from glandpet.segmentation_params import SegmentationParams
+from glandpet.segmentation.segment_command import load_segmentation_config
+from glandpet.segmentation.atlas_registration import relabel_to_default
+from glandpet.segmentation.params import SegmentationParams
 
 OKBP = "openkbp-parotid-ct"
 

@@ -12,12 +12,12 @@ import pytest
 import scipy.ndimage as ndi
 from test_registration import CT_SHAPE, CT_SP, PET_SHAPE, PET_SP, render, rigid, save
 
-from glandpet import segmentation as S
-from glandpet import segmentation_atlas_registration as A
-from glandpet import segmentation_fusion as F
-from glandpet import segmentation_refinement as RF
+from glandpet.segmentation import multi_atlas as S
+from glandpet.segmentation import atlas_registration as A
+from glandpet.segmentation import fusion as F
+from glandpet.segmentation import refinement as RF
 from glandpet.glands import DEFAULT_LABELS, Label, write_label_table
-from glandpet.segmentation_params import SegmentationParams
+from glandpet.segmentation.params import SegmentationParams
 
 
 def dice(a, b):
@@ -207,7 +207,7 @@ def test_labels_to_pet_values_and_position(cohort, tmp_path):
     d, subj, truth, atlases = cohort
     lab_p = atlases[0]["labels"]
     pet = save(*render(PET_SHAPE, PET_SP, what="pet"), tmp_path / "pet.nii.gz")
-    from glandpet.registration import translation_transform
+    from glandpet.registration.transforms import translation_transform
 
     t = np.array([3.0, -2.0, 4.0])
     xfm = translation_transform(t, str(tmp_path / "x.mat"))
@@ -231,14 +231,15 @@ def test_atlas_stage_a_converges_from_perturbed_poses(angles, trans, tmp_path):
     import pandas as pd
     from test_registration import GLAND_POINTS
 
-    from glandpet import registration as R
+    from glandpet.registration import field_of_view
+    from glandpet.registration import sessions
 
     M = rigid(angles, trans)
     fixed = save(*render(CT_SHAPE, CT_SP, seed=3), tmp_path / "f.nii.gz")
     moving = save(*render(CT_SHAPE, CT_SP, M, seed=4), tmp_path / "m.nii.gz")
-    f = R.resample_iso(ants.image_read(fixed), A.ATLAS_SPACING_MM)
-    m = R.resample_iso(ants.image_read(moving), A.ATLAS_SPACING_MM)
-    r = R.register_ct_to_ct(f, m, str(tmp_path / "a_"), A.ATLAS_STAGES)
+    f = field_of_view.resample_iso(ants.image_read(fixed), A.ATLAS_SPACING_MM)
+    m = field_of_view.resample_iso(ants.image_read(moving), A.ATLAS_SPACING_MM)
+    r = sessions.register_ct_to_ct(f, m, str(tmp_path / "a_"), A.ATLAS_STAGES)
     df = pd.DataFrame(GLAND_POINTS, columns=["x", "y", "z"])
     est = ants.apply_transforms_to_points(3, df, r["fwdtransforms"])[["x", "y", "z"]].to_numpy()
     true = GLAND_POINTS @ M[:3, :3].T + M[:3, 3]
@@ -387,7 +388,8 @@ def test_anatomy_translation_finds_the_head_in_a_shorter_shifted_scan(tmp_path):
     the wrong sense, while the image search finds the translation within one search voxel."""
     import ants
 
-    from glandpet import registration as R
+    from glandpet.registration import field_of_view
+    from glandpet.registration import sessions
 
     t_true = np.array([12.0, -9.0, 70.0])
     from test_registration import grid, phantom_values
@@ -401,12 +403,12 @@ def test_anatomy_translation_finds_the_head_in_a_shorter_shifted_scan(tmp_path):
     pts = idx @ aff[:3, :3].T + aff[:3, 3]
     hu = phantom_values(pts - t_true)[0].reshape(shp)
     moving = save(hu.astype(np.float32), aff, tmp_path / "m.nii.gz")
-    f = R.resample_iso(ants.image_read(fixed), A.ATLAS_SPACING_MM)
-    m = R.resample_iso(ants.image_read(moving), A.ATLAS_SPACING_MM)
-    com = R.body_com(m) - R.body_com(f)
-    t = R.anatomy_translation(f, m)
+    f = field_of_view.resample_iso(ants.image_read(fixed), A.ATLAS_SPACING_MM)
+    m = field_of_view.resample_iso(ants.image_read(moving), A.ATLAS_SPACING_MM)
+    com = field_of_view.body_com(m) - field_of_view.body_com(f)
+    t = sessions.anatomy_translation(f, m)
     assert np.linalg.norm(com - t_true) > 25.0  # the old start: far outside the rigid stage's reach
-    assert np.linalg.norm(t - t_true) <= R.SEARCH_SPACING_MM, (t, t_true)
+    assert np.linalg.norm(t - t_true) <= sessions.SEARCH_SPACING_MM, (t, t_true)
 
 
 def test_lost_atlases_flags_a_gland_far_from_the_consensus():

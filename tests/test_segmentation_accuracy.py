@@ -89,9 +89,11 @@ def _measure_subject(cohort: Path, root: Path, sub: str, atlases: list[dict], th
     first use, as in a workflow job)."""
     import ants
 
-    from glandpet import registration as R
-    from glandpet import segmentation as S
-    from glandpet.convert import convert_series
+    from glandpet.registration import pet_to_ct
+    from glandpet.registration import sessions
+    from glandpet.registration import transforms
+    from glandpet.segmentation import multi_atlas as S
+    from glandpet.dicom.convert import convert_series
 
     xfm = pd.read_parquet(cohort / "truth" / "transforms.parquet")
     work = root / sub
@@ -102,17 +104,17 @@ def _measure_subject(cohort: Path, root: Path, sub: str, atlases: list[dict], th
         convert_series(ct_dir, ct)
         convert_series(pet_dir, pet)
         cts[ses] = ct
-        m = R.register_pet_to_ct(ct, pet, work / f"{ses}_pet2ct.mat", threads=threads)
+        m = pet_to_ct.register_pet_to_ct(ct, pet, work / f"{ses}_pet2ct.mat", threads=threads)
         seconds.setdefault("pet_to_ct", []).append(m["seconds"])
         # residual at the true gland voxels: the estimate maps CT points to PET points
         pts = _gland_points_lps(cohort / "truth" / f"sub-{sub}" / f"ses-{ses}" / f"sub-{sub}_ses-{ses}_space-ct_dseg.nii.gz")
-        A, b = R.transform_matrix(str(work / f"{ses}_pet2ct.mat"))
+        A, b = transforms.transform_matrix(str(work / f"{ses}_pet2ct.mat"))
         true_ct_to_pet = np.linalg.inv(_matrix(xfm, sub, ses, "pet", "ct"))
         err = np.linalg.norm(pts @ A.T + b - (pts @ true_ct_to_pet[:3, :3].T + true_ct_to_pet[:3, 3]), axis=1)
         pet_rows.append(dict(subject_id=sub, session=ses, mean_mm=err.mean(), max_mm=err.max(), seconds=m["seconds"]))
     ref = "psma" if "psma" in cts else "fapi"
     if len(cts) == 2:
-        m = R.align_sessions(cts["psma"], cts["fapi"], work / f"sub-{sub}_from-fapi_to-psma", threads=threads)
+        m = sessions.align_sessions(cts["psma"], cts["fapi"], work / f"sub-{sub}_from-fapi_to-psma", threads=threads)
         seconds.setdefault("align_sessions", []).append(m["seconds"])
         pts = _gland_points_lps(cohort / "truth" / f"sub-{sub}" / "ses-psma" / f"sub-{sub}_ses-psma_space-ct_dseg.nii.gz")
         est = ants.apply_transforms_to_points(3, pd.DataFrame(pts, columns=["x", "y", "z"]),
@@ -245,7 +247,7 @@ def _confidence_figures(run) -> tuple[float, float, float, str]:
     Dice < 0.6 by the review flag (confidence under the config default), flagged share, message."""
     from scipy.stats import spearmanr
 
-    from glandpet.seg_confidence import REVIEW_BELOW
+    from glandpet.segmentation.confidence import REVIEW_BELOW
 
     df = run["dice"].dropna(subset=["dice"])
     rho = float(spearmanr(df["confidence"], df["dice"]).statistic)
@@ -259,7 +261,7 @@ def _confidence_figures(run) -> tuple[float, float, float, str]:
 
 @needs_data
 def test_confidence_flags_the_glands_it_misses(run):
-    """Issue 18: the review flag (glandpet.seg_confidence, no truth involved) against the true Dice
+    """Issue 18: the review flag (glandpet.segmentation.confidence, no truth involved) against the true Dice
     over every gland of every subject. Measured on 3 individuals rendered by the atlas renderer
     (benchmarks/seg_confidence.py, 30 glands, half under Dice 0.6, so the issue's 25 % flagged
     cannot hold together with its 90 % recall there): recall 0.53, flagged 0.27; on this cohort
@@ -281,6 +283,6 @@ def test_confidence_predicts_dice(run):
     2026-12-06): the confidence is the voters' agreement with the fusion, and where all three
     atlases are wrong together (a systematic error) it cannot see it. The CT contrast across the
     boundary, alone 0.60 here, is the signal that could; as a penalty it lowered the real-CT
-    Spearman (glandpet/seg_confidence.py). Strict: passes -> the marker must go."""
+    Spearman (glandpet/segmentation/confidence.py). Strict: passes -> the marker must go."""
     rho, _, _, msg = _confidence_figures(run)
     assert rho >= 0.6, msg

@@ -3,8 +3,8 @@
 Two held-out scans, four atlases from other patients (default settings, 2 threads). The scans
 share no world frame and their fields of view differ (okbp-train-33 stops 5 mm above the parotids
 and 30 mm below them; okbp-train-24 runs from the chest to above the head), so the atlases must be
-found from the images (:func:`glandpet.registration.anatomy_translation`) and a lost one must not
-vote (:func:`glandpet.segmentation_atlas_registration.lost_atlases`). The bounds below were set from
+found from the images (:func:`glandpet.registration.sessions.anatomy_translation`) and a lost one must not
+vote (:func:`glandpet.segmentation.atlas_registration.lost_atlases`). The bounds below were set from
 the measurement of this split (see BOUNDS) and are not to be loosened. Skips where ../shared/data is absent.
 """
 
@@ -14,9 +14,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from glandpet import segmentation as S
+from glandpet.segmentation import multi_atlas as S
 from glandpet.glands import label_value
-from glandpet.segmentation_params import SegmentationParams
+from glandpet.segmentation.params import SegmentationParams
 
 OKBP = "openkbp-parotid-ct"
 HELD_OUT = ("okbp-train-33", "okbp-train-24")
@@ -68,7 +68,7 @@ def test_parotid_on_real_ct_small_split(shared_data, tmp_path):
     # 0.57 / confidence 0.68 missed, and 1 of the 12 flagged: the registrations differ run to run); this split
     # (4 atlases, loaded machine): confidence 0.807 / 0.682 / 0.578 / 0.556 for Dice 0.791 / 0.709 /
     # 0.753 / 0.755 -- okbp-train-24's two parotids flagged although fine (its atlases agree less)
-    from glandpet.seg_confidence import REVIEW_BELOW
+    from glandpet.segmentation.confidence import REVIEW_BELOW
 
     flagged = [c < REVIEW_BELOW for c in conf]
     assert all(0.0 <= c <= 1.0 for c in conf), msg

@@ -15,7 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from glandpet.cli import main
 from glandpet.errors import UserError
-from glandpet.series_index import index_tree, output_paths, read_header, salted_key
+from glandpet.dicom.catalog import index_tree, output_paths, read_header, salted_key
 
 CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 PET_CLASS = "1.2.840.10008.5.1.4.1.1.128"

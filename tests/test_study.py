@@ -20,12 +20,7 @@ from glandpet.phantom.pacs_export import (
     clone_patient,
     reduced_cohort,
 )
-from glandpet.study import (
-    FOUND_COLUMNS,
-    LINKAGE_HEADER,
-    patient_folders,
-    read_linkage_key,
-)
+from glandpet.study.draft import FOUND_COLUMNS, LINKAGE_HEADER, patient_folders, read_linkage_key
 
 # three patients: A (pSS, PSMA + FAPI), B and C (controls, FAPI only). A and C share a date folder
 # of the export; B has a folder of its own.
@@ -58,7 +53,7 @@ def test_init_writes_sheet_key_and_config(export, tmp_path, capsys):
     assert main(["init", str(export), str(study), "--quiet"]) == 0
     printed = capsys.readouterr().out
     sheet = pd.read_csv(study / "subjects.tsv", sep="\t", dtype=str, keep_default_na=False)
-    from glandpet.subjects import DEFAULT_CLINICAL
+    from glandpet.study.subjects import DEFAULT_CLINICAL
 
     # the declared clinical columns (the registered outcomes by default), empty for the team to fill
     assert list(sheet.columns) == ["subject_id", "group", "dicom_dir", "patient_id", *FOUND_COLUMNS, *DEFAULT_CLINICAL]
@@ -101,7 +96,7 @@ def test_init_writes_sheet_key_and_config(export, tmp_path, capsys):
     assert not any(pid in without_pid for pid in key)
 
     # the config: every key, valid against the schema, paths filled
-    from glandpet.preflight import load_config, validate_config
+    from glandpet.study.preflight import load_config, validate_config
 
     cfg = load_config(study / "config.yaml", defaults=False)
     assert {"results", "subjects", "dicom_root", "demo", "atlases", "series_overrides", "suv_type", "segmentation",
@@ -121,8 +116,8 @@ def test_init_writes_sheet_key_and_config(export, tmp_path, capsys):
 
 def test_workflow_matches_the_drafted_sheet(export, tmp_path):
     """The index with the drafted sheet (patient_id and dicom_dir rows) finds the sessions init found."""
-    from glandpet.series_index import index_tree
-    from glandpet.subjects import read_subject_sheet
+    from glandpet.dicom.catalog import index_tree
+    from glandpet.study.subjects import read_subject_sheet
 
     study = tmp_path / "study"
     assert main(["init", str(export), str(study), "--quiet"]) == 0
@@ -178,7 +173,7 @@ def test_patient_folders():
 
 
 def test_init_refuses_study_inside_the_tree(export):
-    from glandpet.study import init_study
+    from glandpet.study.draft import init_study
 
     with pytest.raises(UserError, match="inside the DICOM root"):
         init_study(export, export / "study", progress=False)
@@ -188,7 +183,7 @@ def test_drafted_config_keeps_the_workflow_defaults(tmp_path):
     """Apart from the study's paths, the drafted config holds the workflow's default values."""
     import yaml
 
-    from glandpet.study import config_text
+    from glandpet.study.draft import config_text
 
     repo = Path(__file__).resolve().parents[1]
     default = yaml.safe_load((repo / "config.yaml").read_text())
@@ -199,8 +194,8 @@ def test_drafted_config_keeps_the_workflow_defaults(tmp_path):
 
 
 def test_declared_clinical_follows_the_study_config(tmp_path):
-    from glandpet.study import declared_clinical
-    from glandpet.subjects import DEFAULT_CLINICAL
+    from glandpet.study.draft import declared_clinical
+    from glandpet.study.subjects import DEFAULT_CLINICAL
 
     assert declared_clinical(tmp_path / "absent.yaml") == DEFAULT_CLINICAL
     cfg = tmp_path / "config.yaml"
@@ -212,7 +207,7 @@ def test_declared_clinical_follows_the_study_config(tmp_path):
 def test_drafted_config_copies_the_workflow_sections_with_their_comments():
     """The sections that are not the study's own come from config.yaml verbatim (comments included),
     so a default added there reaches every drafted study (the drafted copy once lacked two keys)."""
-    from glandpet.study import DEFAULT_CONFIG, STUDY_SECTIONS, config_sections, config_text
+    from glandpet.study.draft import DEFAULT_CONFIG, STUDY_SECTIONS, config_sections, config_text
 
     default = config_sections(DEFAULT_CONFIG.read_text())
     drafted = config_sections(config_text("s.tsv", "/dicom", "/results"))
@@ -223,7 +218,7 @@ def test_drafted_config_copies_the_workflow_sections_with_their_comments():
 
 
 def test_config_sections_splits_top_level_keys():
-    from glandpet.study import config_sections
+    from glandpet.study.draft import config_sections
 
     text = "# head\n\n# about a\na: 1\n\n# about b\n# more\nb:\n  x: 2   # inline\n  # inner comment\n  y: 3\nc: []\n"
     assert config_sections(text) == {"a": "# about a\na: 1\n", "b": "# about b\n# more\nb:\n  x: 2   # inline\n  # inner comment\n  y: 3\n",

@@ -3,7 +3,7 @@
 import pytest
 
 from glandpet.errors import UserError
-from glandpet.subjects import read_subject_sheet, subject_folders
+from glandpet.study.subjects import read_subject_sheet, subject_folders
 
 
 def _sheet(tmp_path, text, dirs=("a", "b")):

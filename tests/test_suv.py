@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from glandpet.errors import SUVError
-from glandpet.suv import body_sizes, compute_suv, mid_frame_offset
+from glandpet.suv.factors import body_sizes, compute_suv, mid_frame_offset
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 DRO = DATA / "ibsi-suv-dro" / "DRO"
@@ -240,7 +240,7 @@ def test_ibsi_dro_suvbw(dro, tmp_path):
         pytest.skip(f"IBSI DRO data absent ({DRO / dro}); see ../shared/data/ibsi-suv-dro/SOURCE.md")
     import nibabel as nib
 
-    from glandpet.convert import convert_series
+    from glandpet.dicom.convert import convert_series
 
     out = tmp_path / f"{dro}.nii.gz"
     sc = convert_series(DRO / dro / "PT", out, suv="bw")
@@ -269,7 +269,7 @@ def test_real_siemens_qin_headneck(tmp_path):
     _need(d)
     import nibabel as nib
 
-    from glandpet.convert import convert_series
+    from glandpet.dicom.convert import convert_series
 
     out = tmp_path / "qin.nii.gz"
     sc = convert_series(d, out, suv="bw")
@@ -287,8 +287,8 @@ def test_real_siemens_qin_headneck(tmp_path):
 def test_real_ge_whole_body_suv_factors():
     d = REAL / "sts001-fdg-wb-ge" / "image"
     _need(d)
-    from glandpet.dicom_series import load_series
-    from glandpet.suv import suv_factors
+    from glandpet.dicom.series import load_series
+    from glandpet.suv.factors import suv_factors
 
     s = load_series(d, read_pixels=False)
     f = suv_factors(s.datasets, s.label)
@@ -303,7 +303,7 @@ def test_real_cropped_petct_gml_admin(tmp_path):
     _need(d)
     import nibabel as nib
 
-    from glandpet.convert import convert_series
+    from glandpet.dicom.convert import convert_series
 
     pet = tmp_path / "pet.nii.gz"
     sc = convert_series(d / "PET" / "image", pet, suv="bw")

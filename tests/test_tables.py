@@ -42,10 +42,10 @@ def test_outputs_follow_the_umask_linkage_key_stays_private(tmp_path, umask):
     import nibabel as nib
     import numpy as np
 
-    from glandpet.report_tables import write_report_tables
-    from glandpet.study import write_linkage_key
+    from glandpet.cohort.report_tables import write_report_tables
+    from glandpet.study.draft import write_linkage_key
     from glandpet.tables import COHORT_STATS, QC
-    from glandpet.workflow import write_json, write_nifti_like
+    from glandpet.writers import write_json, write_nifti_like
 
     def mode(p):
         return stat.S_IMODE(os.stat(p).st_mode)

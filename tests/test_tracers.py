@@ -2,12 +2,7 @@
 
 import pytest
 
-from glandpet.tracers import (
-    classify_tracer,
-    radionuclide_from_half_life,
-    radionuclide_from_text,
-    tracer_slug,
-)
+from glandpet.dicom.tracers import classify_tracer, radionuclide_from_half_life, radionuclide_from_text, tracer_slug
 
 # (Radiopharmaceutical text, session, tracer, radionuclide or None)
 CASES = [

@@ -71,7 +71,7 @@ def run(argv: list[str], cwd: Path, timeout: float = 900) -> subprocess.Complete
 @pytest.fixture(scope="session")
 def walkthrough(small_cohort, tmp_path_factory) -> dict:
     from glandpet.phantom.pacs_export import build_pacs_export
-    from glandpet.study import read_linkage_key
+    from glandpet.study.draft import read_linkage_key
 
     w = tmp_path_factory.mktemp("walkthrough")
     build_pacs_export(small_cohort / "dicom", w / "export", patients_per_date=2, seed=7)

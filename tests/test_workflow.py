@@ -153,7 +153,7 @@ def test_input_functions_parameters_are_read_once(monkeypatch):
 
     from snakemake.common import get_function_params
 
-    from glandpet import workflow as wf
+    from glandpet.workflow import dag as wf
 
     def plain(wildcards):
         return []

@@ -47,7 +47,7 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 
 def _affine_map(xfm: Path) -> tuple[np.ndarray, np.ndarray]:
-    from glandpet.registration import transform_matrix
+    from glandpet.registration.transforms import transform_matrix
 
     return transform_matrix(str(xfm))
 

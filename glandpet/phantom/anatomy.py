@@ -22,8 +22,8 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from ..glands import label_value
-from .model import Anatomy, Tissue
+from glandpet.glands import label_value
+from glandpet.phantom.model import Anatomy, Tissue
 
 #: Grid of the anatomy frame: voxel size (mm) and the world box covered (LPS mm, [lo, hi)).
 VOXEL_MM = 1.0

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..geometry import LPS_TO_RAS
-from ..glands import DEFAULT_LABELS, write_label_table
-from .model import Anatomy, PatientInfo, PetInfo, StudyInfo, Tissue
+from glandpet.geometry import LPS_TO_RAS
+from glandpet.glands import DEFAULT_LABELS, write_label_table
+from glandpet.phantom.model import Anatomy, PatientInfo, PetInfo, StudyInfo, Tissue
 
 VENDORS = ("siemens", "ge", "philips")
 
@@ -228,10 +228,10 @@ def pet_grid(vendor: str, ct_shape, ct_affine: np.ndarray, rng) -> tuple[tuple[i
 
 def _build_anatomy(rng, sex, anatomy_from, case_id):
     if anatomy_from:
-        from .real_anatomy import build_real_anatomy
+        from glandpet.phantom.real_anatomy import build_real_anatomy
 
         return build_real_anatomy(anatomy_from, case_id, rng)
-    from .anatomy import build_parametric_anatomy
+    from glandpet.phantom.anatomy import build_parametric_anatomy
 
     return build_parametric_anatomy(rng, sex=sex)
 
@@ -304,7 +304,7 @@ def add_clinical_columns(sheet, truth, seed: int = 0):
 
 
 def _render_session(anat, suv, hu_anat, ctp, tparams, pose, mis, vendor, rng, pet_kwargs):
-    from .uptake import render_ct, render_pet
+    from glandpet.phantom.uptake import render_ct, render_pet
 
     ct_shape, ct_aff = ct_grid(vendor, pose, anat, rng)
     pet_shape, pet_aff = pet_grid(vendor, ct_shape, ct_aff, rng)
@@ -333,8 +333,8 @@ def subject_anatomy(i: int, group: str, seed: int, anatomy_from=None, case_id=No
 
 def make_subject(outdir: str | Path, i: int, group: str, seed: int, anatomy_from=None, case_id=None) -> dict:
     """Generate subject i completely (DICOM + truth label maps); return its table rows."""
-    from .dicom_writer import write_ct_series, write_localizer, write_pet_series
-    from .uptake import (ct_hu_map, draw_ct_params, draw_fapi_compound, draw_tracer_params, plant_fibrosis,
+    from glandpet.phantom.dicom_writer import write_ct_series, write_localizer, write_pet_series
+    from glandpet.phantom.uptake import (ct_hu_map, draw_ct_params, draw_fapi_compound, draw_tracer_params, plant_fibrosis,
                          resample_labels, slice_profile, suv_map, suv_to_bqml)
 
     t0 = time.perf_counter()
@@ -346,7 +346,7 @@ def make_subject(outdir: str | Path, i: int, group: str, seed: int, anatomy_from
     fib = plant_fibrosis(anat, severity, r_dis) if group == "pss" else None
     lesion = None
     if group == "control":
-        from .anatomy import add_lesion
+        from glandpet.phantom.anatomy import add_lesion
 
         lesion = add_lesion(anat, r_dis)
     base_date = dt.date(2023, 1, 9) + dt.timedelta(days=int(r_demo.integers(0, 540)))
@@ -404,7 +404,7 @@ def make_subject(outdir: str | Path, i: int, group: str, seed: int, anatomy_from
         sn = 3 if vendor != "ge" else 4
         write_pet_series(sdir / f"{sn:02d}_{_safe(desc['pet'])}", bq, peta, patient, study, petinfo, sn, desc["pet"])
         if (i + j) % 3 == 1:
-            from .uptake import render_pet
+            from glandpet.phantom.uptake import render_pet
 
             nac = render_pet(suv, anat.affine, pets, peta, mis @ pose, tp.psf_fwhm_mm + 0.5, tp.noise_alpha, rng, nac=True)
             nac_info = PetInfo(**{**petinfo.__dict__, "attenuation_corrected": False})
@@ -444,7 +444,7 @@ def make_atlas(outdir: str | Path, j: int, seed: int, anatomy_from=None, case_id
     """Atlas j: another individual's CT (rendered like a subject CT) + gland labels + label table.
     With ``dicom``, also that CT as a DICOM series and its glands as an RTSTRUCT
     (:func:`write_atlas_dicom`); the NIfTI files are the same either way."""
-    from .uptake import ct_hu_map, draw_ct_params, render_ct, resample_labels, slice_profile
+    from glandpet.phantom.uptake import ct_hu_map, draw_ct_params, render_ct, resample_labels, slice_profile
 
     t0 = time.perf_counter()
     ss = np.random.SeedSequence(seed, spawn_key=(1, j))
@@ -475,8 +475,8 @@ def write_atlas_dicom(ddir: Path, j: int, seed: int, vendor: str, sex: str, age:
     convention) and ``ddir/rtstruct.dcm`` (its glands, ROI names in mixed real-world styles).
     Draws from its own stream ``SeedSequence(seed, spawn_key=(2, j))``: the atlas NIfTIs and
     every other output do not change."""
-    from .dicom_writer import write_ct_series
-    from .rtstruct_writer import write_rtstruct
+    from glandpet.phantom.dicom_writer import write_ct_series
+    from glandpet.phantom.rtstruct_writer import write_rtstruct
 
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2, j)))
     when = dt.datetime(2022, 3, 7, 9, 0) + dt.timedelta(days=int(rng.integers(0, 600)), minutes=int(rng.integers(0, 480)))
@@ -504,7 +504,7 @@ def assign_real_cases(anatomy_from, n_subjects: int, n_atlases: int) -> tuple[li
     from its end (about a third of the cases at most); a case is checked only when it is about
     to be taken and skipped if unusable, so a small cohort reads a few cases, not all of them.
     When there are fewer usable cases than subjects (or atlases), the cases are reused in turn."""
-    from .real_anatomy import _case_dirs, select_real_cases
+    from glandpet.phantom.real_anatomy import _case_dirs, select_real_cases
 
     n_total = len(_case_dirs(anatomy_from))
     na = min(n_atlases, max(1, n_total // 3)) if n_atlases > 0 else 0
@@ -521,7 +521,7 @@ def generate_cohort(outdir, n_subjects: int, seed: int, anatomy_from=None, n_atl
                     pss_fraction: float = 0.6, jobs: int = 1, progress: bool = True, atlas_dicom: bool = False) -> dict:
     """Write a phantom cohort under ``outdir``; returns a summary dict (counts, seconds).
     ``atlas_dicom``: also write each atlas as DICOM CT + RTSTRUCT (``atlases/<name>/dicom/``)."""
-    from ..tables import GLAND_TRUTH, TRANSFORMS, write_table
+    from glandpet.tables import GLAND_TRUTH, TRANSFORMS, write_table
 
     t0 = time.perf_counter()
     outdir = Path(outdir)
@@ -533,7 +533,7 @@ def generate_cohort(outdir, n_subjects: int, seed: int, anatomy_from=None, n_atl
     tasks = [("subject", outdir, i, groups[i], seed, anatomy_from, cases_s[i]) for i in range(n_subjects)]
     tasks += [("atlas", outdir, j, seed, anatomy_from, cases_a[j], atlas_dicom) for j in range(n_atlases)]
     results = []
-    from ..progress import Progress
+    from glandpet.progress import Progress
 
     bar = Progress(len(tasks), "glandpet phantom", unit="individuals", quiet=not progress)
     if jobs > 1 and len(tasks) > 1:
@@ -572,7 +572,7 @@ def generate_cohort(outdir, n_subjects: int, seed: int, anatomy_from=None, n_atl
 
 def run_phantom(args) -> int:
     """The `glandpet phantom` command."""
-    from ..errors import UserError
+    from glandpet.errors import UserError
 
     if args.subjects < 1:
         raise UserError("--subjects must be at least 1")

@@ -51,7 +51,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from .model import PatientInfo, PetInfo, StudyInfo
+from glandpet.phantom.model import PatientInfo, PetInfo, StudyInfo
 
 __all__ = [
     "VENDORS",

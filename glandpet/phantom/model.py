@@ -17,7 +17,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from ..geometry import LPS_TO_RAS  # noqa: F401  (re-exported: phantom.model.LPS_TO_RAS)
+from glandpet.geometry import LPS_TO_RAS  # noqa: F401  (re-exported: phantom.model.LPS_TO_RAS)
 
 
 class Tissue(IntEnum):

@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..geometry import ras_to_lps
-from ..glands import label_value
-from .model import Anatomy, Tissue
+from glandpet.geometry import ras_to_lps
+from glandpet.glands import label_value
+from glandpet.phantom.model import Anatomy, Tissue
 
 __all__ = [
     "GLAND_FILES",

@@ -4,7 +4,7 @@ Contours: per gland label and CT slice, marching squares at level 0.5 on the bin
 (``contourpy``, which comes with matplotlib), padded by one empty pixel so that every line
 closes. On a binary image the 0.5 iso-line passes through the midpoints between inside and
 outside pixel centres, so it separates them exactly: re-rasterising with the voxel-centre-inside,
-even-odd rule of :mod:`glandpet.rtstruct` gives back the same mask (holes are their own closed
+even-odd rule of :mod:`glandpet.dicom.rtstruct` gives back the same mask (holes are their own closed
 lines; saddles give separate, non-touching lines). Points are written in LPS mm with 4
 decimals, i.e. 1e-4 mm, far below the 0.5-voxel margin to the nearest centre.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..glands import DEFAULT_LABELS, Label
+from glandpet.glands import DEFAULT_LABELS, Label
 
 #: naming styles: (gland, side) -> ROI name
 _GLAND_WORDS = {"parotid": ("Parotid", "PAROTID", "Parotid"), "submandibular": ("Glnd_Submand", "SUBMANDIBULAR", "Submandibular"),
@@ -93,8 +93,8 @@ def write_rtstruct(path, labels: np.ndarray, affine_lps: np.ndarray, ct_series_d
     from pydicom.sequence import Sequence
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-    from ..rtstruct import RTSTRUCT_SOP_CLASS, ct_grid
-    from .dicom_writer import make_uid
+    from glandpet.dicom.rtstruct import RTSTRUCT_SOP_CLASS, ct_grid
+    from glandpet.phantom.dicom_writer import make_uid
 
     path = Path(path)
     grid = ct_grid(ct_series_dir)

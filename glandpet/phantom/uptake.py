@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from ..glands import DEFAULT_LABELS, GLANDS
-from .model import Anatomy, Tissue
+from glandpet.glands import DEFAULT_LABELS, GLANDS
+from glandpet.phantom.model import Anatomy, Tissue
 
 N_TISSUE = max(int(t) for t in Tissue) + 1
 

@@ -7,16 +7,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..geometry import ras_to_lps, transform_lps_to_ras
+from glandpet.geometry import ras_to_lps, transform_lps_to_ras
 
 
 def pet_sidecars(cohort: str | Path) -> dict[tuple[str, str], dict]:
     """What the sidecar of each phantom session's attenuation-corrected PET would record for the
-    PSF (:func:`glandpet.pvc.auto_fwhm_mm`): ``{(subject, session): {TracerRadionuclide,
+    PSF (:func:`glandpet.measure.pvc.auto_fwhm_mm`): ``{(subject, session): {TracerRadionuclide,
     ConvolutionKernel}}``, read from one DICOM header per series of ``cohort/dicom/<subject>``."""
     import pydicom
 
-    from ..tracers import classify_dataset
+    from glandpet.dicom.tracers import classify_dataset
 
     out: dict[tuple[str, str], dict] = {}
     for sub_dir in sorted(p for p in (Path(cohort) / "dicom").iterdir() if p.is_dir()):
@@ -42,15 +42,15 @@ def pvc_errors(cohort: str | Path, fwhm_mm: float | str | None = None) -> pd.Dat
     """Uncorrected and GTM SUVmean of every gland against the true SUVmean, with the TRUE gland
     masks and the true PET-to-CT transform, so the figures measure the method, not the
     segmentation. ``fwhm_mm``: the PSF given to GTM (None: the PSF the phantom blurred with;
-    ``"auto"``: :func:`glandpet.pvc.auto_fwhm_mm` of what the session's DICOM header records).
+    ``"auto"``: :func:`glandpet.measure.pvc.auto_fwhm_mm` of what the session's DICOM header records).
     One row per subject x session x gland x side with ``raw_err_pct`` and ``gtm_err_pct``."""
     import nibabel as nib
 
-    from ..glands import read_label_table
-    from ..measure import label_fractions_on_grid, voxel_sizes
-    from ..pvc import background_regions, gtm, region_means
+    from glandpet.glands import read_label_table
+    from glandpet.measure.gland_stats import label_fractions_on_grid, voxel_sizes
+    from glandpet.measure.pvc import background_regions, gtm, region_means
 
-    from ..pvc import auto_fwhm_mm
+    from glandpet.measure.pvc import auto_fwhm_mm
 
     cohort = Path(cohort)
     truth = pd.read_parquet(cohort / "truth" / "gland_truth.parquet")
@@ -91,14 +91,14 @@ def pvc_errors(cohort: str | Path, fwhm_mm: float | str | None = None) -> pd.Dat
 
 def voxel_correlations(cohort: str | Path) -> pd.DataFrame:
     """Within-gland PSMA~FAPI voxel Spearman rho of every pSS gland, computed as the pipeline does
-    (:func:`glandpet.gland_index.voxel_spearman`, PSMA PET grid) but with the TRUE masks and the
+    (:func:`glandpet.measure.gland_index.voxel_spearman`, PSMA PET grid) but with the TRUE masks and the
     true transforms, beside the gland's planted fibrotic fraction."""
     import nibabel as nib
     from scipy.ndimage import map_coordinates
 
-    from ..gland_index import voxel_spearman
-    from ..glands import read_label_table
-    from ..measure import label_fractions_on_grid
+    from glandpet.measure.gland_index import voxel_spearman
+    from glandpet.glands import read_label_table
+    from glandpet.measure.gland_stats import label_fractions_on_grid
 
     cohort = Path(cohort)
     truth = pd.read_parquet(cohort / "truth" / "gland_truth.parquet")
@@ -144,21 +144,21 @@ def pipeline_pvc_errors(results: str | Path, truth_dir: str | Path, pvc: dict | 
 
     ``pvc`` None: the ``gland_stats`` rows as the run wrote them. Else a ``pvc`` config section
     (e.g. ``{"method": "gtm", "fwhm_mm": {"psma": "auto", "fapi": "auto"}}``): every session is
-    measured again from the run's images (:func:`glandpet.workflow.measure_glands`, the PSF from
-    :func:`glandpet.pvc.session_fwhm_mm` of the session's PET sidecar). One row per subject x
+    measured again from the run's images (:func:`glandpet.workflow.steps.measure_glands`, the PSF from
+    :func:`glandpet.measure.pvc.session_fwhm_mm` of the session's PET sidecar). One row per subject x
     session x gland x side with ``volume_err_pct``, ``raw_err_pct`` and ``pvc_err_pct``."""
     import json
     import tempfile
     from types import SimpleNamespace
 
-    from ..pvc import session_fwhm_mm
+    from glandpet.measure.pvc import session_fwhm_mm
 
     results, truth_dir = Path(results), Path(truth_dir)
     truth = pd.read_parquet(truth_dir / "gland_truth.parquet")
     if pvc is None:
         stats = pd.read_parquet(results / "tables" / "gland_stats.parquet")
     else:
-        from .. import workflow
+        from glandpet.workflow import steps
 
         parts = []
         with tempfile.TemporaryDirectory() as tmp:
@@ -176,7 +176,7 @@ def pipeline_pvc_errors(results: str | Path, truth_dir: str | Path, pvc: dict | 
                 output = SimpleNamespace(stats=str(Path(tmp) / f"{stem}.parquet"),
                                          pet_dseg=str(Path(tmp) / f"{stem}_dseg.nii.gz"))
                 cfg = {"method": pvc.get("method", "gtm"), "fwhm_mm": {ses: fwhm}}
-                workflow.measure_glands(inputs, output, sub, ses, "bw", cfg)
+                steps.measure_glands(inputs, output, sub, ses, "bw", cfg)
                 parts.append(pd.read_parquet(output.stats))
         stats = pd.concat(parts, ignore_index=True)
     keys = ["subject_id", "session", "gland", "side"]
@@ -205,7 +205,7 @@ def ct_ring_stats(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, block_
     study were)."""
     from scipy import ndimage
 
-    from ..glands import DEFAULT_LABELS
+    from glandpet.glands import DEFAULT_LABELS
 
     sp = np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0))
     k = [max(1, int(round(block_mm / s))) if i < 2 and block_mm else 1 for i, s in enumerate(sp)]

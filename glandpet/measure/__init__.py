@@ -1,0 +1,1 @@
+"""TODO docstring of glandpet.measure.gland_stats."""
