@@ -6,7 +6,7 @@ import os
 from snakemake.utils import min_version, validate
 
 from glandpet.study.preflight import config_error_line
-from glandpet.workflow.steps import remember_input_function_params
+from glandpet.workflow.dag import remember_input_function_params
 
 min_version("9.0")
 

@@ -133,3 +133,12 @@ def session_transform_paths(prefix: str | os.PathLike) -> dict[str, str]:
     inverse_warp: P_invxfm.nii.gz}``."""
     p = str(prefix)
     return {"affine": p + "_xfm.mat", "warp": p + "_xfm.nii.gz", "inverse_warp": p + "_invxfm.nii.gz"}
+
+
+def entities(path: str | os.PathLike) -> dict:
+    """The entities of a pipeline file's name (:func:`parse`: ``subject``, ``session``,
+    ``desc``, ``suffix`` ...), {} for a name outside the layout (a cohort-level job's log, say)."""
+    try:
+        return parse(path)
+    except ValueError:
+        return {}

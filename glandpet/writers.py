@@ -1,10 +1,10 @@
-"""TODO docstring (writers, from glandpet.workflow.steps)."""
+"""Atomic writers of the pipeline's files: NIfTI with the reference image's exact geometry, JSON and text."""
 
 from __future__ import annotations
+
 import json
 import os
 from typing import Any
-
 
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> None:

@@ -13,18 +13,18 @@ from glandpet.segmentation.corrections import (
     correction_index,
     source_of,
 )
-from glandpet.workflow.steps import (
+from glandpet.workflow.dag import (
     DagLookup,
     atlas_list,
     config_digest,
     finish_run,
-    params_digest,
     per_attempt,
     plan_after_index,
     reference_session,
     selected_sessions,
     subject_ids,
 )
+from glandpet.workflow.failures import params_digest
 
 RUN_START = time.time()
 

@@ -4,11 +4,9 @@ import sys
 
 sys.path.insert(0, snakemake.scriptdir + "/..")  # noqa: F821  (the package, also inside conda envs)
 from glandpet import workflow as wf  # noqa: E402
-from glandpet.figures import montage_thumbnail  # noqa: E402
 
 sm = snakemake  # noqa: F821
 
 with wf.log_to(sm.log[0]):
     wf.gland_index(sm.input, sm.output.index, sm.wildcards.subject, sm.params.index)
-    wf.qc_montage(sm.input, sm.output.png, sm.wildcards.subject)
-    montage_thumbnail(sm.output.png, sm.output.thumbnail)  # the report's copy
+    wf.qc_montage(sm.input, sm.output.png, sm.wildcards.subject, sm.output.thumbnail)

@@ -48,6 +48,7 @@ from typing import Any, Mapping
 
 import numpy as np
 from scipy import ndimage, stats
+from glandpet.layout import label_table_of, session_transform_paths, transform_prefix_of
 
 DEFINITIONS: tuple[str, ...] = ("ratio", "log_ratio", "z_diff")
 MIN_VOXELS: int = 20
@@ -236,16 +237,11 @@ def gland_index_table(
     return wide.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
-# ---- moved from glandpet.workflow.steps
-from typing import Any, Mapping
-from glandpet.layout import label_table_of, session_transform_paths, transform_prefix_of
-
-def _voxel_correlations(inputs: Any, subject: str) -> Any:
+def voxel_correlations(inputs: Any, subject: str) -> Any:
     import nibabel as nib
     import numpy as np
     import pandas as pd
 
-    from glandpet.measure.gland_index import voxel_spearman
     from glandpet.glands import read_label_table
     from glandpet.registration.transforms import warp
 

@@ -1,11 +1,14 @@
-"""TODO docstring (registration.field_of_view, from glandpet.registration.transforms)."""
+"""The head-and-neck field of a CT or PET image: body mask and centre, head-neck box, crops and isotropic
+resampling.
+"""
 
 from __future__ import annotations
+
 import math
+
 import numpy as np
-from glandpet.registration.transforms import _ants
 
-
+from glandpet.registration.transforms import load_ants
 
 #: head-and-neck crop: this far below the top of the body (vertex), with this margin around the body.
 HEAD_NECK_DEPTH_MM = 280.0
@@ -60,12 +63,12 @@ def head_neck_box(img, depth_mm: float = HEAD_NECK_DEPTH_MM, margin_mm: float = 
 
 
 def crop(img, lo, hi):
-    return _ants().crop_indices(img, [int(v) for v in lo], [int(v) + 1 for v in hi])
+    return load_ants().crop_indices(img, [int(v) for v in lo], [int(v) + 1 for v in hi])
 
 
 def resample_iso(img, spacing_mm: float, interp: str = "linear", smooth: bool = True):
     """Resample to an isotropic grid (anti-aliasing Gaussian first when downsampling)."""
-    ants = _ants()
+    ants = load_ants()
     sp = np.asarray(img.spacing, float)
     if smooth and np.any(spacing_mm > sp * 1.2):
         sig = [max(0.0, 0.5 * math.sqrt(max(spacing_mm**2 - s**2, 0.0))) for s in sp]

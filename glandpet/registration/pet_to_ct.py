@@ -1,24 +1,25 @@
-"""TODO docstring (registration.pet_to_ct, from glandpet.registration.transforms)."""
+"""Rigid PET->CT registration of one session (fixed = CT, moving = PET), with its mutual-information QC."""
 
 from __future__ import annotations
+
 import os
+from pathlib import Path
 import shutil
 import tempfile
 import time
-from pathlib import Path
+
 import numpy as np
-from glandpet.registration.transforms import _ants
-from glandpet.registration.transforms import _as_float
-from glandpet.registration.field_of_view import body_mask
-from glandpet.registration.field_of_view import head_centre
-from glandpet.registration.field_of_view import resample_iso
-from glandpet.registration.transforms import rotation_angle_deg
-from glandpet.registration.transforms import run_registration
-from glandpet.registration.transforms import set_threads
-from glandpet.registration.transforms import transform_matrix
-from glandpet.registration.transforms import translation_transform
 
-
+from glandpet.registration.field_of_view import body_mask, head_centre, resample_iso
+from glandpet.registration.transforms import (
+    as_float,
+    load_ants,
+    rotation_angle_deg,
+    run_registration,
+    set_threads,
+    transform_matrix,
+    translation_transform,
+)
 
 #: PET->CT: the CT is smoothed and resampled to this spacing first (the PET is ~4 mm): 28 s -> ~4 s.
 PET_CT_SPACING_MM = 3.0
@@ -110,12 +111,12 @@ def register_pet_to_ct(ct_path, pet_path, out_xfm, threads: int = 1, *, spacing_
     ``head_centre_lps``, ``seconds``, and ``warning`` (None, or why the correction is implausible).
     """
     set_threads(threads)
-    ants = _ants()
+    ants = load_ants()
     t0 = time.perf_counter()
     ct = ants.image_read(str(ct_path))
     pet = ants.image_read(str(pet_path))
-    ct3 = resample_iso(_as_float(ct), spacing_mm)
-    pet = _as_float(pet)
+    ct3 = resample_iso(as_float(ct), spacing_mm)
+    pet = as_float(pet)
     c = head_centre(ct3)
     tmp = tempfile.mkdtemp(prefix="gp_pet2ct_")
     try:

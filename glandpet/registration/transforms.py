@@ -1,12 +1,14 @@
-"""TODO docstring (registration.transforms, from glandpet.registration.transforms)."""
+"""ANTs registrations run, stored and applied: stage arguments, transform files, thread settings and warps."""
 
 from __future__ import annotations
+
 import os
 from pathlib import Path
+from typing import Any
+
 import numpy as np
+
 from glandpet.layout import session_transform_paths
-
-
 
 #: environment variables holding a thread count: ITK's (read by ANTs' thread pool), then the BLAS /
 #: OpenMP ones that :func:`set_threads` also sets with ``blas=True``.
@@ -30,13 +32,13 @@ def set_threads(threads: int | None, *, blas: bool = False) -> int:
     return n
 
 
-def _ants():
+def load_ants():
     import ants  # imported lazily: the thread variable must be set first
 
     return ants
 
 
-def _as_float(img):
+def as_float(img):
     return img.clone("float")
 
 
@@ -78,8 +80,8 @@ def run_registration(fixed, moving, stages: list[dict], outprefix: str, initial:
     """
     from ants.internal import get_lib_fn, get_pointer_string, process_arguments
 
-    fixed = _as_float(fixed)
-    moving = _as_float(moving)
+    fixed = as_float(fixed)
+    moving = as_float(moving)
     warped = fixed.clone()
     inv_warped = moving.clone()
     fs, ms = get_pointer_string(fixed), get_pointer_string(moving)
@@ -127,7 +129,7 @@ def translation_transform(t_lps, path: str, centre=(0.0, 0.0, 0.0)) -> str:
     of the linear stages initialised from it) at ``centre``. A centre far from the anatomy (the
     world origin can be a metre away) couples rotations with huge translations and stalls the
     optimiser: always pass the image or head centre."""
-    ants = _ants()
+    ants = load_ants()
     tx = ants.create_ants_transform(transform_type="AffineTransform", precision="float", dimension=3,
                                     translation=tuple(float(v) for v in t_lps),
                                     center=tuple(float(v) for v in centre))
@@ -158,7 +160,7 @@ def transform_matrix(xfm_path: str) -> tuple[np.ndarray, np.ndarray]:
             p = np.asarray(params[0], float).ravel()
             A, t, c = p[:9].reshape(3, 3), p[9:], np.asarray(content["fixed"], float).ravel()
             return A, t + c - A @ c
-    ants = _ants()
+    ants = load_ants()
     tx = ants.read_transform(xfm_path)
     b = np.asarray(tx.apply_to_point((0.0, 0.0, 0.0)), float)
     A = np.column_stack([np.asarray(tx.apply_to_point(tuple(e)), float) - b for e in np.eye(3) * 100.0]) / 100.0
@@ -171,7 +173,7 @@ def rotation_angle_deg(A: np.ndarray) -> float:
 
 
 def _write(img, out_path, label: bool):
-    ants = _ants()
+    ants = load_ants()
     out_path = str(out_path)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     if label:
@@ -187,12 +189,12 @@ def warp(moving, reference, transforms: list[str], out_path=None, interpolation:
     """Resample ``moving`` onto ``reference`` through ``transforms`` (ANTs order, each mapping the
     reference side to the moving side unless inverted). ``interpolation``: linear | genericLabel |
     nearestNeighbor | bSpline. Paths or ANTs images in; an ANTs image out (written if out_path)."""
-    ants = _ants()
+    ants = load_ants()
     mv = ants.image_read(str(moving)) if not ants.is_image(moving) else moving
     ref = ants.image_read(str(reference)) if not ants.is_image(reference) else reference
     label = interpolation in ("genericLabel", "nearestNeighbor", "multiLabel")
     if not label:
-        mv = _as_float(mv)
+        mv = as_float(mv)
     out = ants.apply_transforms(ref, mv, [str(t) for t in transforms], interpolator=interpolation,
                                 whichtoinvert=invert, defaultvalue=default_value)
     if out_path is not None:
@@ -215,18 +217,11 @@ def apply_inverse_session_transform(image, moving_ref, xfm_prefix, out_path=None
                 default_value)
 
 
-# ---- moved from glandpet.workflow.steps
-import os
-from pathlib import Path
-from typing import Any
-from glandpet.layout import session_transform_paths
-
 def ct_to_pet_affine(xfm_path: str) -> Any:
     """The rigid CT->PET transform of a session (ITK .mat) as a 4x4 matrix in RAS mm."""
     import numpy as np
 
     from glandpet.geometry import transform_lps_to_ras
-    from glandpet.registration.transforms import transform_matrix
 
     A, b = transform_matrix(xfm_path)
     m_lps = np.eye(4)

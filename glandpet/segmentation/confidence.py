@@ -42,6 +42,8 @@ import math
 
 import numpy as np
 from scipy import ndimage as ndi
+from pathlib import Path
+import json
 
 #: default of ``segmentation.review_below`` (config.schema.yaml): a gland under this confidence
 #: is flagged ``review``.
@@ -212,18 +214,12 @@ def gland_entry(entry: dict) -> dict:
     return out
 
 
-# ---- moved from glandpet.workflow.steps
-import json
-from pathlib import Path
-
 def seg_confidence_columns(seg_qc_path: str | None, gland: str, side: str, review_below: float | None = None,
                            segmentation_source: str = "atlas") -> dict:
     """``seg_confidence``, ``seg_flag``, ``segmentation_source`` of one gland from the session's
     segment QC JSON (``metrics.glands``, :mod:`glandpet.segmentation.confidence`). A corrected segmentation
     was reviewed by a person: confidence 1, flag ok. A QC JSON without the per-gland block (older
     results) or without this gland: no confidence, flag review."""
-    from glandpet.segmentation.confidence import REVIEW_BELOW, flag
-
     review_below = REVIEW_BELOW if review_below is None else float(review_below)
     if segmentation_source == "corrected":
         return dict(seg_confidence=1.0, seg_flag="ok", segmentation_source="corrected")

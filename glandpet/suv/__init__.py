@@ -1,1 +1,3 @@
-"""TODO docstring of glandpet.suv.factors."""
+"""SUV, the second stage: the factors a PET header supports (:mod:`.factors`, QIBA/IBSI rules) and the SUV image
+(:mod:`.image`).
+"""

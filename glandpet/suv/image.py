@@ -1,9 +1,11 @@
-"""TODO docstring (suv.image, from glandpet.workflow.steps)."""
+"""The SUV image of a PET session: Bq/mL voxels times the SUV factor its sidecar recorded."""
 
 from __future__ import annotations
+
 import json
 import logging
 from pathlib import Path
+
 from glandpet.writers import write_nifti_like
 
 log = logging.getLogger("glandpet")

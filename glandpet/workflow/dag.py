@@ -1,16 +1,17 @@
-"""TODO docstring (workflow.dag, from glandpet.workflow.steps)."""
+"""What the Snakefile asks while it plans: subjects, atlases, sessions, resources, and which sessions a run
+leaves out.
+"""
 
 from __future__ import annotations
+
 import functools
 import os
 from pathlib import Path
 from typing import Any, Mapping
+
 from glandpet.glands import SESSIONS
 from glandpet.tables import config_hash
-from glandpet.workflow.failures import _failed_state
-from glandpet.workflow.failures import _read_failure_records
-from glandpet.workflow.failures import failure_records
-
+from glandpet.workflow.failures import failed_state, failure_records, read_failure_records
 
 
 def subject_ids(config: Mapping[str, Any], sheet: str) -> list[str]:
@@ -137,7 +138,7 @@ class DagLookup:
     per subject (and again after the index checkpoint).
 
     Each subject's answer is worked out once per state of what it depends on (the series table's
-    modification time; the failure records' folder, :func:`_failed_state`), and the failure records
+    modification time; the failure records' folder, :func:`failed_state`), and the failure records
     are checked (:func:`record_is_current`: a stat of each record's input files) once per state for
     all subjects and grouped by subject, instead of all records on every call: O(records) per state,
     not O(subjects x records). An input of a failed job that changes without either state changing is
@@ -159,7 +160,7 @@ class DagLookup:
         return self._rule_params() if callable(self._rule_params) else self._rule_params
 
     def _refresh(self) -> None:
-        key = (os.stat(self.series_path).st_mtime_ns, _failed_state(self.failed_folder))
+        key = (os.stat(self.series_path).st_mtime_ns, failed_state(self.failed_folder))
         if key == self._key:
             return
         by_subject: dict[str, list[dict]] = {}
@@ -320,7 +321,7 @@ def finish_run(workflow: Any, results: str | os.PathLike, subjects: list[str], s
         rc = subprocess.run([*argv, "--nolock"], env=env).returncode
         passes += 1
         failed = rc != 0
-        _read_failure_records.cache_clear()
+        read_failure_records.cache_clear()
         _selected.cache_clear()
     try:
         text = left_out_summary(results, subjects, sessions_of, rule_params)

@@ -1,37 +1,30 @@
-"""TODO docstring (workflow.failures, from glandpet.workflow.steps)."""
+"""Failure records and logs: what a failed job writes, whether a record still applies, and the log each step
+writes to.
+"""
 
 from __future__ import annotations
+
 import contextlib
 import functools
 import json
 import logging
 import os
-import traceback
 from pathlib import Path
+import traceback
 from typing import Any, Iterator, Mapping
-from glandpet.layout import parse
+
+from glandpet.layout import entities
 
 log = logging.getLogger("glandpet")
 from glandpet.writers import write_json
 
-
-
 _PACKAGE = Path(__file__).resolve().parent
-
-
-def _entities(path: str | os.PathLike) -> dict:
-    """The entities of a pipeline file's name (:func:`glandpet.layout.parse`: ``subject``, ``session``,
-    ``desc``, ``suffix`` ...), {} for a name outside the layout (a cohort-level job's log, say)."""
-    try:
-        return parse(path)
-    except ValueError:
-        return {}
 
 
 def failure_record_path(log_path: str | os.PathLike) -> Path | None:
     """Where a per-subject job's failure record goes (None for cohort-level jobs)."""
     log_path = Path(log_path)
-    if log_path.parent.parent.name != "logs" or not _entities(log_path):
+    if log_path.parent.parent.name != "logs" or not entities(log_path):
         return None
     results = log_path.parent.parent.parent
     return results / "work" / "failed" / log_path.parent.name / (log_path.name[: -len(".log")] + ".json")
@@ -100,13 +93,13 @@ def failure_records(results: str | os.PathLike, rule_params: Mapping[str, str] |
     Called for every subject while Snakemake builds the DAG: the records are read once per state of
     the folder (its rule subfolders' modification times), not once per call."""
     folder = os.path.join(results, "work", "failed")
-    state = _failed_state(folder)
+    state = failed_state(folder)
     if state is None:
         return []
-    return [r for r in _read_failure_records(folder, state) if record_is_current(r, rule_params) != stale]
+    return [r for r in read_failure_records(folder, state) if record_is_current(r, rule_params) != stale]
 
 
-def _failed_state(folder: str) -> tuple | None:
+def failed_state(folder: str) -> tuple | None:
     """The state of the failure records' folder: its rule subfolders' modification times (a record
     written or removed changes its subfolder's). None when there is no folder."""
     if not os.path.isdir(folder):  # the usual case: no job ever failed
@@ -119,7 +112,7 @@ def _failed_state(folder: str) -> tuple | None:
 
 
 @functools.lru_cache(maxsize=8)
-def _read_failure_records(folder: str, _state: tuple) -> list[dict]:
+def read_failure_records(folder: str, _state: tuple) -> list[dict]:
     out = []
     for p in sorted(Path(folder).glob("*/*.json")):
         try:
@@ -135,7 +128,7 @@ def _record_failure(log_path: str | os.PathLike, exc: BaseException, job: Any = 
     path = failure_record_path(log_path)
     if path is None:
         return
-    m = _entities(log_path)
+    m = entities(log_path)
     message = " ".join(str(exc).split()) or type(exc).__name__
     from glandpet.errors import UserError
 

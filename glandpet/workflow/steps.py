@@ -1,23 +1,22 @@
-"""TODO docstring (workflow.steps, from glandpet.workflow.steps)."""
+"""One function per rule: each reads its inputs, calls its stage's package and writes its outputs."""
 
 from __future__ import annotations
+
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
-from glandpet.layout import label_table_of, transform_prefix_of
+
+from glandpet.layout import entities, label_table_of
 from glandpet.layout import path as layout_path
-from glandpet.registration.transforms import set_threads
-from glandpet.workflow.failures import _entities
-from glandpet.measure.gland_index import _voxel_correlations
-from glandpet.registration.transforms import ct_to_pet_affine
-from glandpet.workflow.failures import failure_records
+from glandpet.layout import transform_prefix_of
+from glandpet.measure.gland_index import voxel_correlations
+from glandpet.registration.transforms import ct_to_pet_affine, set_threads
 from glandpet.segmentation.confidence import seg_confidence_columns
 from glandpet.suv.image import suv_image
-from glandpet.writers import write_json
-from glandpet.writers import write_nifti_like
-from glandpet.writers import write_text_atomic
+from glandpet.workflow.failures import failure_records
+from glandpet.writers import write_json, write_nifti_like, write_text_atomic
 
 log = logging.getLogger("glandpet")
 
@@ -147,12 +146,17 @@ def measure_glands(inputs: Any, output: Any, subject: str, session: str, suv_typ
     import pandas as pd
 
     from glandpet.glands import read_label_table
-    from glandpet.measure.gland_stats import gland_statistics, label_fractions_on_grid, volume_ml_from_labels, voxel_sizes
+    from glandpet.measure.gland_stats import (
+        gland_statistics,
+        label_fractions_on_grid,
+        volume_ml_from_labels,
+        voxel_sizes,
+    )
     from glandpet.measure.pvc import background_regions, body_fraction_from_ct, gtm, rbv_region_means, session_fwhm_mm
     from glandpet.tables import atomic_path
 
     if segmentation_source is None:
-        segmentation_source = "corrected" if _entities(inputs.dseg).get("desc") == "corrected" else "atlas"
+        segmentation_source = "corrected" if entities(inputs.dseg).get("desc") == "corrected" else "atlas"
     suv_img, ct_img, lab_img = nib.load(inputs.suv), nib.load(inputs.ct), nib.load(inputs.dseg)
     suv = np.asarray(suv_img.dataobj, dtype=np.float32)
     labels = np.asarray(lab_img.dataobj).astype(np.int16)
@@ -215,7 +219,7 @@ def gland_index(inputs: Any, out_path: str, subject: str, index_cfg: Mapping[str
     spearman = None
     # both sessions measured (the montage's inputs name each session's SUV even for one session)
     if {"psma_pet_dseg", "psma_suv", "fapi_suv", "affine"} <= set(inputs.keys()):
-        spearman = _voxel_correlations(inputs, subject)
+        spearman = voxel_correlations(inputs, subject)
     definition = index_cfg.get("definition", "ratio")
     df = gland_index_table(stats, definition, index_cfg.get("reference") or None, use_pvc=True, spearman=spearman)
     tmp = atomic_path(out_path)
@@ -229,7 +233,7 @@ def _qc_rows(paths: list[str]) -> list[dict]:
         if not str(path).endswith(".json"):
             continue
         rec = json.loads(Path(path).read_text())
-        m = _entities(path)
+        m = entities(path)
         rows.append(dict(subject_id=m.get("subject") or "?", session=m.get("session"),
                          stage=rec.get("stage", "?"), status=rec.get("status", "ok"), message=rec.get("message"),
                          metrics_json=json.dumps(rec.get("metrics", {}), sort_keys=True, default=str)))
@@ -244,7 +248,7 @@ def _review_rows(stats: Any, qc_paths: list[str]) -> list[dict]:
         return []
     seg = {}
     for path in qc_paths:
-        m = _entities(path)
+        m = entities(path)
         is_segment_qc = (m.get("desc"), m.get("suffix"), m.get("extension")) == ("segment", "qc", ".json")
         if is_segment_qc and m["session"] and Path(path).is_file():
             metrics = json.loads(Path(path).read_text()).get("metrics") or {}
@@ -448,8 +452,10 @@ def _label_editor_tables(output: Any, labels: list) -> None:
         write_itksnap_labels(output.itksnap, labels)
 
 
-def qc_montage(inputs: Any, out_png: str, subject: str) -> None:
-    """Per-subject QC montage on the reference session's CT."""
+def qc_montage(inputs: Any, out_png: str, subject: str, out_thumbnail: str | None = None) -> None:
+    """Per-subject QC montage on the reference session's CT (and its thumbnail, the copy the report
+    embeds)."""
+    from glandpet.cohort.figures import montage_thumbnail
     from glandpet.cohort.figures import qc_montage as draw
     from glandpet.glands import read_label_table
 
@@ -460,6 +466,8 @@ def qc_montage(inputs: Any, out_png: str, subject: str) -> None:
     labels = read_label_table(label_table_of(inputs.dseg))
     draw(inputs.ct, pets, inputs.dseg, out_png, title=f"sub-{subject}", pet_to_ct_xfms=xfms,
          session_warp=warp, labels=labels, review=flagged_glands(inputs.stats if "stats" in keys else [], inputs.dseg))
+    if out_thumbnail:
+        montage_thumbnail(out_png, out_thumbnail)
 
 
 def flagged_glands(stats_paths: Any, dseg_path: str) -> dict[str, float | None]:
@@ -467,7 +475,7 @@ def flagged_glands(stats_paths: Any, dseg_path: str) -> dict[str, float | None]:
     session whose label map ``dseg_path`` is (the montage's), for :func:`glandpet.cohort.figures.qc_montage`."""
     import pandas as pd
 
-    session = _entities(dseg_path).get("session")
+    session = entities(dseg_path).get("session")
     out: dict[str, float | None] = {}
     for p in [stats_paths] if isinstance(stats_paths, (str, Path)) else list(stats_paths):
         df = pd.read_parquet(p)
@@ -479,3 +487,25 @@ def flagged_glands(stats_paths: Any, dseg_path: str) -> dict[str, float | None]:
             c = r.get("seg_confidence")
             out[f"{r['gland']}_{r['side']}"] = None if c is None or pd.isna(c) else float(c)
     return out
+
+
+def apply_correction(inputs: Any, output: Any) -> None:
+    """A session's corrected labels into results: its own correction (``inputs.correction``), or the
+    reference session's corrected labels carried through the session transform."""
+    from glandpet.segmentation import corrections
+
+    if "correction" in inputs.keys():
+        corrections.apply_correction(inputs.correction, inputs.ct, inputs.atlas_dseg, output.dseg, output.table,
+                                     output.qc)
+    else:
+        corrections.carry_correction(inputs.ref_dseg, inputs.ct, transform_prefix_of(inputs.affine),
+                                     inputs.atlas_dseg, output.dseg, output.table, output.qc)
+
+
+def report_tables(inputs: Any, output: Any) -> None:
+    """The HTML views of the cohort tables for the Snakemake report."""
+    from glandpet.cohort.report_tables import write_report_tables
+
+    write_report_tables(inputs.gland_stats, inputs.cohort_stats, inputs.qc, output.statistics, output.gland_values,
+                        output.qc, outcomes=inputs.outcomes, gland_index=inputs.gland_index,
+                        diagnostic=inputs.diagnostic, out_results=output.results)
