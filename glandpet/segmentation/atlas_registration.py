@@ -169,7 +169,7 @@ LABEL_BY_INDEX = {lab.index: lab for lab in DEFAULT_LABELS}
 # ------------------------------------------------------------------ small helpers
 def np_to_img(arr, like):
     """An ANTs float image of ``arr`` on the grid of the ANTs image ``like``."""
-    return transforms._ants().from_numpy(np.asarray(arr, dtype=np.float32), origin=like.origin, spacing=like.spacing,
+    return transforms.load_ants().from_numpy(np.asarray(arr, dtype=np.float32), origin=like.origin, spacing=like.spacing,
                                   direction=like.direction)
 
 
@@ -340,7 +340,7 @@ def lost_atlases(warped_labels: list[np.ndarray], holds: list[set[int]], spacing
 # ------------------------------------------------------------------ loading and warping atlases
 def _load_atlas(atlas: dict):
     """An atlas's name, CT, label map in DEFAULT_LABELS values, the labels it holds and their volumes (mL)."""
-    ants = transforms._ants()
+    ants = transforms.load_ants()
     name = str(atlas.get("name") or Path(atlas["ct"]).parent.name)
     ct = ants.image_read(str(atlas["ct"])).clone("float")
     lab = ants.image_read(str(atlas["labels"]))
@@ -356,7 +356,7 @@ def _load_atlas(atlas: dict):
 
 def _warp_labels(ref, lab_img, fwd) -> np.ndarray:
     """A label map carried onto ``ref``'s grid through the transforms ``fwd`` (genericLabel), uint8."""
-    ants = transforms._ants()
+    ants = transforms.load_ants()
     return np.rint(ants.apply_transforms(ref, lab_img, fwd, interpolator="genericLabel").numpy()).astype(np.uint8)
 
 
@@ -504,7 +504,7 @@ def register_region(subj_out, subj_glob, field: WholeField, rname: str, rlabels:
     from stage A; none for the ``global`` pseudo-region, which keeps stage A on the whole-field
     grid), its labels carried through B o A. ``subj_out``: the output grid (native resolution);
     ``subj_glob``: the whole-field grid. None if the region has no box (under 2 voxels)."""
-    ants = transforms._ants()
+    ants = transforms.load_ants()
     if rname == "global":
         fix, out_lo, out_hi = subj_glob, np.zeros(3, int), np.array(subj_out.shape) - 1
     else:

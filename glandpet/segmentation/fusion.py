@@ -189,7 +189,7 @@ def joint_label_fusion_probs(target, atlas_cts: list, atlas_labels: list, labels
     background is its own label (value ``max+1`` in the call, mapped back to 0), and the
     caller takes the arg-max over background and glands.
     """
-    ants = transforms._ants()
+    ants = transforms.load_ants()
     bg = max(labels) + 1
     labs = []
     for lab in atlas_labels:
@@ -212,7 +212,7 @@ def _fuse_jlf(fix, out_ref, ct_fix, lab_fix, holds, voters, labels, tmp, min_vox
     background), background included as a label; probabilities resampled linearly onto the output
     grid, arg-max over background and glands. ``min_voxels`` ({label: n}): a gland left smaller
     than n voxels grows into the free voxels of highest probability until it has n."""
-    ants = transforms._ants()
+    ants = transforms.load_ants()
     best = np.zeros(out_ref.shape, np.uint8)
     best_p = np.full(out_ref.shape, 0.5, np.float32)  # a gland needs p > 0.5 against background
     probs = {}

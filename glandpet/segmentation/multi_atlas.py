@@ -56,7 +56,7 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv,
     if not atlases:
         raise ValueError("segment_subject needs at least one atlas")
     transforms.set_threads(threads)
-    ants = transforms._ants()
+    ants = transforms.load_ants()
     t_all = time.perf_counter()
     timing: dict[str, float] = {}
     tmp = workdir or tempfile.mkdtemp(prefix="gp_seg_")
