@@ -81,7 +81,7 @@ def test_failure_record_is_stale_once_inputs_params_or_code_change(tmp_path, mon
     assert failures.failure_records(results, params_default) == []
     assert len(failures.failure_records(results, params_default, stale=True)) == 1
     # the code changed
-    monkeypatch.setattr(wf, "code_digest", lambda: "0" * 16)
+    monkeypatch.setattr(failures, "code_digest", lambda: "0" * 16)
     assert dag.selected_sessions(series, "B", params_now) == {"psma": "psma", "fapi": "fapi"}
     monkeypatch.undo()
     assert dag.selected_sessions(series, "B", params_now) == {"fapi": "fapi"}
@@ -121,7 +121,7 @@ def test_dag_lookup_answers_as_the_functions_and_checks_each_record_once_per_sta
 
     calls = []
     real = failures.record_is_current
-    monkeypatch.setattr(wf, "record_is_current", lambda rec, params=None: calls.append(1) or real(rec, params))
+    monkeypatch.setattr(failures, "record_is_current", lambda rec, params=None: calls.append(1) or real(rec, params))
     params = {"measure_glands": failures.params_digest({})}  # this run's: S1's record is current
     lookup = dag.DagLookup(series, params)
 
@@ -211,7 +211,7 @@ SITECUSTOMIZE = '''
 import os
 _poison = os.environ.get("GLANDPET_TEST_POISON")
 if _poison:
-    import glandpet.workflow.steps as _wf
+    import glandpet.workflow as _wf  # the interface the scripts call
     _measure = _wf.measure_glands
 
     def measure_glands(inputs, output, subject, session, *args, **kw):
