@@ -57,7 +57,7 @@ def in_process_breakdown(series: Path, out: Path) -> dict[str, float]:
     sys.path.insert(0, str(ROOT))
     import numpy as np
 
-    from glandpet.dicom import convert as cv
+    from glandpet.writers import write_nifti
     from glandpet.dicom.series import load_series
     from glandpet.suv.factors import suv_result
 
@@ -70,7 +70,7 @@ def in_process_breakdown(series: Path, out: Path) -> dict[str, float]:
     import nibabel as nib
 
     img = nib.Nifti1Image(data, s.affine_ras)
-    cv._write_nifti(img, out)
+    write_nifti(img, out)
     t3 = time.perf_counter()
     return {"read+pixels": t1 - t0, "suv": t2 - t1, "nifti gzip write": t3 - t2}
 

@@ -14,9 +14,10 @@ set of entities has one name; for example::
 :func:`parse` is the inverse (it also reads the names of log files, ``sub-<id>_ses-<session>.log``);
 :func:`label_table_of` names the label table beside a label map, :func:`transform_prefix_of` and
 :func:`session_transform_paths` the three files of the session transform. Nothing here touches the
-file system. The Python steps (glandpet.workflow.steps, glandpet.registration.transforms) and the input functions of
-rules/common.smk name files through it; the rules' ``output:`` patterns spell the same names with
-wildcards (tests/test_layout.py holds the names literally).
+file system. :func:`pattern` and :func:`name_pattern` give the same names with Snakemake wildcards
+(``{subject}``, ``{session}``, ``{tracer}``) for the rules' ``output:``, ``log:`` and ``benchmark:``.
+The rules, their input functions (rules/common.smk) and the Python steps name files through this
+module only (tests/test_layout.py holds the names literally, and checks nothing else builds them).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import functools
 import os
 import re
 
-__all__ = ["SUBJECT_ID_PATTERN", "ENTITY_VALUE_PATTERN", "ENTITY_ORDER", "name", "path", "parse", "label_table_of",
-           "transform_prefix_of", "session_transform_paths"]
+__all__ = ["SUBJECT_ID_PATTERN", "ENTITY_VALUE_PATTERN", "ENTITY_ORDER", "name", "path", "name_pattern", "pattern",
+           "parse", "entities", "beside", "label_table_of", "transform_prefix_of", "session_transform_paths"]
 
 #: The one regex (unanchored, no groups) for a subject id: letters and digits only, because it becomes part
 #: of file names ``sub-<id>_...``. The subject sheet, the log-name parsing and the Snakemake wildcard use it.
@@ -111,12 +112,54 @@ def parse(file: str | os.PathLike) -> dict[str, str | None]:
     return out
 
 
+_WILDCARD = re.compile(r"\{([A-Za-z_]+)\}")
+
+
+def _with_wildcards(build, *values: str | None, **entities: str | None) -> str:
+    """``build(*values, **entities)`` where any value may be a Snakemake wildcard ``{name}``: each
+    wildcard stands in as a token of letters (valid in a name) and comes back after the build."""
+    tokens: dict[str, str] = {}
+
+    def token(v):
+        if v is None or not _WILDCARD.fullmatch(str(v)):
+            return v
+        t = "WILDCARD" + _WILDCARD.fullmatch(str(v)).group(1).replace("_", "")
+        tokens[t] = str(v)
+        return t
+
+    out = build(*(token(v) for v in values), **{k: token(v) for k, v in entities.items()})
+    for t, v in tokens.items():
+        out = out.replace(t, v)
+    return out
+
+
+def name_pattern(suffix: str = "", *, session: str | None = "{session}", **entities: str | None) -> str:
+    """:func:`name` as a Snakemake pattern: ``sub-{subject}``, the session ``{session}`` (a fixed
+    session, or None for a subject-level file), entity values that may be wildcards
+    (``trc="{tracer}"``). ``name_pattern("ct.nii.gz")`` -> ``sub-{subject}_ses-{session}_ct.nii.gz``."""
+    return _with_wildcards(lambda subj, ses, **e: name(subj, ses, suffix, **e), "{subject}", session, **entities)
+
+
+def pattern(results: str | os.PathLike, suffix: str = "", *, session: str | None = "{session}",
+            **entities: str | None) -> str:
+    """:func:`path` as a Snakemake pattern (the rules' ``output:``), wildcards as in :func:`name_pattern`."""
+    return _with_wildcards(lambda subj, ses, **e: path(results, subj, ses, suffix, **e), "{subject}", session,
+                           **entities)
+
+
+def beside(image: str | os.PathLike, extension: str) -> str:
+    """The file beside a NIfTI image with another extension: ``X.nii.gz`` or ``X.nii`` -> ``X`` +
+    ``extension`` (a label map's table ``.tsv``, an image's sidecar ``.json``)."""
+    s = os.fspath(image)
+    for ext in (".nii.gz", ".nii"):
+        if s.endswith(ext):
+            return s[: -len(ext)] + extension
+    raise ValueError(f"{s}: a NIfTI image's name ends in .nii.gz or .nii")
+
+
 def label_table_of(dseg: str | os.PathLike) -> str:
     """The label table written beside a label map: ``X_dseg.nii.gz`` -> ``X_dseg.tsv``."""
-    s = str(dseg)
-    if not s.endswith(".nii.gz"):
-        raise ValueError(f"{s}: a label map's name ends in .nii.gz")
-    return s[: -len(".nii.gz")] + ".tsv"
+    return beside(dseg, ".tsv")
 
 
 def transform_prefix_of(affine: str | os.PathLike) -> str:

@@ -41,6 +41,7 @@ ATLASES = atlas_list(config, PHANTOM_ATLAS_DIR)
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
 SUV_DESC = f"suv{config['suv_type']}"
+SUBJECT_QC_PNG = layout.name_pattern("qc.png", session=None)  # sub-{subject}_qc.png
 plan_after_index(workflow, f"{RESULTS}/tables/series.parquet")
 
 
@@ -129,32 +130,48 @@ def ses_file(subject, session, suffix, **entities):
     return layout.path(RESULTS, subject, session, suffix, **entities)
 
 
-def ct_image(w):
-    return ses_file(w.subject, w.session, "ct.nii.gz")
+def out(suffix, session="{session}", **entities):
+    """A per-subject output pattern (glandpet.layout.pattern): out("ct.nii.gz") is
+    results/sub-{subject}/ses-{session}/sub-{subject}_ses-{session}_ct.nii.gz; session=None: the
+    subject's folder."""
+    return layout.pattern(RESULTS, suffix, session=session, **entities)
 
 
-def pet_image(w):
+def job_log(rule, session="{session}", **entities):
+    """A per-subject job's log: logs/<rule>/sub-{subject}[_ses-{session}].log."""
+    return f"{LOGS}/{rule}/{layout.name_pattern(session=session, **entities)}.log"
+
+
+def job_benchmark(rule, session="{session}", **entities):
+    """A per-subject job's benchmark: benchmarks/<rule>/sub-{subject}[_ses-{session}].tsv."""
+    return f"{BENCH}/{rule}/{layout.name_pattern(session=session, **entities)}.tsv"
+
+
+def per_session(file_of):
+    """The input function of a session file named by file_of(subject, session)."""
+    return lambda w: file_of(w.subject, w.session)
+
+
+def ct_file(subject, session):
+    return ses_file(subject, session, "ct.nii.gz")
+
+
+def pet_file(subject, session):
+    return ses_file(subject, session, "pet.nii.gz", trc=tracer(subject, session))
+
+
+def pet_sidecar_file(subject, session):
+    return ses_file(subject, session, "pet.json", trc=tracer(subject, session))
+
+
+def suv_file(subject, session):
     return ses_file(
-        w.subject, w.session, "pet.nii.gz", trc=tracer(w.subject, w.session)
+        subject, session, "pet.nii.gz", trc=tracer(subject, session), desc=SUV_DESC
     )
 
 
-def pet_sidecar(w):
-    return ses_file(w.subject, w.session, "pet.json", trc=tracer(w.subject, w.session))
-
-
-def suv_image(w):
-    return ses_file(
-        w.subject,
-        w.session,
-        "pet.nii.gz",
-        trc=tracer(w.subject, w.session),
-        desc=SUV_DESC,
-    )
-
-
-def pet_to_ct(w):
-    return ses_file(w.subject, w.session, "xfm.mat", from_="pet", to="ct")
+def pet_to_ct_file(subject, session):
+    return ses_file(subject, session, "xfm.mat", from_="pet", to="ct")
 
 
 CORRECTIONS = config["segmentation"]["corrections"]
@@ -177,24 +194,23 @@ def study_sessions(subject):
     return selected_sessions(series, subject) if os.path.isfile(series) else None
 
 
-def correction_ct(subject, session):
-    return ses_file(subject, session, "ct.nii.gz")
-
-
 def segmentation_source(w):
     """Corrected when the session's labels come from a correction (its own, or the reference
     session's carried through the session transform), else "atlas"."""
     return "corrected" if correction_kind(w.subject, w.session) else "atlas"
 
 
-def dseg(w):
+def dseg_file(subject, session):
     """The labels of this session: the corrected label map when a correction applies, else the atlas
     segmentation (whose job a correction never reruns)."""
-    if correction_kind(w.subject, w.session):
-        return ses_file(
-            w.subject, w.session, "dseg.nii.gz", desc="corrected", space="ct"
-        )
-    return ses_file(w.subject, w.session, "dseg.nii.gz", space="ct")
+    if correction_kind(subject, session):
+        return ses_file(subject, session, "dseg.nii.gz", desc="corrected", space="ct")
+    return ses_file(subject, session, "dseg.nii.gz", space="ct")
+
+
+def dseg_table_file(subject, session):
+    """The label table beside the session's labels (glandpet.layout.label_table_of)."""
+    return layout.label_table_of(dseg_file(subject, session))
 
 
 def session_transform(subject):
@@ -215,11 +231,12 @@ def segment_inputs(w):
     """The reference session is segmented from the atlases; the other one gets its labels
     through the session transform."""
     ref = reference_session(sessions(w.subject))
-    inputs = {"ct": ct_image(w)}
+    inputs = {"ct": ct_file(w.subject, w.session)}
     if w.session == ref:
         inputs["atlases"] = atlas_files(w)
     else:
         inputs["ref_dseg"] = ses_file(w.subject, ref, "dseg.nii.gz", space="ct")
+        inputs["ref_dseg_table"] = ses_file(w.subject, ref, "dseg.tsv", space="ct")
         inputs["ref_qc"] = ses_file(w.subject, ref, "qc.json", desc="segment")
         inputs.update(session_transform(w.subject))
     return inputs
@@ -231,8 +248,9 @@ def correction_inputs(w):
     """
     kind = correction_kind(w.subject, w.session)
     inputs = {
-        "ct": ct_image(w),
+        "ct": ct_file(w.subject, w.session),
         "atlas_dseg": ses_file(w.subject, w.session, "dseg.nii.gz", space="ct"),
+        "atlas_dseg_table": ses_file(w.subject, w.session, "dseg.tsv", space="ct"),
     }
     if kind == "own":
         inputs["correction"] = correction_index(CORRECTIONS)[w.subject, w.session]
@@ -260,11 +278,11 @@ def index_inputs(w):
     inputs = {"stats": subject_stats(w.subject)}
     if {"psma", "fapi"} <= set(ss):
         for s in ("psma", "fapi"):
-            sw = type("W", (), {"subject": w.subject, "session": s})
-            inputs[f"{s}_suv"] = suv_image(sw)
-            inputs[f"{s}_ct"] = ct_image(sw)
-            inputs[f"{s}_xfm"] = pet_to_ct(sw)
-            inputs[f"{s}_dseg"] = dseg(sw)
+            inputs[f"{s}_suv"] = suv_file(w.subject, s)
+            inputs[f"{s}_ct"] = ct_file(w.subject, s)
+            inputs[f"{s}_xfm"] = pet_to_ct_file(w.subject, s)
+            inputs[f"{s}_dseg"] = dseg_file(w.subject, s)
+            inputs[f"{s}_dseg_table"] = dseg_table_file(w.subject, s)
         inputs["psma_pet_dseg"] = ses_file(
             w.subject, "psma", "dseg.nii.gz", space="pet"
         )
@@ -275,12 +293,14 @@ def index_inputs(w):
 def montage_inputs(w):
     ss = sessions(w.subject)
     ref = reference_session(ss)
-    rw = type("W", (), {"subject": w.subject, "session": ref})
-    inputs = {"ct": ct_image(rw), "dseg": dseg(rw)}
+    inputs = {
+        "ct": ct_file(w.subject, ref),
+        "dseg": dseg_file(w.subject, ref),
+        "dseg_table": dseg_table_file(w.subject, ref),
+    }
     for s in ss:
-        sw = type("W", (), {"subject": w.subject, "session": s})
-        inputs[f"{s}_suv"] = suv_image(sw)
-        inputs[f"{s}_xfm"] = pet_to_ct(sw)
+        inputs[f"{s}_suv"] = suv_file(w.subject, s)
+        inputs[f"{s}_xfm"] = pet_to_ct_file(w.subject, s)
     if {"psma", "fapi"} <= set(ss):
         inputs.update(session_transform(w.subject))
     return inputs

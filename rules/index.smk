@@ -8,20 +8,20 @@ rule index_and_montage:
     input:
         unpack(index_and_montage_inputs),
     output:
-        index=f"{RESULTS}/sub-{{subject}}/sub-{{subject}}_gland_index.parquet",
-        png=f"{RESULTS}/figures/qc/sub-{{subject}}_qc.png",
+        index=out("gland_index.parquet", session=None),
+        png=f"{RESULTS}/figures/qc/{SUBJECT_QC_PNG}",
         # the report embeds a 640 px thumbnail, not the 1600 px montage: a self-contained report of
         # 1,000 full montages is ~1 GB (benchmarks/report_scale.py); the caption names the full image
         thumbnail=report(
-            f"{RESULTS}/figures/qc/thumbnails/sub-{{subject}}_qc.png",
+            f"{RESULTS}/figures/qc/thumbnails/{SUBJECT_QC_PNG}",
             caption="../report/qc_montage.rst",
             category="QC montages",
             subcategory="{subject}",
         ),
     log:
-        f"{LOGS}/index_and_montage/sub-{{subject}}.log",
+        job_log("index_and_montage", session=None),
     benchmark:
-        f"{BENCH}/index_and_montage/sub-{{subject}}.tsv"
+        job_benchmark("index_and_montage", session=None)
     conda:
         "../envs/ants.yaml"
     threads: 1

@@ -34,13 +34,13 @@ rule convert_pet:
     input:
         selection=subject_selection,
     output:
-        image=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_trc-{{tracer}}_pet.nii.gz",
-        sidecar=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_trc-{{tracer}}_pet.json",
-        suv=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_trc-{{tracer}}_desc-{SUV_DESC}_pet.nii.gz",
+        image=out("pet.nii.gz", trc="{tracer}"),
+        sidecar=out("pet.json", trc="{tracer}"),
+        suv=out("pet.nii.gz", trc="{tracer}", desc=SUV_DESC),
     log:
-        f"{LOGS}/convert_pet/sub-{{subject}}_ses-{{session}}_trc-{{tracer}}.log",
+        job_log("convert_pet", trc="{tracer}"),
     benchmark:
-        f"{BENCH}/convert_pet/sub-{{subject}}_ses-{{session}}_trc-{{tracer}}.tsv"
+        job_benchmark("convert_pet", trc="{tracer}")
     conda:
         "../envs/glandpet.yaml"
     threads: 1

@@ -3,20 +3,21 @@
 
 rule measure_glands:
     input:
-        suv=suv_image,
-        ct=ct_image,
-        dseg=dseg,
-        xfm=pet_to_ct,
-        sidecar=pet_sidecar,
+        suv=per_session(suv_file),
+        ct=per_session(ct_file),
+        dseg=per_session(dseg_file),
+        dseg_table=per_session(dseg_table_file),
+        xfm=per_session(pet_to_ct_file),
+        sidecar=per_session(pet_sidecar_file),
         # the segmentation's per-gland confidence (glandpet.segmentation.confidence)
         seg_qc=lambda w: ses_file(w.subject, w.session, "qc.json", desc="segment"),
     output:
-        stats=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_gland_stats.parquet",
-        pet_dseg=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_space-pet_dseg.nii.gz",
+        stats=out("gland_stats.parquet"),
+        pet_dseg=out("dseg.nii.gz", space="pet"),
     log:
-        f"{LOGS}/measure_glands/sub-{{subject}}_ses-{{session}}.log",
+        job_log("measure_glands"),
     benchmark:
-        f"{BENCH}/measure_glands/sub-{{subject}}_ses-{{session}}.tsv"
+        job_benchmark("measure_glands")
     conda:
         "../envs/glandpet.yaml"
     threads: 1

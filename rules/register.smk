@@ -5,15 +5,15 @@
 rule convert_ct_register_pet:
     input:
         selection=subject_selection,
-        pet=pet_image,
+        pet=per_session(pet_file),
     output:
-        ct=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_ct.nii.gz",
-        xfm=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_from-pet_to-ct_xfm.mat",
-        qc=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_desc-register_qc.json",
+        ct=out("ct.nii.gz"),
+        xfm=out("xfm.mat", from_="pet", to="ct"),
+        qc=out("qc.json", desc="register"),
     log:
-        f"{LOGS}/convert_ct_register_pet/sub-{{subject}}_ses-{{session}}.log",
+        job_log("convert_ct_register_pet"),
     benchmark:
-        f"{BENCH}/convert_ct_register_pet/sub-{{subject}}_ses-{{session}}.tsv"
+        job_benchmark("convert_ct_register_pet")
     conda:
         "../envs/ants.yaml"
     threads: 1  # one ITK thread: bit-reproducible transforms (see glandpet.registration.transforms)
@@ -28,17 +28,17 @@ rule convert_ct_register_pet:
 
 rule align_sessions:
     input:
-        psma_ct=f"{RESULTS}/sub-{{subject}}/ses-psma/sub-{{subject}}_ses-psma_ct.nii.gz",
-        fapi_ct=f"{RESULTS}/sub-{{subject}}/ses-fapi/sub-{{subject}}_ses-fapi_ct.nii.gz",
+        psma_ct=out("ct.nii.gz", session="psma"),
+        fapi_ct=out("ct.nii.gz", session="fapi"),
     output:
-        affine=f"{RESULTS}/sub-{{subject}}/sub-{{subject}}_from-fapi_to-psma_xfm.mat",
-        warp=f"{RESULTS}/sub-{{subject}}/sub-{{subject}}_from-fapi_to-psma_xfm.nii.gz",
-        inverse_warp=f"{RESULTS}/sub-{{subject}}/sub-{{subject}}_from-fapi_to-psma_invxfm.nii.gz",
-        qc=f"{RESULTS}/sub-{{subject}}/sub-{{subject}}_desc-align_qc.json",
+        affine=out("xfm.mat", session=None, from_="fapi", to="psma"),
+        warp=out("xfm.nii.gz", session=None, from_="fapi", to="psma"),
+        inverse_warp=out("invxfm.nii.gz", session=None, from_="fapi", to="psma"),
+        qc=out("qc.json", session=None, desc="align"),
     log:
-        f"{LOGS}/align_sessions/sub-{{subject}}.log",
+        job_log("align_sessions", session=None),
     benchmark:
-        f"{BENCH}/align_sessions/sub-{{subject}}.tsv"
+        job_benchmark("align_sessions", session=None)
     conda:
         "../envs/ants.yaml"
     threads: 2

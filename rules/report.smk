@@ -11,7 +11,7 @@ rule cohort_tables:
         series=f"{RESULTS}/tables/series.parquet",
         stats=lambda w: all_subject_files(subject_stats),
         index=lambda w: [
-            f"{RESULTS}/sub-{s}/sub-{s}_gland_index.parquet"
+            layout.path(RESULTS, s, suffix="gland_index.parquet")
             for s in indexed_subjects()
         ],
         qc=qc_files,

@@ -14,15 +14,15 @@ rule segment_glands:
     input:
         unpack(segment_inputs),
     output:
-        dseg=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_space-ct_dseg.nii.gz",
-        table=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_space-ct_dseg.tsv",
-        qc=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_desc-segment_qc.json",
-        ctbl=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_space-ct_dseg.ctbl",
-        itksnap=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_space-ct_dseg.itksnap.txt",
+        dseg=out("dseg.nii.gz", space="ct"),
+        table=out("dseg.tsv", space="ct"),
+        qc=out("qc.json", desc="segment"),
+        ctbl=out("dseg.ctbl", space="ct"),
+        itksnap=out("dseg.itksnap.txt", space="ct"),
     log:
-        f"{LOGS}/segment_glands/sub-{{subject}}_ses-{{session}}.log",
+        job_log("segment_glands"),
     benchmark:
-        f"{BENCH}/segment_glands/sub-{{subject}}_ses-{{session}}.tsv"
+        job_benchmark("segment_glands")
     conda:
         "../envs/ants.yaml"
     threads: 2
@@ -47,13 +47,13 @@ rule apply_correction:
     input:
         unpack(correction_inputs),
     output:
-        dseg=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_desc-corrected_space-ct_dseg.nii.gz",
-        table=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_desc-corrected_space-ct_dseg.tsv",
-        qc=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/sub-{{subject}}_ses-{{session}}_desc-correction_qc.json",
+        dseg=out("dseg.nii.gz", desc="corrected", space="ct"),
+        table=out("dseg.tsv", desc="corrected", space="ct"),
+        qc=out("qc.json", desc="correction"),
     log:
-        f"{LOGS}/apply_correction/sub-{{subject}}_ses-{{session}}.log",
+        job_log("apply_correction"),
     benchmark:
-        f"{BENCH}/apply_correction/sub-{{subject}}_ses-{{session}}.tsv"
+        job_benchmark("apply_correction")
     conda:
         "../envs/ants.yaml"
     threads: 1

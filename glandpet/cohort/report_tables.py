@@ -13,6 +13,7 @@ import json
 
 import pandas as pd
 
+from glandpet import layout
 from glandpet.tables import atomic_path
 
 _STYLE = """<style>
@@ -127,7 +128,7 @@ def results_view(outcomes: pd.DataFrame, gland_stats: pd.DataFrame, gland_index:
 
 
 #: where the review queue (results/tables/report/qc.html) finds a subject's QC montage
-MONTAGE_HREF = "../../figures/qc/sub-{subject}_qc.png"
+MONTAGE_HREF = "../../figures/qc/{name}"
 
 
 def review_queue(qc: pd.DataFrame) -> pd.DataFrame:
@@ -166,12 +167,13 @@ def review_view(qc: pd.DataFrame) -> str:
     for r in q.to_dict("records"):
         rng = (f" ({num(r['atlas_min_ml'], '.2f')}-{num(r['atlas_max_ml'], '.2f')})"
                if r["atlas_min_ml"] is not None and not pd.isna(r["atlas_min_ml"]) else "")
-        href = html.escape(MONTAGE_HREF.format(subject=r["subject_id"]))
+        montage = layout.name(str(r["subject_id"]), suffix="qc.png")
+        href = html.escape(MONTAGE_HREF.format(name=montage))
         body.append(
             "<tr class='review'>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
                 r["subject_id"], r["session"] or "", r["gland"] or "", r["side"] or "",
                 num(r["confidence"], ".2f") or "none", num(r["volume_ml"], ".2f") + rng, r["why"]))
-            + f"<td><a href='{href}'>sub-{html.escape(str(r['subject_id']))}_qc.png</a></td></tr>")
+            + f"<td><a href='{href}'>{html.escape(montage)}</a></td></tr>")
     return (f"<table id='review-queue'><caption>{html.escape(title)}</caption>{head}{''.join(body)}</table>")
 
 

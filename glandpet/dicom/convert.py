@@ -20,29 +20,28 @@ No patient name, id, birth date, accession, institution, physician, UIDs or date
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from glandpet.dicom.series import GeometryError, Series, load_series
 from glandpet.errors import SUVError, UserError
 from glandpet.suv.factors import SUV_CHOICES, suv_result
 from glandpet.tables import atomic_path
+from glandpet.writers import chmod_default, nifti_image, write_nifti
 
-COMPRESSLEVEL = 1
 
 
 def _sidecar_path(out_nii: Path) -> Path:
-    name = out_nii.name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return out_nii.with_name(name[: -len(ext)] + ".json")
-    return out_nii.with_name(name + ".json")
+    from glandpet.layout import beside
+
+    try:
+        return Path(beside(out_nii, ".json"))
+    except ValueError:  # not a NIfTI name: the sidecar is the name + .json
+        return out_nii.with_name(out_nii.name + ".json")
 
 
 def _clean_str(v) -> str | None:
@@ -253,50 +252,15 @@ def _folder_label(files_or_dir) -> str:
 def write_outputs(data: np.ndarray, affine_ras: np.ndarray, sidecar: dict[str, Any], out_nii: Path,
                   descrip: bytes = b"glandpet") -> None:
     """Write the NIfTI (RAS affine as qform = sform, code 1) and its sidecar JSON, each atomically."""
-    img = nib.Nifti1Image(data, affine_ras)
-    img.header.set_xyzt_units("mm", "sec")
-    img.set_qform(affine_ras, code=1)
-    img.set_sform(affine_ras, code=1)
-    img.header["descrip"] = descrip
+    img = nifti_image(data, affine_ras, descrip=descrip)
     sidecar = {k: v for k, v in sidecar.items() if v is not None}
-    _write_nifti(img, out_nii)
+    write_nifti(img, out_nii)
     side = _sidecar_path(out_nii)
     tmp = atomic_path(side)
     try:
         tmp.write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
-        _chmod_default(tmp)
+        chmod_default(tmp)
         os.replace(tmp, side)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _chmod_default(path: Path) -> None:
-    """mkstemp creates 0600 files; give outputs the usual umask-based mode."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def _write_nifti(img: nib.Nifti1Image, path: Path) -> None:
-    """Atomic NIfTI write; gzip level 1 (python-isal if installed) for .nii.gz."""
-    tmp = atomic_path(path)
-    try:
-        if str(path).endswith(".gz"):
-            raw = img.to_bytes()
-            try:
-                from isal import igzip  # optional: zlib level 1 wrote ~72 MB/s, isal ~330 MB/s here
-
-                with igzip.open(tmp, "wb", compresslevel=COMPRESSLEVEL) as fh:
-                    fh.write(raw)
-            except ImportError:
-                with open(tmp, "wb") as fo, gzip.GzipFile(filename="", mode="wb", fileobj=fo,
-                                                          compresslevel=COMPRESSLEVEL, mtime=0) as fh:
-                    fh.write(raw)
-        else:
-            tmp.write_bytes(img.to_bytes())
-        _chmod_default(tmp)
-        os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()

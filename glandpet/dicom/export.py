@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from glandpet import layout
 from glandpet.errors import UserError
 
 __all__ = [
@@ -498,10 +499,8 @@ def export_session(inp: SessionInputs, outdir: Path) -> tuple[list[Path], int, i
     stats = pd.read_parquet(inp.stats)
     index = pd.read_parquet(inp.index) if inp.index is not None and inp.index.is_file() else None
     sr = build_sr(seg, segments, ct, pet, stats, index)
-    d = outdir / f"sub-{inp.subject}" / f"ses-{inp.session}"
-    d.mkdir(parents=True, exist_ok=True)
-    stem = f"sub-{inp.subject}_ses-{inp.session}"
-    files = [d / f"{stem}_seg.dcm", d / f"{stem}_sr.dcm"]
+    files = [Path(layout.path(outdir, inp.subject, inp.session, suffix)) for suffix in ("seg.dcm", "sr.dcm")]
+    files[0].parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(files[0])
     sr.save_as(files[1])
     return files, len(segments), int(getattr(sr, "_glandpet_n_measurements", 0))
@@ -567,21 +566,20 @@ def session_inputs(config: Mapping[str, Any], subjects: list[str] | None = None)
     demo = str(config.get("subjects") or "") == ""
     dicom_root = results / "demo" / "dicom" if demo else Path(str(config.get("dicom_root") or "")).expanduser().resolve()
     work = results / "work"
-    known = sorted(p.name[4:] for p in work.glob("sub-*") if (p / f"{p.name}_series.json").is_file())
+    known = sorted(p.name[4:] for p in work.glob("sub-*") if Path(layout.path(work, p.name[4:], suffix="series.json")).is_file())
     if not known:
         raise UserError(f"{work}: no DICOM index selections (sub-<id>/sub-<id>_series.json): run the workflow first")
     wanted = subjects or known
     for s in wanted:
         if s not in known:
-            raise UserError(f"subject {s} unknown: {work}/sub-{s}/sub-{s}_series.json not found")
+            raise UserError(f"subject {s} unknown: {layout.path(work, s, suffix='series.json')} not found")
     out, skipped = [], []
     for s in wanted:
-        selection = json.loads((work / f"sub-{s}" / f"sub-{s}_series.json").read_text())
+        selection = json.loads(Path(layout.path(work, s, suffix="series.json")).read_text())
         for ses in sorted(selection):
             sel = selection[ses]
-            base = results / f"sub-{s}" / f"ses-{ses}" / f"sub-{s}_ses-{ses}_"
-            dseg = Path(f"{base}space-ct_dseg.nii.gz")
-            stats = Path(f"{base}gland_stats.parquet")
+            dseg = Path(layout.path(results, s, ses, "dseg.nii.gz", space="ct"))
+            stats = Path(layout.path(results, s, ses, "gland_stats.parquet"))
             if not dseg.is_file() or not stats.is_file() or not sel.get("ct_files"):
                 missing = dseg if not dseg.is_file() else stats if not stats.is_file() else "a CT series"
                 msg = f"sub-{s} ses-{ses}: no segmentation to export ({missing} not found)"
@@ -589,12 +587,12 @@ def session_inputs(config: Mapping[str, Any], subjects: list[str] | None = None)
                     raise UserError(msg)
                 skipped.append(msg)
                 continue
-            corrected = _measured_on_correction(stats) and Path(f"{base}desc-corrected_space-ct_dseg.nii.gz").is_file()
-            desc = "desc-corrected_" if corrected else ""
+            corrected_dseg = layout.path(results, s, ses, "dseg.nii.gz", desc="corrected", space="ct")
+            corrected = _measured_on_correction(stats) and Path(corrected_dseg).is_file()
+            used = Path(corrected_dseg) if corrected else dseg
             out.append(SessionInputs(
-                subject=s, session=ses, dseg=Path(f"{base}{desc}space-ct_dseg.nii.gz"),
-                table=Path(f"{base}{desc}space-ct_dseg.tsv"), stats=stats, corrected=corrected,
-                index=results / f"sub-{s}" / f"sub-{s}_gland_index.parquet",
+                subject=s, session=ses, dseg=used, table=Path(layout.label_table_of(used)), stats=stats,
+                corrected=corrected, index=Path(layout.path(results, s, suffix="gland_index.parquet")),
                 ct_files=[dicom_root / f for f in sel["ct_files"]], pet_files=[dicom_root / f for f in sel["pet_files"]]))
     if subjects and not out:
         raise UserError(f"no segmented session for subject(s) {', '.join(subjects)}")

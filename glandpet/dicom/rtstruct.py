@@ -537,7 +537,8 @@ def build_atlas(atlas_dir, ct_series_dir, rtstruct_path, map_path=None, *, force
     labels.nii.gz has exactly ct.nii.gz's grid and affine (same header geometry)."""
     import nibabel as nib
 
-    from glandpet.dicom.convert import _write_nifti, convert_series
+    from glandpet.dicom.convert import convert_series
+    from glandpet.writers import write_nifti
     from glandpet.glands import write_label_table
 
     atlas_dir = Path(atlas_dir)
@@ -561,7 +562,7 @@ def build_atlas(atlas_dir, ct_series_dir, rtstruct_path, map_path=None, *, force
     img.set_sform(ct_img.get_sform(), code=int(ct_img.header["sform_code"]))
     img.header.set_slope_inter(1.0, 0.0)
     img.header["descrip"] = b"glandpet atlas labels"
-    _write_nifti(img, out_lab)
+    write_nifti(img, out_lab)
     write_label_table(out_tsv, res.table)
     side = out_ct.with_name("ct.json")  # the converter's sidecar: keep only with the CT
     return {"atlas_dir": str(atlas_dir), "ct": str(out_ct), "labels": str(out_lab), "label_table": str(out_tsv),

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from glandpet import layout
 from glandpet.geometry import LPS_TO_RAS
 from glandpet.glands import DEFAULT_LABELS, write_label_table
 from glandpet.phantom.model import Anatomy, PatientInfo, PetInfo, StudyInfo, Tissue
@@ -100,14 +101,10 @@ def _safe(s: str) -> str:
 
 
 def _write_nifti(path: Path, data: np.ndarray, affine_lps: np.ndarray) -> None:
-    import nibabel as nib
+    from glandpet.writers import nifti_image, write_nifti
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(data, LPS_TO_RAS @ affine_lps)
-    img.set_qform(LPS_TO_RAS @ affine_lps, code=1)
-    img.set_sform(LPS_TO_RAS @ affine_lps, code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    nib.save(img, str(path))
+    write_nifti(nifti_image(data, LPS_TO_RAS @ affine_lps), path)
 
 
 def assign_groups(n: int, pss_fraction: float) -> list[str]:
@@ -412,11 +409,11 @@ def make_subject(outdir: str | Path, i: int, group: str, seed: int, anatomy_from
                              peta, patient, study, nac_info, sn + 1, desc["nac"])
         # truth: labels in CT space, gland rows, transforms
         lab_ct = resample_labels(anat.glands, anat.affine, cts, cta, pose)
-        tdir = outdir / "truth" / f"sub-{sid}" / f"ses-{sess}"
-        _write_nifti(tdir / f"sub-{sid}_ses-{sess}_space-ct_dseg.nii.gz", lab_ct, cta)
+        truth = outdir / "truth"
+        _write_nifti(Path(layout.path(truth, sid, sess, "dseg.nii.gz", space="ct")), lab_ct, cta)
         # the SUVbw image the PET DICOM encodes (after blur and noise), on the PET grid
-        _write_nifti(tdir / f"sub-{sid}_ses-{sess}_desc-suvbw_pet.nii.gz", pet_suv.astype(np.float32), peta)
-        write_label_table(tdir / f"sub-{sid}_ses-{sess}_space-ct_dseg.tsv")
+        _write_nifti(Path(layout.path(truth, sid, sess, "pet.nii.gz", desc="suvbw")), pet_suv.astype(np.float32), peta)
+        write_label_table(layout.path(truth, sid, sess, "dseg.tsv", space="ct"))
         for idx, lab in glabels.items():
             truth_rows.append({
                 "subject_id": sid, "group": group, "session": sess, "tracer": tp.tracer, "gland": lab.gland,

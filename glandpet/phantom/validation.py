@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from glandpet import layout
 from glandpet.geometry import ras_to_lps, transform_lps_to_ras
 
 
@@ -58,10 +59,10 @@ def pvc_errors(cohort: str | Path, fwhm_mm: float | str | None = None) -> pd.Dat
     sidecars = pet_sidecars(cohort) if fwhm_mm == "auto" else {}
     rows = []
     for (sub, ses), t in truth.groupby(["subject_id", "session"]):
-        tdir = cohort / "truth" / f"sub-{sub}" / f"ses-{ses}"
-        lab_img = nib.load(tdir / f"sub-{sub}_ses-{ses}_space-ct_dseg.nii.gz")
-        suv_img = nib.load(tdir / f"sub-{sub}_ses-{ses}_desc-suvbw_pet.nii.gz")
-        table = read_label_table(tdir / f"sub-{sub}_ses-{ses}_space-ct_dseg.tsv")
+        truth = cohort / "truth"
+        lab_img = nib.load(layout.path(truth, sub, ses, "dseg.nii.gz", space="ct"))
+        suv_img = nib.load(layout.path(truth, sub, ses, "pet.nii.gz", desc="suvbw"))
+        table = read_label_table(layout.path(truth, sub, ses, "dseg.tsv", space="ct"))
         sel = xfm[(xfm.subject_id == sub) & (xfm.session == ses) & (xfm.from_space == "pet") & (xfm.to_space == "ct")]
         pet_to_ct = np.asarray(sel.iloc[0]["matrix_lps"], float).reshape(4, 4)
         ct_in_pet = transform_lps_to_ras(np.linalg.inv(pet_to_ct)) @ lab_img.affine
@@ -112,9 +113,9 @@ def voxel_correlations(cohort: str | Path) -> pd.DataFrame:
     both = truth.groupby("subject_id")["session"].nunique()
     for sub in both[both == 2].index:
         t = truth[(truth.subject_id == sub) & (truth.session == "psma")]
-        d = {s: cohort / "truth" / f"sub-{sub}" / f"ses-{s}" for s in ("psma", "fapi")}
-        psma_img = nib.load(d["psma"] / f"sub-{sub}_ses-psma_desc-suvbw_pet.nii.gz")
-        fapi_img = nib.load(d["fapi"] / f"sub-{sub}_ses-fapi_desc-suvbw_pet.nii.gz")
+        truth = cohort / "truth"
+        psma_img = nib.load(layout.path(truth, sub, "psma", "pet.nii.gz", desc="suvbw"))
+        fapi_img = nib.load(layout.path(truth, sub, "fapi", "pet.nii.gz", desc="suvbw"))
         # PSMA PET voxel -> PSMA PET world -> anatomy -> FAPI PET world -> FAPI PET voxel (LPS inside)
         psma_pet_lps = ras_to_lps(psma_img.affine)
         fapi_pet_lps = ras_to_lps(fapi_img.affine)
@@ -124,8 +125,8 @@ def voxel_correlations(cohort: str | Path) -> pd.DataFrame:
         ijk = np.indices(shape, dtype=np.float32).reshape(3, -1)
         src = to_fapi_vox[:3, :3] @ ijk + to_fapi_vox[:3, 3:4]
         fapi_on_psma = map_coordinates(np.asarray(fapi_img.dataobj, np.float32), src, order=1, cval=np.nan).reshape(shape)
-        lab_img = nib.load(d["psma"] / f"sub-{sub}_ses-psma_space-ct_dseg.nii.gz")
-        table = read_label_table(d["psma"] / f"sub-{sub}_ses-psma_space-ct_dseg.tsv")
+        lab_img = nib.load(layout.path(truth, sub, "psma", "dseg.nii.gz", space="ct"))
+        table = read_label_table(layout.path(truth, sub, "psma", "dseg.tsv", space="ct"))
         ct_in_pet = transform_lps_to_ras(np.linalg.inv(matrix(sub, "psma", "pet", "ct"))) @ lab_img.affine
         fr = label_fractions_on_grid(np.asarray(lab_img.dataobj).astype(np.int16), ct_in_pet, shape,
                                      psma_img.affine, [lab.index for lab in table])
@@ -163,18 +164,18 @@ def pipeline_pvc_errors(results: str | Path, truth_dir: str | Path, pvc: dict | 
         parts = []
         with tempfile.TemporaryDirectory() as tmp:
             for stats_path in sorted(results.glob("sub-*/ses-*/sub-*_ses-*_gland_stats.parquet")):
-                d = stats_path.parent
-                stem = stats_path.name[: -len("_gland_stats.parquet")]
-                sub, ses = stem.split("_")[0][4:], stem.split("_")[1][4:]
-                suv = sorted(d.glob(f"{stem}_trc-*_desc-suv*_pet.nii.gz"))[0]
-                sidecar_path = Path(str(suv).split("_desc-")[0] + "_pet.json")
+                m = layout.parse(stats_path)
+                sub, ses = m["subject"], m["session"]
+                suv = sorted(stats_path.parent.glob(layout.name(sub, ses) + "_trc-*_desc-suv*_pet.nii.gz"))[0]
+                sidecar_path = Path(layout.path(results, sub, ses, "pet.json", trc=layout.parse(suv)["trc"]))
                 sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.exists() else None
                 fwhm = session_fwhm_mm(pvc, ses, sidecar).fwhm_mm
-                inputs = SimpleNamespace(suv=str(suv), ct=str(d / f"{stem}_ct.nii.gz"),
-                                         dseg=str(d / f"{stem}_space-ct_dseg.nii.gz"),
-                                         xfm=str(d / f"{stem}_from-pet_to-ct_xfm.mat"))
-                output = SimpleNamespace(stats=str(Path(tmp) / f"{stem}.parquet"),
-                                         pet_dseg=str(Path(tmp) / f"{stem}_dseg.nii.gz"))
+                inputs = SimpleNamespace(suv=str(suv), ct=layout.path(results, sub, ses, "ct.nii.gz"),
+                                         dseg=layout.path(results, sub, ses, "dseg.nii.gz", space="ct"),
+                                         xfm=layout.path(results, sub, ses, "xfm.mat", from_="pet", to="ct"))
+                output = SimpleNamespace(stats=layout.path(tmp, sub, ses, "gland_stats.parquet"),
+                                         pet_dseg=layout.path(tmp, sub, ses, "dseg.nii.gz", space="pet"))
+                Path(output.stats).parent.mkdir(parents=True, exist_ok=True)
                 cfg = {"method": pvc.get("method", "gtm"), "fwhm_mm": {ses: fwhm}}
                 steps.measure_glands(inputs, output, sub, ses, "bw", cfg)
                 parts.append(pd.read_parquet(output.stats))

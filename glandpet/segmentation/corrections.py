@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from glandpet.errors import UserError
+from glandpet.layout import label_table_of
 from glandpet.layout import ENTITY_VALUE_PATTERN, SUBJECT_ID_PATTERN
 
 __all__ = [
@@ -233,7 +234,7 @@ def apply_correction(correction: str, ct_path: str, atlas_dseg: str, out_dseg: s
     from glandpet.writers import write_json
 
     data = load_correction(correction, ct_path)
-    _write_labels(data, ct_path, out_dseg, out_table, str(atlas_dseg)[: -len(".nii.gz")] + ".tsv")
+    _write_labels(data, ct_path, out_dseg, out_table, label_table_of(atlas_dseg))
     write_json({"stage": "correction", "status": "ok", "segmentation_source": "corrected",
                 "message": f"corrected labels from {Path(correction).name}", "metrics": {
                     "method": "correction", "file": Path(correction).name,
@@ -251,7 +252,7 @@ def carry_correction(ref_dseg: str, ct_path: str, xfm_prefix: str, atlas_dseg: s
 
     apply_inverse_session_transform(ref_dseg, ct_path, xfm_prefix, out_path=out_dseg, interpolation="genericLabel")
     data = np.asarray(nib.load(out_dseg).dataobj).astype(np.int16)
-    _write_labels(data, ct_path, out_dseg, out_table, str(atlas_dseg)[: -len(".nii.gz")] + ".tsv")
+    _write_labels(data, ct_path, out_dseg, out_table, label_table_of(atlas_dseg))
     write_json({"stage": "correction", "status": "ok", "segmentation_source": "corrected",
                 "message": "corrected labels carried from the reference session", "metrics": {
                     "method": "session_transform", "changed_voxels_by_label": _changes(data, atlas_dseg)}}, out_qc)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from glandpet.registration import field_of_view
+from glandpet.layout import beside
 from glandpet.registration import transforms
 from glandpet.segmentation import confidence as SC
 from glandpet.glands import DEFAULT_LABELS, read_label_table, write_label_table
@@ -235,11 +236,10 @@ def labels_to_session(dseg_fixed_path, moving_ct_path, session_xfm_prefix, out_d
 
 
 def _tsv_beside(dseg_path) -> str:
-    p = str(dseg_path)
-    for ext in (".nii.gz", ".nii"):
-        if p.endswith(ext):
-            return p[: -len(ext)] + ".tsv"
-    return p + ".tsv"
+    try:
+        return beside(dseg_path, ".tsv")
+    except ValueError:  # not a NIfTI name: the table is the name + .tsv
+        return str(dseg_path) + ".tsv"
 
 
 def gland_volumes_ml(dseg_path, label_table=None) -> dict[str, float]:

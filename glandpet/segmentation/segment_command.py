@@ -204,11 +204,12 @@ def load_segmentation_config(path: str | Path | None) -> dict:
 
 def dseg_table_path(out_dseg: str | Path) -> Path:
     """``X_dseg.nii.gz`` -> ``X_dseg.tsv`` (the label table beside a label map)."""
-    p = str(out_dseg)
-    for ext in (".nii.gz", ".nii"):
-        if p.endswith(ext):
-            return Path(p[: -len(ext)] + ".tsv")
-    raise UserError(f"output {p} must end in .nii.gz or .nii")
+    from glandpet.layout import label_table_of
+
+    try:
+        return Path(label_table_of(out_dseg))
+    except ValueError:
+        raise UserError(f"output {out_dseg} must end in .nii.gz or .nii") from None
 
 
 # ------------------------------------------------------------------------------ command

@@ -37,6 +37,7 @@ import pandas as pd
 
 from glandpet.errors import UserError
 from glandpet.glands import GROUPS
+from glandpet.layout import SUBJECT_ID_PATTERN
 
 __all__ = [
     "Problem",
@@ -202,7 +203,7 @@ def _sheet_rows(path: Path, root: Path | None, clinical: Mapping[str, str] | Non
     return out
 
 
-_SUBJ_RE = re.compile(r"^subject (?P<s>[A-Za-z0-9]+)(?:, session (?P<ses>\w+))?: (?P<cause>.*)$", re.DOTALL)
+_SUBJ_RE = re.compile(rf"^subject (?P<s>{SUBJECT_ID_PATTERN})(?:, session (?P<ses>\w+))?: (?P<cause>.*)$", re.DOTALL)
 
 
 def _from_message(msg: str, default_series: str = "") -> Problem:

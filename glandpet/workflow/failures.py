@@ -27,7 +27,7 @@ def failure_record_path(log_path: str | os.PathLike) -> Path | None:
     if log_path.parent.parent.name != "logs" or not entities(log_path):
         return None
     results = log_path.parent.parent.parent
-    return results / "work" / "failed" / log_path.parent.name / (log_path.name[: -len(".log")] + ".json")
+    return results / "work" / "failed" / log_path.parent.name / Path(log_path.name).with_suffix(".json")
 
 
 @functools.lru_cache(maxsize=1)
