@@ -38,7 +38,7 @@ include: "rules/ingest.smk"
 include: "rules/register.smk"
 include: "rules/segment.smk"
 include: "rules/measure.smk"
-include: "rules/index.smk"
+include: "rules/gland_index.smk"
 include: "rules/report.smk"
 
 

@@ -159,6 +159,8 @@ def beside(image: str | os.PathLike, extension: str) -> str:
 
 def label_table_of(dseg: str | os.PathLike) -> str:
     """The label table written beside a label map: ``X_dseg.nii.gz`` -> ``X_dseg.tsv``."""
+    if not os.fspath(dseg).endswith(".nii.gz"):
+        raise ValueError(f"{dseg}: a label map's name ends in .nii.gz")
     return beside(dseg, ".tsv")
 
 

@@ -131,9 +131,8 @@ def ses_file(subject, session, suffix, **entities):
 
 
 def out(suffix, session="{session}", **entities):
-    """A per-subject output pattern (glandpet.layout.pattern): out("ct.nii.gz") is
-    results/sub-{subject}/ses-{session}/sub-{subject}_ses-{session}_ct.nii.gz; session=None: the
-    subject's folder."""
+    """A per-subject output pattern with the {subject} and {session} wildcards
+    (glandpet.layout.pattern); session=None: a file in the subject's folder."""
     return layout.pattern(RESULTS, suffix, session=session, **entities)
 
 

@@ -237,11 +237,18 @@ def test_index_by_group_shows_only_groups_with_data(tmp_path):
     svg = (tmp_path / "f" / "index_by_group.svg").read_text()
     assert "n=4" in svg and "n=0" not in svg
     assert "no control with both sessions" in svg
-    # the p in the group panels is cohort_stats' permutation p (exact here: 4 vs 3, no ties)
-    from glandpet.cohort.statistics import mann_whitney_test
+    # the p in the group panels is the outcomes table's permutation p, read, not recomputed
+    from glandpet.cohort.statistics import registered_outcomes
 
-    x, y = np.array([5.0, 6, 7, 8]), np.array([1.0, 2, 3])
-    assert figures._mann_whitney(x, y) == (pytest.approx(mann_whitney_test(x, y)[1]), pytest.approx(1.0))
+    outcomes = registered_outcomes(gs, gi)[0]
+    outcomes.to_parquet(tmp_path / "outcomes.parquet")
+    figures.cohort_figures(a, b, tmp_path / "g", outcomes_path=tmp_path / "outcomes.parquet")
+    row = outcomes[(outcomes["analysis"] == "group_comparison") & (outcomes["gland"] == "parotid")
+                   & (outcomes["session"] == "fapi") & (outcomes["value"] == "suv_mean")].iloc[0]
+    assert figures._group_tests(outcomes, "suv_mean", "fapi")["parotid"] == (row["p_value"], row["effect"])
+    svg = (tmp_path / "g" / "fapi_by_group.svg").read_text()
+    assert figures._fmt_p(row["p_value"]).replace(" ", "") in svg.replace(" ", "").replace("&lt;", "<")
+    assert figures._group_tests(pd.DataFrame(), "suv_mean", "fapi") == {}
 
 
 def test_montage_thumbnail_is_small_and_keeps_the_aspect(tmp_path):

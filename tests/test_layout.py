@@ -142,6 +142,13 @@ def test_session_transform_paths():
     assert transform_prefix_of(want["affine"]) == prefix
 
 
+def _code_files():
+    """The rules, scripts and package: every place a file name could be built or taken apart."""
+    files = [ROOT / "Snakefile", *sorted((ROOT / "rules").glob("*.smk")), *sorted((ROOT / "scripts").glob("*.py")),
+             *sorted((ROOT / "glandpet").rglob("*.py"))]
+    return [f for f in files if f != ROOT / "glandpet" / "layout.py"]
+
+
 def test_one_subject_id_pattern():
     from glandpet.segmentation.corrections import CORRECTION_PATTERN
     from glandpet.study.subjects import ID_PATTERN
@@ -151,16 +158,62 @@ def test_one_subject_id_pattern():
     assert f"(?P<subject>{layout.SUBJECT_ID_PATTERN})" in CORRECTION_PATTERN.pattern
     common = (ROOT / "rules" / "common.smk").read_text()
     assert "subject=layout.SUBJECT_ID_PATTERN," in common and "tracer=layout.ENTITY_VALUE_PATTERN," in common
-    for f in ("rules/common.smk", "glandpet/study/subjects.py", "glandpet/workflow/steps.py", "glandpet/segmentation/corrections.py"):
-        assert "[A-Za-z0-9]+" not in (ROOT / f).read_text(), f
+    offenders = [str(f.relative_to(ROOT)) for f in _code_files() if "[A-Za-z0-9]+" in f.read_text()]
+    assert offenders == []
 
 
-def test_no_name_slicing_left_in_the_steps():
-    pattern = re.compile(r'-\s*len\(\s*"(_xfm\.mat|\.nii\.gz)"\s*\)')
-    for f in ("glandpet/workflow/steps.py", "glandpet/registration/transforms.py"):
-        text = (ROOT / f).read_text()
-        assert '-len("_xfm.mat")' not in text and '-len(".nii.gz")' not in text, f
-        assert not pattern.search(text), f
+#: Ways a path was assembled or taken apart outside the layout module before it existed (issue 20):
+#: the rules' f-string names, fake wildcard objects, suffix slicing, file names spelled in folders.
+FORBIDDEN = {
+    "a rule's f-string name": re.compile(r"sub-\{\{subject\}\}|ses-\{\{session\}\}"),
+    "a fake wildcards object": re.compile(r"""type\(\s*["']W["']"""),
+    "suffix slicing": re.compile(r"""-\s*len\(\s*["'](_xfm\.mat|\.nii\.gz|\.nii|_gland_stats\.parquet|\.log)["']\s*\)"""),
+    "a per-subject folder spelled out": re.compile(r"""/\s*f["']sub-\{|\}/sub-\{|f["']\{RESULTS\}/sub-"""),
+    "a session file name spelled out": re.compile(r"""f["']sub-\{[^}]+\}_ses-"""),
+}
+
+
+def test_no_file_name_is_built_or_taken_apart_outside_the_layout():
+    found = []
+    for f in _code_files():
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            found += [f"{f.relative_to(ROOT)}:{n}: {what}: {line.strip()}" for what, rx in FORBIDDEN.items()
+                      if rx.search(line)]
+    assert found == []
+
+
+def test_the_grep_finds_what_it_looks_for():
+    """The patterns above match the forms they forbid (a grep that matches nothing proves nothing)."""
+    samples = {
+        "a rule's f-string name": 'ct=f"{RESULTS}/sub-{{subject}}/ses-{{session}}/x"',
+        "a fake wildcards object": 'sw = type("W", (), {"subject": s})',
+        "suffix slicing": 'str(p)[: -len("_xfm.mat")]',
+        "a per-subject folder spelled out": 'work / f"sub-{s}" / "x"',
+        "a session file name spelled out": 'name = f"sub-{sub}_ses-{ses}_ct.nii.gz"',
+    }
+    for what, line in samples.items():
+        assert FORBIDDEN[what].search(line), what
+
+
+def test_patterns_are_the_paths_with_wildcards():
+    assert layout.pattern("R", "ct.nii.gz") == "R/sub-{subject}/ses-{session}/sub-{subject}_ses-{session}_ct.nii.gz"
+    assert layout.pattern("R", "pet.nii.gz", trc="{tracer}", desc="suvbw") == \
+        "R/sub-{subject}/ses-{session}/sub-{subject}_ses-{session}_trc-{tracer}_desc-suvbw_pet.nii.gz"
+    assert layout.pattern("R", "xfm.mat", session=None, from_="fapi", to="psma") == \
+        "R/sub-{subject}/sub-{subject}_from-fapi_to-psma_xfm.mat"
+    assert layout.pattern("R", "ct.nii.gz", session="psma") == "R/sub-{subject}/ses-psma/sub-{subject}_ses-psma_ct.nii.gz"
+    assert layout.name_pattern() == "sub-{subject}_ses-{session}"
+    assert layout.name_pattern("qc.png", session=None) == "sub-{subject}_qc.png"
+    # filled in, a pattern is the path
+    assert layout.pattern("R", "dseg.nii.gz", space="ct").format(subject="S1", session="psma") == \
+        path("R", "S1", "psma", "dseg.nii.gz", space="ct")
+
+
+def test_beside():
+    assert layout.beside("a/x_dseg.nii.gz", ".tsv") == "a/x_dseg.tsv"
+    assert layout.beside("a/x_pet.nii", ".json") == "a/x_pet.json"
+    with pytest.raises(ValueError):
+        layout.beside("a/x.mha", ".tsv")
 
 
 def test_workflow_reads_subject_and_session_through_the_layout(tmp_path):

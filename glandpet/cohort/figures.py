@@ -176,12 +176,15 @@ def _numeric(df: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
 
 
 def _subject_means(df: pd.DataFrame, value: str) -> pd.DataFrame:
-    """One row per subject x gland: the mean of the sides with a finite value (as in cohort_stats)."""
+    """One row per subject x gland with a finite value: the mean of its sides
+    (:func:`glandpet.cohort.statistics.subject_values`, the statistics' unit)."""
+    from glandpet.cohort.statistics import subject_values
+
     d = df[np.isfinite(df[value].to_numpy(float))]
     if d.empty:
         return pd.DataFrame(columns=["subject_id", "group", "gland", value])
     d = d.assign(group=d["group"].fillna("unknown").astype(str))
-    return d.groupby(["subject_id", "group", "gland"], sort=True, observed=True)[value].mean().reset_index()
+    return subject_values(d, [value])
 
 
 def _fmt_p(p: float) -> str:
@@ -223,22 +226,27 @@ def _box_strip(ax, values_by_group: list[tuple[str, np.ndarray]], rng: np.random
     ax.set_xlim(0.4, len(values_by_group) + 0.6)
 
 
-def _mann_whitney(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Two-sided p and rank-biserial r, the permutation test of :mod:`glandpet.cohort.statistics`."""
-    from glandpet.cohort.statistics import mann_whitney_test
-
-    if a.size < 1 or b.size < 1:
-        return np.nan, np.nan
-    u, p = mann_whitney_test(a, b)
-    return float(p), float(2.0 * u / (a.size * b.size) - 1.0)
+def _group_tests(outcomes: pd.DataFrame, value: str, session: str | None) -> dict[str, tuple[float, float]]:
+    """``{gland: (p, rank-biserial r)}`` of the pSS vs control comparisons of ``value`` in the
+    ``outcomes`` table (:func:`glandpet.cohort.statistics.registered_outcomes`): a figure shows the
+    table's test, never a recomputation of it."""
+    need = {"analysis", "gland", "session", "value", "p_value", "effect"}
+    if outcomes is None or outcomes.empty or not need <= set(outcomes.columns):
+        return {}
+    rows = outcomes[(outcomes["analysis"] == "group_comparison") & (outcomes["value"] == value)]
+    rows = rows[rows["session"].isna()] if session is None else rows[rows["session"] == session]
+    return {str(r.gland): (float(r.p_value), float(r.effect)) for r in rows.itertuples()
+            if pd.notna(r.p_value)}
 
 
 # ------------------------------------------------------------------------------------------------
 # cohort figures
 # ------------------------------------------------------------------------------------------------
-def _group_panels(sv: pd.DataFrame, col: str, glands: list[str], groups: list[str], rng):
+def _group_panels(sv: pd.DataFrame, col: str, glands: list[str], groups: list[str], rng,
+                  tests: dict[str, tuple[float, float]]):
     """One panel per gland: box + strip of the subject values of `col` by group, with the
-    two-sided Mann-Whitney p and rank-biserial r where both pSS and controls have values."""
+    two-sided Mann-Whitney p and rank-biserial r of the outcomes table (``tests``, :func:`_group_tests`)
+    where both pSS and controls have values."""
     fig = _figure(max(6.5, 2.6 * min(len(glands), 5) + 0.6), 3.6 * int(np.ceil(len(glands) / 5)) + 0.7)
     axes = _panel_grid(fig, len(glands))
     for ax, gland in zip(axes, glands):
@@ -247,14 +255,14 @@ def _group_panels(sv: pd.DataFrame, col: str, glands: list[str], groups: list[st
         _box_strip(ax, vals, rng)
         ax.set_title(gland)
         byg = dict(vals)
-        if "pss" in byg and "control" in byg and byg["pss"].size and byg["control"].size:
-            p, r = _mann_whitney(byg["pss"], byg["control"])
+        if "pss" in byg and "control" in byg and byg["pss"].size and byg["control"].size and gland in tests:
+            p, r = tests[gland]
             ax.text(0.02, 0.98, f"Mann\u2013Whitney {_fmt_p(p)}\nr = {r:+.2f}", transform=ax.transAxes,
                     va="top", ha="left", fontsize=7.5, color="#333333")
     return fig, axes
 
 
-def _fig_by_group(gs: pd.DataFrame, session: str, suv_type: str, rng):
+def _fig_by_group(gs: pd.DataFrame, session: str, suv_type: str, rng, outcomes: pd.DataFrame):
     name = SESSION_LABEL[session]
     title = f"{name} SUVmean by group"
     d = gs[gs["session"].astype(str) == session] if "session" in gs.columns else gs.iloc[0:0]
@@ -264,7 +272,7 @@ def _fig_by_group(gs: pd.DataFrame, session: str, suv_type: str, rng):
     sv = _subject_means(d, "suv_mean")
     groups = _groups_in(sv)  # only groups with a value
     with _rc():
-        fig, axes = _group_panels(sv, "suv_mean", glands, groups, rng)
+        fig, axes = _group_panels(sv, "suv_mean", glands, groups, rng, _group_tests(outcomes, "suv_mean", session))
         for ax in axes:
             ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1] * 1.12, 1e-3))
         axes[0].set_ylabel(f"{name} SUVmean {SUV_UNIT}")
@@ -320,7 +328,7 @@ def _fig_scatter(gi: pd.DataFrame, suv_type: str):
     return fig
 
 
-def _fig_index(gi: pd.DataFrame, rng):
+def _fig_index(gi: pd.DataFrame, rng, outcomes: pd.DataFrame):
     defs = sorted(set(gi["index_definition"].dropna().astype(str))) if "index_definition" in gi.columns else []
     if len(defs) == 1 and defs[0] in INDEX_LABEL:
         ylabel, defn = INDEX_LABEL[defs[0]]
@@ -335,7 +343,8 @@ def _fig_index(gi: pd.DataFrame, rng):
     missing = [g for g in _groups_in(gi) if g not in groups]
     note = "".join(f"; no {GROUP_LABEL.get(g, g).lower()} with both sessions" for g in missing)
     with _rc():
-        fig, axes = _group_panels(sv, "psma_fapi_index", glands, groups, rng)
+        fig, axes = _group_panels(sv, "psma_fapi_index", glands, groups, rng,
+                                  _group_tests(outcomes, "psma_fapi_index", None))
         for ax in axes:
             if defs and defs[0] in ("log_ratio", "z_diff"):
                 ax.axhline(0.0, color="#999999", linewidth=0.8, linestyle="--", zorder=0)
@@ -534,9 +543,9 @@ def cohort_figures(gland_stats_path, gland_index_path, out_dir, *, outcomes_path
     rng = np.random.default_rng(0)
     makers = {
         "psma_vs_fapi": lambda: _fig_scatter(gi, suv_type),
-        "fapi_by_group": lambda: _fig_by_group(gs, "fapi", suv_type, rng),
-        "psma_by_group": lambda: _fig_by_group(gs, "psma", suv_type, rng),
-        "index_by_group": lambda: _fig_index(gi, rng),
+        "fapi_by_group": lambda: _fig_by_group(gs, "fapi", suv_type, rng, outcomes),
+        "psma_by_group": lambda: _fig_by_group(gs, "psma", suv_type, rng, outcomes),
+        "index_by_group": lambda: _fig_index(gi, rng, outcomes),
         "voxel_rho": lambda: _fig_rho(gi, rng),
         "roc": lambda: _fig_roc(gi, diagnostic),
         "clinical_forest": lambda: _fig_forest(outcomes),

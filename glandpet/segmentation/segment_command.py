@@ -204,10 +204,10 @@ def load_segmentation_config(path: str | Path | None) -> dict:
 
 def dseg_table_path(out_dseg: str | Path) -> Path:
     """``X_dseg.nii.gz`` -> ``X_dseg.tsv`` (the label table beside a label map)."""
-    from glandpet.layout import label_table_of
+    from glandpet.layout import beside
 
     try:
-        return Path(label_table_of(out_dseg))
+        return Path(beside(out_dseg, ".tsv"))
     except ValueError:
         raise UserError(f"output {out_dseg} must end in .nii.gz or .nii") from None
 
