@@ -47,7 +47,7 @@ def test_a_typo_is_one_line_with_a_suggestion():
     cfg = default_config()
     cfg["pvc"] = dict(cfg["pvc"], methd="gtm")
     assert config_error_line(cfg, SCHEMA) == "config: unknown key pvc.methd (did you mean pvc.method?)"
-    assert [p.cause for p in validate_config(cfg, SCHEMA)] == ["unknown key pvc.methd (did you mean pvc.method?)"]
+    assert [p.message for p in validate_config(cfg, SCHEMA)] == ["unknown key pvc.methd (did you mean pvc.method?)"]
     cfg = default_config()
     cfg["zzz"] = 1
     assert config_error_line(cfg, SCHEMA) == "config: unknown key zzz"

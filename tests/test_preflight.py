@@ -64,7 +64,7 @@ def edit(folder: Path, fn) -> None:
 
 
 def errors(problems: list[Problem]) -> list[Problem]:
-    return [p for p in problems if p.severity == ERROR]
+    return [p for p in problems if p.status == ERROR]
 
 
 def test_good_study_passes(tmp_path, clones, small_cohort, capsys):
@@ -82,7 +82,7 @@ def test_patient_id_rows_pass_and_unknown_patient_id_is_named(tmp_path, clones, 
     _, config = make_study(tmp_path, clones, small_cohort, rows)
     probs = run_check(config)
     (p,) = probs
-    assert (p.subject, p.session, p.severity) == ("P03", "", ERROR) and "patient_id" in p.cause
+    assert (p.subject_id, p.session, p.status) == ("P03", None, ERROR) and "patient_id" in p.message
     assert "NOSUCHID" not in problems_table(probs)  # the PatientID is never echoed
 
 
@@ -90,8 +90,8 @@ def test_missing_pet(tmp_path, clones, small_cohort, capsys):
     tree, config = make_study(tmp_path, clones, small_cohort)
     shutil.rmtree(series_dir(tree, "B", "*/*PET*"))
     (p,) = errors(run_check(config))
-    assert (p.subject, p.session) == ("P02", "")
-    assert re.match(r"no attenuation-corrected (PSMA or FAPI )?PET series", p.cause)
+    assert (p.subject_id, p.session) == ("P02", None)
+    assert re.match(r"no attenuation-corrected (PSMA or FAPI )?PET series", p.message)
     assert main(["check", str(tmp_path / "config.yaml"), "--quiet"]) == 1
     out = capsys.readouterr().out
     assert "P02" in out and "no attenuation-corrected" in out and "1 error(s)" in out
@@ -111,9 +111,9 @@ def test_two_candidate_pets(tmp_path, clones, small_cohort):
 
     edit(repeat, another_acquisition)
     (p,) = errors(run_check(config))
-    assert (p.subject, p.session) == ("P01", "psma")
-    assert "2 attenuation-corrected PET series from different acquisitions" in p.cause
-    assert len(p.series.split(", ")) == 2 and all(len(k) == 16 for k in p.series.split(", "))
+    assert (p.subject_id, p.session) == ("P01", "psma")
+    assert "2 attenuation-corrected PET series from different acquisitions" in p.message
+    assert len(p.about.split(", ")) == 2 and all(len(k) == 16 for k in p.about.split(", "))
 
 
 def test_unknown_tracer(tmp_path, clones, small_cohort):
@@ -131,12 +131,12 @@ def test_unknown_tracer(tmp_path, clones, small_cohort):
 
     edit(series_dir(tree, "B", "*/*PET*"), unknown)
     probs = run_check(config)
-    warn = [p for p in probs if p.severity == WARNING]
-    assert len(warn) == 1 and warn[0].subject == "P02" and len(warn[0].series) == 16
-    assert "tracer not recognised" in warn[0].cause and "XYZ-99" in warn[0].cause
+    warn = [p for p in probs if p.status == WARNING]
+    assert len(warn) == 1 and warn[0].subject_id == "P02" and len(warn[0].about) == 16
+    assert "tracer not recognised" in warn[0].message and "XYZ-99" in warn[0].message
     (err,) = errors(probs)  # B has no other PET: nothing left to measure
-    assert err.subject == "P02" and re.search(r"no (attenuation-corrected )?PSMA or FAPI PET|no PET series of a PSMA or "
-                                               r"FAPI tracer", err.cause)
+    assert err.subject_id == "P02" and re.search(r"no (attenuation-corrected )?PSMA or FAPI PET|no PET series of a PSMA or "
+                                               r"FAPI tracer", err.message)
 
 
 @pytest.mark.parametrize("field", ["PatientWeight", "RadionuclideTotalDose"])
@@ -152,8 +152,8 @@ def test_missing_weight_or_dose(tmp_path, clones, small_cohort, field):
 
     edit(series_dir(tree, "A", "*FAPI/*PET_AC*"), drop)
     (p,) = errors(run_check(config))
-    assert (p.subject, p.session) == ("P01", "fapi") and len(p.series) == 16
-    assert "SUV" in p.cause and field in p.cause
+    assert (p.subject_id, p.session) == ("P01", "fapi") and len(p.about) == 16
+    assert "SUV" in p.message and field in p.message
 
 
 def test_suv_type_needing_height(tmp_path, clones, small_cohort):
@@ -165,7 +165,7 @@ def test_suv_type_needing_height(tmp_path, clones, small_cohort):
 
     edit(series_dir(tree, "B", "*/*PET*"), no_height)
     (p,) = errors(run_check(config))
-    assert (p.subject, p.session) == ("P02", "fapi") and "bsa" in p.cause and "PatientSize" in p.cause
+    assert (p.subject_id, p.session) == ("P02", "fapi") and "bsa" in p.message and "PatientSize" in p.message
 
 
 def test_sheet_problems_all_named(tmp_path, clones, small_cohort):
@@ -175,12 +175,12 @@ def test_sheet_problems_all_named(tmp_path, clones, small_cohort):
             {"subject_id": "P04", "group": "", "dicom_dir": "nowhere"}]
     _, config = make_study(tmp_path, clones, small_cohort, rows)
     probs = run_check(config)
-    causes = {(p.subject, p.cause.split(": ", 1)[1]) for p in probs}
+    causes = {(p.subject_id, p.message.split(": ", 1)[1]) for p in probs}
     assert ("P01", "duplicate subject id (also on line 2)") in causes
     assert ("P03", "unknown group 'sick' (expected pss or control)") in causes
     assert ("P04", "group is empty (fill in pss or control)") in causes
     assert ("P04", "dicom_dir folder 'nowhere' not found under dicom_root") in causes
-    assert all(p.severity == ERROR and p.series == "subject sheet" for p in probs)
+    assert all(p.status == ERROR and p.about == "subject sheet" for p in probs)
     with pytest.raises(UserError, match="problem"):
         raise_for_problems(probs)
 
@@ -205,9 +205,9 @@ def test_unreadable_atlas(tmp_path, clones, small_cohort):
                           "label_table": str(atlas / "labels.tsv")},
                          {"name": "gone", "ct": str(tmp_path / "no" / "ct.nii.gz"), "labels": "x", "label_table": "y"}]
     probs = errors(run_check(config))
-    by = {(p.series, p.cause.split(" ")[0]) for p in probs}
+    by = {(p.about, p.message.split(" ")[0]) for p in probs}
     assert ("atlas bad", "labels") in by and ("atlas bad", "label") in by and ("atlas gone", "ct") in by
-    assert any("pancreas" in p.cause for p in probs)
+    assert any("pancreas" in p.message for p in probs)
 
 
 def test_truncated_atlas_contour_is_a_warning(tmp_path, clones, small_cohort):
@@ -215,7 +215,7 @@ def test_truncated_atlas_contour_is_a_warning(tmp_path, clones, small_cohort):
     import nibabel as nib
 
     _, config = make_study(tmp_path, clones, small_cohort)
-    assert not [p for p in run_check(config) if p.series.startswith("atlas ")]
+    assert not [p for p in run_check(config) if p.about.startswith("atlas ")]
     atlas = tmp_path / "atlas_cut"
     shutil.copytree(small_cohort / "atlases" / "atlas01", atlas)
     img = nib.load(str(atlas / "labels.nii.gz"))
@@ -225,8 +225,8 @@ def test_truncated_atlas_contour_is_a_warning(tmp_path, clones, small_cohort):
     nib.save(nib.Nifti1Image(lab, img.affine, img.header), str(atlas / "labels.nii.gz"))
     config["atlases"].append({"name": "cut", "ct": str(atlas / "ct.nii.gz"), "labels": str(atlas / "labels.nii.gz"),
                               "label_table": str(atlas / "labels.tsv")})
-    probs = [p for p in run_check(config) if p.series == "atlas cut"]
-    assert probs and all(p.severity == WARNING and p.cause.startswith("submandibular_right") for p in probs)
+    probs = [p for p in run_check(config) if p.about == "atlas cut"]
+    assert probs and all(p.status == WARNING and p.message.startswith("submandibular_right") for p in probs)
     raise_for_problems(run_check(config), fatal_only=True)  # not fatal
 
 
@@ -253,8 +253,8 @@ def test_clinical_values_checked_against_their_types(tmp_path, clones, small_coh
     lines[2] += "\tNEG\tn/a"
     sheet.write_text("\n".join(lines) + "\n")
     probs = errors(run_check(config))
-    causes = sorted(p.cause for p in probs)
+    causes = sorted(p.message for p in probs)
     assert len(probs) == 2, causes
     assert any(c.startswith("line 2, column anti_ssa: 'weak' is not a binary value") for c in causes)
     assert any(c.startswith("line 3, column essdai: 'n/a' is not a number") for c in causes)
-    assert {p.subject for p in probs} == {"P01", "P02"}
+    assert {p.subject_id for p in probs} == {"P01", "P02"}

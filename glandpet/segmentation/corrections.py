@@ -231,14 +231,15 @@ def apply_correction(correction: str, ct_path: str, atlas_dseg: str, out_dseg: s
                      out_qc: str) -> None:
     """A session's own correction, validated, into results (label map, label table, QC JSON with
     ``segmentation_source: corrected`` and the changed voxels per label)."""
+    from glandpet.problems import qc_record
     from glandpet.writers import write_json
 
     data = load_correction(correction, ct_path)
     _write_labels(data, ct_path, out_dseg, out_table, label_table_of(atlas_dseg))
-    write_json({"stage": "correction", "status": "ok", "segmentation_source": "corrected",
-                "message": f"corrected labels from {Path(correction).name}", "metrics": {
-                    "method": "correction", "file": Path(correction).name,
-                    "changed_voxels_by_label": _changes(data, atlas_dseg)}}, out_qc)
+    write_json(qc_record(out_qc, "correction", "ok", f"corrected labels from {Path(correction).name}",
+                         segmentation_source="corrected",
+                         metrics={"method": "correction", "file": Path(correction).name,
+                                  "changed_voxels_by_label": _changes(data, atlas_dseg)}), out_qc)
 
 
 def carry_correction(ref_dseg: str, ct_path: str, xfm_prefix: str, atlas_dseg: str, out_dseg: str,
@@ -248,11 +249,13 @@ def carry_correction(ref_dseg: str, ct_path: str, xfm_prefix: str, atlas_dseg: s
     import nibabel as nib
 
     from glandpet.registration.transforms import apply_inverse_session_transform
+    from glandpet.problems import qc_record
     from glandpet.writers import write_json
 
     apply_inverse_session_transform(ref_dseg, ct_path, xfm_prefix, out_path=out_dseg, interpolation="genericLabel")
     data = np.asarray(nib.load(out_dseg).dataobj).astype(np.int16)
     _write_labels(data, ct_path, out_dseg, out_table, label_table_of(atlas_dseg))
-    write_json({"stage": "correction", "status": "ok", "segmentation_source": "corrected",
-                "message": "corrected labels carried from the reference session", "metrics": {
-                    "method": "session_transform", "changed_voxels_by_label": _changes(data, atlas_dseg)}}, out_qc)
+    write_json(qc_record(out_qc, "correction", "ok", "corrected labels carried from the reference session",
+                         segmentation_source="corrected",
+                         metrics={"method": "session_transform", "changed_voxels_by_label": _changes(data, atlas_dseg)}),
+               out_qc)

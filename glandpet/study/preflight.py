@@ -29,7 +29,7 @@ import re
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ import pandas as pd
 
 from glandpet.errors import UserError
 from glandpet.glands import GROUPS
-from glandpet.layout import SUBJECT_ID_PATTERN
+from glandpet.problems import Problem
 
 __all__ = [
     "Problem",
@@ -50,23 +50,16 @@ __all__ = [
     "validate_config",
 ]
 
-ERROR, WARNING = "error", "warning"
+#: A pre-flight problem's status (glandpet.problems.STATUSES): "failed" would leave a session or
+#: subject out, or stop the run (:func:`is_fatal`); "warning" is worth a look.
+ERROR, WARNING = "failed", "warning"
 _REPO = Path(__file__).resolve().parents[1]
 
 
-@dataclass(frozen=True)
-class Problem:
-    subject: str  # "" for the config and atlases
-    session: str
-    series: str  # series key, "config", "subject sheet", "atlas <name>"
-    cause: str
-    severity: str = ERROR
-
-    def line(self) -> str:
-        where = ", ".join(x for x in (f"subject {self.subject}" if self.subject else "",
-                                      f"session {self.session}" if self.session else "",
-                                      f"series {self.series}" if self.series else "") if x)
-        return f"{where}: {self.cause}" if where else self.cause
+def _problem(subject: str | None, session: str | None, about: str, cause: str, severity: str = ERROR) -> Problem:
+    """A pre-flight problem (stage ``check``): of a subject's session, or of the run (no subject);
+    ``about``: the series key, ``config``, ``subject sheet``, ``index`` or ``atlas <name>``."""
+    return Problem(subject or None, session or None, "check", severity, cause, about=about)
 
 
 # ------------------------------------------------------------------------------ config
@@ -106,7 +99,7 @@ def validate_config(config: Mapping[str, Any], schema_path: str | Path | None = 
 
     sp = Path(schema_path) if schema_path else _REPO / "config.schema.yaml"
     if not sp.is_file():
-        return [Problem("", "", "config", f"schema {sp} not found: config not validated", WARNING)]
+        return [_problem("", "", "config", f"schema {sp} not found: config not validated", WARNING)]
     schema = yaml.safe_load(sp.read_text())
     validator = jsonschema.Draft202012Validator(schema)
     out = []
@@ -119,14 +112,14 @@ def validate_config(config: Mapping[str, Any], schema_path: str | Path | None = 
             for e in extra:
                 close = difflib.get_close_matches(e, known, n=1, cutoff=0.6)
                 hint = f" (did you mean {key + '.' if key else ''}{close[0]}?)" if close else ""
-                out.append(Problem("", "", "config", f"unknown key {key + '.' if key else ''}{e}{hint}"))
+                out.append(_problem("", "", "config", f"unknown key {key + '.' if key else ''}{e}{hint}"))
             continue
         if err.validator == "required":
             m = re.match(r"'([^']+)'", msg)
             name = f"{key}.{m.group(1)}" if key and m else (m.group(1) if m else key)
-            out.append(Problem("", "", "config", f"key {name}: missing"))
+            out.append(_problem("", "", "config", f"key {name}: missing"))
             continue
-        out.append(Problem("", "", "config", f"key {key or '(top level)'}: {msg}"))
+        out.append(_problem("", "", "config", f"key {key or '(top level)'}: {msg}"))
     return out
 
 
@@ -135,10 +128,10 @@ def config_error_line(config: Mapping[str, Any], schema_path: str | Path | None 
     """The config's schema problems in one line (``config: unknown key pvc.methd (did you mean
     pvc.method?)``), worded as ``glandpet check`` words them; None when the config is valid. With
     `raise_error` a problem raises :class:`UserError` with that line (the Snakefile's check)."""
-    problems = [p for p in validate_config(config, schema_path) if p.severity == ERROR]
+    problems = [p for p in validate_config(config, schema_path) if p.status == ERROR]
     if not problems:
         return None
-    line = "config: " + "; ".join(p.cause for p in problems)
+    line = "config: " + "; ".join(p.message for p in problems)
     if raise_error:
         raise UserError(line)
     return line
@@ -169,50 +162,38 @@ def _sheet_rows(path: Path, root: Path | None, clinical: Mapping[str, str] | Non
         sid = str(r.get("subject_id", "")).strip()
         where = f"line {line}"
         if not sid:
-            out.append(Problem("", "", "subject sheet", f"{where}: empty subject id"))
+            out.append(_problem("", "", "subject sheet", f"{where}: empty subject id"))
             continue
         if not ID_PATTERN.match(sid):
-            out.append(Problem(sid, "", "subject sheet", f"{where}: subject id not usable in file names "
+            out.append(_problem(sid, "", "subject sheet", f"{where}: subject id not usable in file names "
                                                           "(letters and digits only)"))
         if sid.lower() in seen:
-            out.append(Problem(sid, "", "subject sheet", f"{where}: duplicate subject id (also on line {seen[sid.lower()]})"))
+            out.append(_problem(sid, "", "subject sheet", f"{where}: duplicate subject id (also on line {seen[sid.lower()]})"))
         else:
             seen[sid.lower()] = line
         group = str(r.get("group", "")).strip().lower()
         if not group:
-            out.append(Problem(sid, "", "subject sheet", f"{where}: group is empty (fill in {' or '.join(GROUPS)})"))
+            out.append(_problem(sid, "", "subject sheet", f"{where}: group is empty (fill in {' or '.join(GROUPS)})"))
         elif group not in GROUPS:
-            out.append(Problem(sid, "", "subject sheet", f"{where}: unknown group {r['group']!r} "
+            out.append(_problem(sid, "", "subject sheet", f"{where}: unknown group {r['group']!r} "
                                                           f"(expected {' or '.join(GROUPS)})"))
         ddir = str(r.get("dicom_dir", "") or "").strip()
         pid = str(r.get("patient_id", "") or "").strip()
         if ddir and pid:
-            out.append(Problem(sid, "", "subject sheet", f"{where}: both dicom_dir and patient_id are filled"))
+            out.append(_problem(sid, "", "subject sheet", f"{where}: both dicom_dir and patient_id are filled"))
         elif not ddir and not pid:
-            out.append(Problem(sid, "", "subject sheet", f"{where}: neither dicom_dir nor patient_id is filled"))
+            out.append(_problem(sid, "", "subject sheet", f"{where}: neither dicom_dir nor patient_id is filled"))
         elif ddir and root is not None:
             folder = Path(ddir) if Path(ddir).is_absolute() else root / ddir
             if not folder.is_dir():
-                out.append(Problem(sid, "", "subject sheet", f"{where}: dicom_dir folder {ddir!r} not found "
+                out.append(_problem(sid, "", "subject sheet", f"{where}: dicom_dir folder {ddir!r} not found "
                                                               "under dicom_root"))
         for col, kind in types.items():
             if col in df.columns:
                 bad = _check_clinical(col, kind, str(r.get(col, "") or "").strip())
                 if bad:
-                    out.append(Problem(sid, "", "subject sheet", f"{where}, column {col}: {bad}"))
+                    out.append(_problem(sid, "", "subject sheet", f"{where}, column {col}: {bad}"))
     return out
-
-
-_SUBJ_RE = re.compile(rf"^subject (?P<s>{SUBJECT_ID_PATTERN})(?:, session (?P<ses>\w+))?: (?P<cause>.*)$", re.DOTALL)
-
-
-def _from_message(msg: str, default_series: str = "") -> Problem:
-    m = _SUBJ_RE.match(msg)
-    if m:
-        keys = re.findall(r"\b[0-9a-f]{16}\b", m.group("cause"))
-        return Problem(m.group("s"), m.group("ses") or "", ", ".join(dict.fromkeys(keys)) or default_series,
-                       m.group("cause"))
-    return Problem("", "", default_series, msg)
 
 
 # ------------------------------------------------------------------------------ atlases
@@ -229,7 +210,7 @@ def _atlas_problems(atlases: list[Mapping[str, str]], base: Path) -> list[Proble
         paths = {k: (Path(a[k]) if Path(a[k]).is_absolute() else base / a[k]) for k in ("ct", "labels", "label_table") if k in a}
         missing = [k for k, p in paths.items() if not p.is_file()]
         for k in missing:
-            out.append(Problem("", "", name, f"{k} file {paths[k]} not found"))
+            out.append(_problem("", "", name, f"{k} file {paths[k]} not found"))
         if missing:
             continue
         imgs = {}
@@ -237,21 +218,21 @@ def _atlas_problems(atlases: list[Mapping[str, str]], base: Path) -> list[Proble
             try:
                 imgs[k] = nib.load(str(paths[k]))  # header only: the data are read lazily
             except Exception as exc:  # noqa: BLE001
-                out.append(Problem("", "", name, f"{k} file {paths[k].name} is not a readable NIfTI ({type(exc).__name__})"))
+                out.append(_problem("", "", name, f"{k} file {paths[k].name} is not a readable NIfTI ({type(exc).__name__})"))
         if len(imgs) == 2:
             c, lab = imgs["ct"], imgs["labels"]
             if c.shape[:3] != lab.shape[:3] or not np.allclose(c.affine, lab.affine, atol=1e-3):
-                out.append(Problem("", "", name, f"labels grid {lab.shape[:3]} differs from the CT grid {c.shape[:3]}"))
+                out.append(_problem("", "", name, f"labels grid {lab.shape[:3]} differs from the CT grid {c.shape[:3]}"))
         try:
             read_label_table(paths["label_table"])
         except (ValueError, OSError, KeyError) as exc:
-            out.append(Problem("", "", name, f"label table: {exc}"))
+            out.append(_problem("", "", name, f"label table: {exc}"))
             continue
-        if "labels" in imgs and not any(p.series == name for p in out):
+        if "labels" in imgs and not any(p.about == name for p in out):
             # contour volumes (the label voxels are read: a few MB per atlas)
             vols = {g: ml for g, ml in gland_volumes_ml(paths["labels"], paths["label_table"]).items() if ml > 0}
             for msg in volume_warnings(vols):
-                out.append(Problem("", "", name, f"{msg} (a contour under {MIN_FRACTION_OF_ATLAS_MEDIAN:.0%} of the "
+                out.append(_problem("", "", name, f"{msg} (a contour under {MIN_FRACTION_OF_ATLAS_MEDIAN:.0%} of the "
                                                  "atlases' median for that gland does not vote on it)", WARNING))
     return out
 
@@ -269,7 +250,7 @@ def run_check(config: Mapping[str, Any], *, base_dir: str | Path = ".", jobs: in
     base = Path(base_dir)
     if schema:
         problems += validate_config(config)
-        if any(p.severity == ERROR for p in problems):
+        if any(p.status == ERROR for p in problems):
             return problems
     if not config.get("subjects"):
         return problems  # the demo cohort
@@ -278,13 +259,13 @@ def run_check(config: Mapping[str, Any], *, base_dir: str | Path = ".", jobs: in
     root_s = str(config.get("dicom_root") or "")
     root = (Path(root_s) if Path(root_s).is_absolute() else base / root_s) if root_s else None
     if root is None or not root.is_dir():
-        return problems + [Problem("", "", "config", f"key dicom_root: folder {root_s!r} not found")]
+        return problems + [_problem("", "", "config", f"key dicom_root: folder {root_s!r} not found")]
 
     # subject sheet
     from glandpet.study.subjects import read_subject_sheet
 
     if not sheet_path.is_file():
-        return problems + [Problem("", "", "config", f"key subjects: subject sheet {sheet_path} not found")]
+        return problems + [_problem("", "", "config", f"key subjects: subject sheet {sheet_path} not found")]
     rows = _sheet_rows(sheet_path, root, config.get("clinical"))
     problems += rows
     sheet = None
@@ -292,7 +273,7 @@ def run_check(config: Mapping[str, Any], *, base_dir: str | Path = ".", jobs: in
         sheet = read_subject_sheet(sheet_path, root, allow_empty_group=True, clinical=config.get("clinical"))
     except UserError as exc:
         if not rows:
-            problems.append(Problem("", "", "subject sheet", str(exc)))
+            problems.append(_problem("", "", "subject sheet", str(exc)))
     if sheet is None:
         return problems
 
@@ -306,7 +287,7 @@ def run_check(config: Mapping[str, Any], *, base_dir: str | Path = ".", jobs: in
             index = index_tree(root, sheet, jobs=jobs, progress=progress, overrides=overrides, on_ambiguity="report",
                                suv_type=suv_type)
         except UserError as exc:
-            return problems + [_from_message(str(exc), "index")]
+            return problems + [_problem(None, None, "index", str(exc))]
     # the index names what cannot be processed per subject and session (the SUV rules included)
     problems += _from_failures(index.failures, index.series)
 
@@ -315,7 +296,7 @@ def run_check(config: Mapping[str, Any], *, base_dir: str | Path = ".", jobs: in
     if atlases:
         problems += _atlas_problems(atlases, base)
     else:
-        problems.append(Problem("", "", "atlases", "no atlases configured: the synthetic phantom's atlases will "
+        problems.append(_problem("", "", "atlases", "no atlases configured: the synthetic phantom's atlases will "
                                                    "segment this study's CTs (configure atlases of real anatomy)", WARNING))
     return problems
 
@@ -334,7 +315,7 @@ def _from_failures(failures: pd.DataFrame, series: pd.DataFrame) -> list[Problem
         cause = re.sub(rf"^sub-{re.escape(str(r.subject_id))}( ses-{re.escape(ses)})?: ", "", msg) if ses else \
             re.sub(rf"^sub-{re.escape(str(r.subject_id))}: ", "", msg)
         cause = re.sub(rf"^subject {re.escape(str(r.subject_id))}(, session {re.escape(ses)})?: ", "", cause)
-        out.append(Problem(str(r.subject_id), ses, key, cause, ERROR if r.status == "failed" else WARNING))
+        out.append(_problem(str(r.subject_id), ses, key, cause, ERROR if r.status == "failed" else WARNING))
     return out
 
 
@@ -342,32 +323,35 @@ def problems_table(problems: list[Problem]) -> str:
     """One table of problems by subject (errors first within a subject)."""
     if not problems:
         return "no problems"
-    rows = sorted(problems, key=lambda p: (p.subject == "", p.subject, p.session, p.severity != ERROR, p.series))
-    cols = ("subject", "session", "series", "severity")
-    data = [(p.subject or "-", p.session or "-", p.series or "-", p.severity) for p in rows]
+    rows = sorted(problems, key=lambda p: (p.subject_id is None, p.subject_id or "", p.session or "", p.status != ERROR,
+                                           p.about or ""))
+    cols = ("subject", "session", "series", "status")
+    data = [(p.subject_id or "-", p.session or "-", p.about or "-", p.status) for p in rows]
     w = [max(len(c), *(len(d[i]) for d in data)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(cols)) + "  cause"]
     for d, p in zip(data, rows):
-        lines.append("  ".join(x.ljust(w[i]) for i, x in enumerate(d)) + "  " + p.cause)
+        lines.append("  ".join(x.ljust(w[i]) for i, x in enumerate(d)) + "  " + p.message)
     return "\n".join(lines)
 
 
 def is_fatal(p: Problem) -> bool:
     """A problem that stops the whole run (config, subject sheet, atlases), not one subject or session."""
-    return p.severity == ERROR and (p.series in ("config", "subject sheet", "index") or p.series.startswith("atlas "))
+    return p.status == ERROR and ((p.about or "") in ("config", "subject sheet", "index")
+                                  or (p.about or "").startswith("atlas "))
 
 
 def raise_for_problems(problems: list[Problem], *, fatal_only: bool = False) -> None:
     """Raise a UserError listing the error problems (none: return). `fatal_only`: only those that stop
     the whole run (:func:`is_fatal`): the workflow's index stage leaves failed subjects and sessions out
     and lists them in qc.parquet instead."""
-    errors = [p for p in problems if p.severity == ERROR and (is_fatal(p) or not fatal_only)]
+    errors = [p for p in problems if p.status == ERROR and (is_fatal(p) or not fatal_only)]
     if errors:
         raise UserError(f"{len(errors)} problem(s) would stop the run:\n" + problems_table(errors))
 
 
 def problems_frame(problems: list[Problem]) -> pd.DataFrame:
-    return pd.DataFrame([asdict(p) for p in problems], columns=["subject", "session", "series", "cause", "severity"])
+    return pd.DataFrame([asdict(p) for p in problems], columns=["subject_id", "session", "stage", "status", "message",
+                                                                 "about"])
 
 
 def run_check_command(args: Any) -> int:
@@ -376,7 +360,7 @@ def run_check_command(args: Any) -> int:
     config = load_config(args.config)
     problems = run_check(config, base_dir=getattr(args, "base_dir", None) or ".", jobs=int(getattr(args, "jobs", 1) or 1),
                          progress=not getattr(args, "quiet", False))
-    n_err = sum(p.severity == ERROR for p in problems)
+    n_err = sum(p.status == ERROR for p in problems)
     n_warn = len(problems) - n_err
     print(problems_table(problems))
     verdict = "ready to run" if not n_err else "fix the errors above before running"

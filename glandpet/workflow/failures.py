@@ -16,6 +16,7 @@ from typing import Any, Iterator, Mapping
 from glandpet.layout import entities
 
 log = logging.getLogger("glandpet")
+from glandpet.problems import Problem
 from glandpet.writers import write_json
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -137,9 +138,8 @@ def _record_failure(log_path: str | os.PathLike, exc: BaseException, job: Any = 
     prefix = f"sub-{m['subject']}" + (f" ses-{m['session']}" if m["session"] else "")
     if not message.startswith(prefix):
         message = f"{prefix}: {message}"
-    rec = {"subject_id": m["subject"], "session": m["session"], "stage": Path(log_path).parent.name,
-           "status": "failed", "message": message[:2000], "log": str(Path(log_path).name),
-           "fingerprint": job_fingerprint(job)}
+    rec = Problem(m["subject"], m["session"], Path(log_path).parent.name, "failed", message[:2000]).fields() | {
+        "log": str(Path(log_path).name), "fingerprint": job_fingerprint(job)}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(rec, path)
 

@@ -16,6 +16,7 @@ from glandpet.registration.transforms import ct_to_pet_affine, set_threads
 from glandpet.segmentation.confidence import seg_confidence_columns
 from glandpet.suv.image import suv_image
 from glandpet.workflow.failures import failure_records
+from glandpet.problems import Problem, qc_record
 from glandpet.writers import write_json, write_nifti_like, write_text_atomic
 
 log = logging.getLogger("glandpet")
@@ -117,7 +118,7 @@ def register_pet_to_ct(ct_path: str, pet_path: str, out_xfm: str, out_qc: str, t
     status = "warning" if metrics.get("warning") else "ok"
     if metrics.get("warning"):
         log.warning("%s: %s", Path(out_xfm).name, metrics["warning"])
-    write_json({"stage": "register", "status": status, "message": metrics.get("warning"), "metrics": metrics}, out_qc)
+    write_json(qc_record(out_qc, "register", status, metrics.get("warning"), metrics=metrics), out_qc)
 
 
 def align_sessions(psma_ct: str, fapi_ct: str, output: Any, threads: int = 1) -> None:
@@ -127,7 +128,7 @@ def align_sessions(psma_ct: str, fapi_ct: str, output: Any, threads: int = 1) ->
     set_threads(threads, blas=True)  # ITK and BLAS: what Snakemake granted the job
     prefix = transform_prefix_of(output.affine)
     metrics = align(psma_ct, fapi_ct, prefix, threads=threads)
-    write_json({"stage": "align", "status": "ok", "message": None, "metrics": metrics}, output.qc)
+    write_json(qc_record(output.qc, "align", "ok", metrics=metrics), output.qc)
 
 
 def measure_glands(inputs: Any, output: Any, subject: str, session: str, suv_type: str, pvc: Mapping[str, Any],
@@ -233,10 +234,11 @@ def _qc_rows(paths: list[str]) -> list[dict]:
         if not str(path).endswith(".json"):
             continue
         rec = json.loads(Path(path).read_text())
-        m = entities(path)
-        rows.append(dict(subject_id=m.get("subject") or "?", session=m.get("session"),
-                         stage=rec.get("stage", "?"), status=rec.get("status", "ok"), message=rec.get("message"),
-                         metrics_json=json.dumps(rec.get("metrics", {}), sort_keys=True, default=str)))
+        if "subject_id" not in rec:  # a QC record written before records carried their subject and session
+            m = entities(path)
+            rec |= {"subject_id": m.get("subject") or "?", "session": m.get("session")}
+        rows.append(Problem.from_fields(rec).fields()
+                    | {"metrics_json": json.dumps(rec.get("metrics", {}), sort_keys=True, default=str)})
     return rows
 
 
@@ -279,12 +281,11 @@ def _failure_rows(index_failures: str | None, results: Path) -> list[dict]:
     rows = []
     if index_failures and Path(index_failures).is_file():
         for r in pd.read_parquet(index_failures).to_dict("records"):
-            rows.append(dict(subject_id=r["subject_id"], session=r["session"] if isinstance(r["session"], str) else None,
-                             stage=r["stage"], status=r["status"], message=r["message"], metrics_json="{}"))
+            session = r["session"] if isinstance(r["session"], str) else None
+            rows.append(Problem.from_fields(r, session=session).fields() | {"metrics_json": "{}"})
     for r in failure_records(results):
-        rows.append(dict(subject_id=r["subject_id"], session=r.get("session"), stage=r.get("stage", "?"),
-                         status="failed", message=r.get("message"),
-                         metrics_json=json.dumps({"log": r.get("log")}, sort_keys=True)))
+        rows.append(Problem.from_fields(r, status="failed").fields()
+                    | {"metrics_json": json.dumps({"log": r.get("log")}, sort_keys=True)})
     return rows
 
 
@@ -420,8 +421,8 @@ def segment_glands(inputs: Any, output: Any, session: str, atlases: list[Mapping
         if missing:
             message = f"no atlas holds: {', '.join(missing)}"
         _label_editor_tables(output, read_label_table(output.table))
-        write_json({"stage": "segment", "status": "warning" if message else "ok", "message": message,
-                    "segmentation_source": "atlas", "metrics": metrics}, output.qc)
+        write_json(qc_record(output.qc, "segment", "warning" if message else "ok", message,
+                             segmentation_source="atlas", metrics=metrics), output.qc)
         return
     from glandpet.registration.transforms import apply_inverse_session_transform
 
@@ -438,8 +439,8 @@ def segment_glands(inputs: Any, output: Any, session: str, atlases: list[Mapping
         ref_metrics = json.loads(Path(ref_qc).read_text()).get("metrics", {})
         if "glands" in ref_metrics:
             metrics["glands"] = ref_metrics["glands"]
-    write_json({"stage": "segment", "status": "ok", "message": f"labels carried from the reference session to {session}",
-                "segmentation_source": "atlas", "metrics": metrics}, output.qc)
+    write_json(qc_record(output.qc, "segment", "ok", f"labels carried from the reference session to {session}",
+                         segmentation_source="atlas", metrics=metrics), output.qc)
 
 
 def _label_editor_tables(output: Any, labels: list) -> None:
