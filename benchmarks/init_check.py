@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_check = time.perf_counter() - t
     out = {"patients": args.patients, "files": n_files, "jobs": args.jobs, "init_seconds": round(t_init, 2),
            "check_seconds": round(t_check, 2), "subjects_in_sheet": len(res.sheet),
-           "check_errors": sum(p.severity == ERROR for p in problems), "check_problems": len(problems),
+           "check_errors": sum(p.status == ERROR for p in problems), "check_problems": len(problems),
            "workdir": str(work)}
     print(f"init:  {t_init:.1f} s ({n_files / t_init:.0f} files/s)\ncheck: {t_check:.1f} s ({n_files / t_check:.0f} files/s)")
     print(json.dumps(out))
