@@ -218,10 +218,10 @@ def test_sheet_type_error_names_line_and_column(tmp_path, col, kind, bad):
 def test_config_defaults_are_the_registered_outcomes():
     import yaml
 
-    from glandpet.study.preflight import _REPO
+    from glandpet.repository import CONFIG_SCHEMA, DEFAULT_CONFIG
 
-    schema = yaml.safe_load((_REPO / "config.schema.yaml").read_text())
-    config = yaml.safe_load((_REPO / "config.yaml").read_text())
+    schema = yaml.safe_load(CONFIG_SCHEMA.read_text())
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
     assert schema["properties"]["clinical"]["default"] == DEFAULT_CLINICAL == config["clinical"]
     assert set(DEFAULT_CLINICAL) == {"usf_ml_min", "essdai", "esspri", "anti_ssa", "anti_ssb", "igg_g_l", "esr_mm_h",
                                      "crp_mg_l", "schirmer_mm"}

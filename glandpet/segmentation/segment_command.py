@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from glandpet.errors import UserError
+from glandpet.repository import CONFIG_SCHEMA, DEFAULT_CONFIG
 
 __all__ = ["add_subparser", "check_ct", "check_nifti", "dseg_table_path", "load_segmentation_config", "read_atlas_dir", "run"]
 
-_REPO = Path(__file__).resolve().parents[1]
 ATLAS_FILES = ("ct.nii.gz", "labels.nii.gz", "labels.tsv")
 DEFAULT_THREADS = 2  # the workflow's segment rule (rules/segment.smk)
 
@@ -143,7 +143,7 @@ def read_atlas_dir(path: str | Path) -> dict[str, Any]:
 def _segmentation_schema() -> dict | None:
     import yaml
 
-    sp = _REPO / "config.schema.yaml"
+    sp = CONFIG_SCHEMA
     if not sp.is_file():
         return None
     return (yaml.safe_load(sp.read_text()) or {}).get("properties", {}).get("segmentation")
@@ -152,7 +152,7 @@ def _segmentation_schema() -> dict | None:
 def _default_segmentation() -> dict:
     import yaml
 
-    p = _REPO / "config.yaml"
+    p = DEFAULT_CONFIG
     if not p.is_file():
         return {}
     return dict((yaml.safe_load(p.read_text()) or {}).get("segmentation") or {})

@@ -37,6 +37,7 @@ import pandas as pd
 
 from glandpet.errors import UserError
 from glandpet.glands import SESSIONS
+from glandpet.repository import DEFAULT_CONFIG, REPO_DIR
 
 __all__ = [
     "FOUND_COLUMNS",
@@ -142,7 +143,6 @@ def patient_folders(files_by_patient: dict[str, Iterable[str]]) -> dict[str, str
 # ------------------------------------------------------------------------------ config
 #: the workflow's defaults: a drafted study config copies every section of it that is not the study's
 #: own (paths, atlases, series overrides), so a key added there reaches new studies without a copy here
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config.yaml"
 #: sections `glandpet init` writes itself: the study's paths and choices, with their own comments
 STUDY_SECTIONS = ("results", "subjects", "dicom_root", "demo", "atlases", "series_overrides")
 
@@ -449,8 +449,7 @@ def _rename(text: str, mapping: dict[str, str]) -> str:
 # ------------------------------------------------------------------------------ report
 def repo_dir() -> Path | None:
     """The folder holding the workflow's Snakefile (a source checkout), if any."""
-    d = Path(__file__).resolve().parents[1]
-    return d if (d / "Snakefile").is_file() else None
+    return REPO_DIR if (REPO_DIR / "Snakefile").is_file() else None
 
 
 def next_commands(study_dir: Path) -> list[str]:

@@ -38,6 +38,7 @@ import pandas as pd
 from glandpet.errors import UserError
 from glandpet.glands import GROUPS
 from glandpet.problems import Problem
+from glandpet.repository import CONFIG_SCHEMA, DEFAULT_CONFIG
 
 __all__ = [
     "Problem",
@@ -53,7 +54,6 @@ __all__ = [
 #: A pre-flight problem's status (glandpet.problems.STATUSES): "failed" would leave a session or
 #: subject out, or stop the run (:func:`is_fatal`); "warning" is worth a look.
 ERROR, WARNING = "failed", "warning"
-_REPO = Path(__file__).resolve().parents[1]
 
 
 def _problem(subject: str | None, session: str | None, about: str, cause: str, severity: str = ERROR) -> Problem:
@@ -86,7 +86,7 @@ def load_config(path: str | Path, *, defaults: bool = True) -> dict:
     if not isinstance(user, dict):
         raise UserError(f"config file {p}: expected keys and values (a mapping)")
     base: dict = {}
-    default = _REPO / "config.yaml"
+    default = DEFAULT_CONFIG
     if defaults and default.is_file():
         base = yaml.safe_load(default.read_text()) or {}
     return _deep_update(base, user)
@@ -97,7 +97,7 @@ def validate_config(config: Mapping[str, Any], schema_path: str | Path | None = 
     import jsonschema
     import yaml
 
-    sp = Path(schema_path) if schema_path else _REPO / "config.schema.yaml"
+    sp = Path(schema_path) if schema_path else CONFIG_SCHEMA
     if not sp.is_file():
         return [_problem("", "", "config", f"schema {sp} not found: config not validated", WARNING)]
     schema = yaml.safe_load(sp.read_text())

@@ -17,9 +17,9 @@ from glandpet.layout import entities
 
 log = logging.getLogger("glandpet")
 from glandpet.problems import Problem
+from glandpet.repository import PACKAGE_DIR, REPO_DIR, SCRIPTS_DIR
 from glandpet.writers import write_json
 
-_PACKAGE = Path(__file__).resolve().parent
 
 
 def failure_record_path(log_path: str | os.PathLike) -> Path | None:
@@ -38,10 +38,10 @@ def code_digest() -> str:
     import hashlib
 
     h = hashlib.sha256()
-    files = sorted(_PACKAGE.rglob("*.py")) + sorted((_PACKAGE.parent / "scripts").glob("*.py"))
+    files = sorted(PACKAGE_DIR.rglob("*.py")) + sorted(SCRIPTS_DIR.glob("*.py"))
     for f in files:
         try:
-            h.update(str(f.relative_to(_PACKAGE.parent)).encode() + b"\0" + f.read_bytes())
+            h.update(str(f.relative_to(REPO_DIR)).encode() + b"\0" + f.read_bytes())
         except OSError:
             continue
     return h.hexdigest()[:16]
