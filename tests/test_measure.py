@@ -223,3 +223,45 @@ def test_fractions_rotated_grid_volume_and_sum():
     total = fr[1] + fr[2]
     assert total.max() <= 1.0 + 1e-6 and total.min() >= 0.0
     assert fr[1].dtype == np.float32
+
+
+def _nifti(data, spacing_mm, origin_mm=(0.0, 0.0, 0.0)):
+    import nibabel as nib
+
+    aff = np.diag([*spacing_mm, 1.0])
+    aff[:3, 3] = origin_mm
+    return nib.Nifti1Image(np.asarray(data), aff)
+
+
+def test_measure_session_of_a_block_gland():
+    """measure_session (the measurement step's maths): a 20 mm cube of parotid_left on a 2 mm CT grid,
+    uniform SUV 6 inside and 1 outside on a 4 mm PET grid covering the same world box. The volume is
+    the cube's, SUVmean inside is 6 where the PET voxels lie wholly in the gland, the label map on the
+    PET grid holds the gland where at least half a PET voxel is gland, and a shift of the CT->PET
+    transform moves the PET labels by the shift."""
+    from glandpet.measure.session import majority_label_map, measure_session
+
+    lab = next(lab for lab in DEFAULT_LABELS if (lab.gland, lab.side) == ("parotid", "left"))
+    labels = np.zeros((40, 40, 40), np.uint8)
+    labels[10:20, 10:20, 10:20] = lab.index  # voxel edges on both grids: world 20..40 mm on each axis
+    ct = _nifti(np.zeros((40, 40, 40), np.int16), (2.0, 2.0, 2.0), (1.0, 1.0, 1.0))
+    suv = np.ones((20, 20, 20), np.float32)
+    suv[5:10, 5:10, 5:10] = 6.0  # PET voxels 5..9 (4 mm): world 20..40 mm
+    pet = _nifti(suv, (4.0, 4.0, 4.0), (2.0, 2.0, 2.0))
+    m = measure_session(pet, ct, _nifti(labels, (2.0, 2.0, 2.0), (1.0, 1.0, 1.0)), [lab], np.eye(4), {"method": "none"}, "psma")
+    (row,) = m.rows
+    assert (row["gland"], row["side"]) == ("parotid", "left")
+    assert row["volume_ml"] == pytest.approx(8.0)  # (20 mm)^3
+    assert row["suv_mean"] == pytest.approx(6.0) and row["suv_max"] == pytest.approx(6.0)
+    assert row["pvc_method"] == "none" and row["pvc_fwhm_mm"] is None and row["suv_mean_pvc"] is None
+    assert m.measured == ["parotid_left"]
+    assert m.pet_labels.dtype == np.uint8 and np.argwhere(m.pet_labels == lab.index).min(0).tolist() == [5, 5, 5]
+    assert (m.pet_labels == lab.index).sum() == 125
+    # CT point -> PET point 8 mm further along x: the gland's PET voxels move by 2
+    shift = np.eye(4)
+    shift[0, 3] = 8.0
+    m2 = measure_session(pet, ct, _nifti(labels, (2.0, 2.0, 2.0), (1.0, 1.0, 1.0)), [lab], shift, {"method": "none"}, "psma")
+    assert np.argwhere(m2.pet_labels == lab.index).min(0).tolist() == [7, 5, 5]
+    # the majority map: a voxel goes to the label with the largest fraction, when it is >= 1/2
+    fr = {1: np.array([0.5, 0.4, 0.2]), 2: np.array([0.5, 0.6, 0.3])}
+    assert majority_label_map(fr, (3,)).tolist() == [1, 2, 0]

@@ -350,3 +350,35 @@ def test_suv_factors_cli_json(tmp_path):
     j = json.loads(r.stdout)
     assert j["decay_correction"] == "NONE" and isinstance(j["suvbw"], list) and len(j["suvbw"]) == 20
     assert all(math.isfinite(x) for x in j["suvbw"])
+
+
+def test_suv_image_multiplies_by_the_sidecar_factor_on_the_same_grid(tmp_path):
+    """The SUV step's maths (glandpet.suv.image): SUV = Bq/mL x the sidecar's factor / the factor already
+    applied, per slice when the factor is per slice; the grid (qform and sform) is the PET's, exactly; a
+    null factor is a one-line SUVError naming the file."""
+    import json
+
+    import nibabel as nib
+
+    from glandpet.errors import SUVError
+    from glandpet.suv.image import suv_image
+
+    aff = np.array([[-2.0, 0, 0, 100.5], [0, -2.0, 0, 80.25], [0, 0, 3.0, -40.0], [0, 0, 0, 1]])
+    bqml = np.arange(4 * 5 * 3, dtype=np.float32).reshape(4, 5, 3) * 1000.0
+    img = nib.Nifti1Image(bqml, aff)
+    img.set_qform(aff, code=1)
+    img.set_sform(aff, code=1)
+    nib.save(img, tmp_path / "pet.nii.gz")
+    side = tmp_path / "pet.json"
+    side.write_text(json.dumps({"SUVFactors": {"suvbw": [1e-4, 2e-4, 3e-4], "suvbsa": None}, "AppliedFactor": 1.0}))
+    suv_image(str(tmp_path / "pet.nii.gz"), str(side), "bw", str(tmp_path / "suv.nii.gz"))
+    out = nib.load(tmp_path / "suv.nii.gz")
+    want = bqml * np.array([1e-4, 2e-4, 3e-4], dtype=np.float32)[None, None, :]
+    assert np.allclose(np.asarray(out.dataobj), want, rtol=1e-6)
+    assert np.array_equal(out.affine, aff) and np.array_equal(out.get_qform(), aff) and np.array_equal(out.get_sform(), aff)
+    side.write_text(json.dumps({"SUVFactors": {"suvbw": 2e-4}, "AppliedFactor": 2.0}))  # one factor, already x2
+    suv_image(str(tmp_path / "pet.nii.gz"), str(side), "bw", str(tmp_path / "suv.nii.gz"))
+    assert np.allclose(np.asarray(nib.load(tmp_path / "suv.nii.gz").dataobj), bqml * 1e-4, rtol=1e-6)
+    side.write_text(json.dumps({"SUVFactors": {"suvbw": 1e-4, "suvbsa": None}}))
+    with pytest.raises(SUVError, match="pet.nii.gz: the header cannot support SUV type 'bsa'"):
+        suv_image(str(tmp_path / "pet.nii.gz"), str(side), "bsa", str(tmp_path / "suv.nii.gz"))

@@ -145,40 +145,37 @@ def pipeline_pvc_errors(results: str | Path, truth_dir: str | Path, pvc: dict | 
 
     ``pvc`` None: the ``gland_stats`` rows as the run wrote them. Else a ``pvc`` config section
     (e.g. ``{"method": "gtm", "fwhm_mm": {"psma": "auto", "fapi": "auto"}}``): every session is
-    measured again from the run's images (:func:`glandpet.workflow.steps.measure_glands`, the PSF from
+    measured again from the run's images (:func:`glandpet.measure.session.measure_session`, the PSF from
     :func:`glandpet.measure.pvc.session_fwhm_mm` of the session's PET sidecar). One row per subject x
     session x gland x side with ``volume_err_pct``, ``raw_err_pct`` and ``pvc_err_pct``."""
     import json
-    import tempfile
-    from types import SimpleNamespace
 
+    import nibabel as nib
+
+    from glandpet.glands import read_label_table
+    from glandpet.measure.session import measure_session
     from glandpet.measure.pvc import session_fwhm_mm
+    from glandpet.registration.transforms import ct_to_pet_affine
 
     results, truth_dir = Path(results), Path(truth_dir)
     truth = pd.read_parquet(truth_dir / "gland_truth.parquet")
     if pvc is None:
         stats = pd.read_parquet(results / "tables" / "gland_stats.parquet")
     else:
-        from glandpet.workflow import steps
-
         parts = []
-        with tempfile.TemporaryDirectory() as tmp:
-            for stats_path in sorted(results.glob("sub-*/ses-*/sub-*_ses-*_gland_stats.parquet")):
-                m = layout.parse(stats_path)
-                sub, ses = m["subject"], m["session"]
-                suv = sorted(stats_path.parent.glob(layout.name(sub, ses) + "_trc-*_desc-suv*_pet.nii.gz"))[0]
-                sidecar_path = Path(layout.path(results, sub, ses, "pet.json", trc=layout.parse(suv)["trc"]))
-                sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.exists() else None
-                fwhm = session_fwhm_mm(pvc, ses, sidecar).fwhm_mm
-                inputs = SimpleNamespace(suv=str(suv), ct=layout.path(results, sub, ses, "ct.nii.gz"),
-                                         dseg=layout.path(results, sub, ses, "dseg.nii.gz", space="ct"),
-                                         xfm=layout.path(results, sub, ses, "xfm.mat", from_="pet", to="ct"))
-                output = SimpleNamespace(stats=layout.path(tmp, sub, ses, "gland_stats.parquet"),
-                                         pet_dseg=layout.path(tmp, sub, ses, "dseg.nii.gz", space="pet"))
-                Path(output.stats).parent.mkdir(parents=True, exist_ok=True)
-                cfg = {"method": pvc.get("method", "gtm"), "fwhm_mm": {ses: fwhm}}
-                steps.measure_glands(inputs, output, sub, ses, "bw", cfg)
-                parts.append(pd.read_parquet(output.stats))
+        for stats_path in sorted(results.glob("sub-*/ses-*/sub-*_ses-*_gland_stats.parquet")):
+            m = layout.parse(stats_path)
+            sub, ses = m["subject"], m["session"]
+            suv = sorted(stats_path.parent.glob(layout.name(sub, ses) + "_trc-*_desc-suv*_pet.nii.gz"))[0]
+            sidecar_path = Path(layout.path(results, sub, ses, "pet.json", trc=layout.parse(suv)["trc"]))
+            sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.exists() else None
+            cfg = {"method": pvc.get("method", "gtm"), "fwhm_mm": {ses: session_fwhm_mm(pvc, ses, sidecar).fwhm_mm}}
+            dseg = layout.path(results, sub, ses, "dseg.nii.gz", space="ct")
+            measured = measure_session(
+                nib.load(suv), nib.load(layout.path(results, sub, ses, "ct.nii.gz")), nib.load(dseg),
+                read_label_table(layout.label_table_of(dseg)),
+                ct_to_pet_affine(layout.path(results, sub, ses, "xfm.mat", from_="pet", to="ct")), cfg, ses, sidecar)
+            parts.append(pd.DataFrame(measured.rows).assign(subject_id=sub, session=ses))
         stats = pd.concat(parts, ignore_index=True)
     keys = ["subject_id", "session", "gland", "side"]
     df = stats.merge(truth[keys + ["true_volume_ml", "true_suv_mean", "psf_fwhm_mm"]], on=keys, how="inner")

@@ -143,67 +143,33 @@ def measure_glands(inputs: Any, output: Any, subject: str, session: str, suv_typ
     differ from the job's and make every failure record of the rule look stale).
     """
     import nibabel as nib
-    import numpy as np
     import pandas as pd
 
     from glandpet.glands import read_label_table
-    from glandpet.measure.gland_stats import (
-        gland_statistics,
-        label_fractions_on_grid,
-        volume_ml_from_labels,
-        voxel_sizes,
-    )
-    from glandpet.measure.pvc import background_regions, body_fraction_from_ct, gtm, rbv_region_means, session_fwhm_mm
+    from glandpet.measure.session import measure_session
     from glandpet.tables import atomic_path
 
     if segmentation_source is None:
         segmentation_source = "corrected" if entities(inputs.dseg).get("desc") == "corrected" else "atlas"
-    suv_img, ct_img, lab_img = nib.load(inputs.suv), nib.load(inputs.ct), nib.load(inputs.dseg)
-    suv = np.asarray(suv_img.dataobj, dtype=np.float32)
-    labels = np.asarray(lab_img.dataobj).astype(np.int16)
-    table = read_label_table(label_table_of(inputs.dseg))
-    # CT voxel -> PET world: the registration maps CT points to the PET points of the same tissue.
-    ct_to_pet = ct_to_pet_affine(inputs.xfm)
-    ct_in_pet = ct_to_pet @ lab_img.affine
-    values = [lab.index for lab in table]
-    fractions = label_fractions_on_grid(labels, ct_in_pet, suv.shape, suv_img.affine, values)
-    volumes = volume_ml_from_labels(labels, lab_img.affine, values)
-    rows = gland_statistics(suv, fractions, suv_img.affine, table, volumes_ml=volumes)
-
-    method = pvc.get("method", "gtm")
     sidecar_path = getattr(inputs, "sidecar", None)
-    psf = session_fwhm_mm(pvc, session, json.loads(Path(sidecar_path).read_text()) if sidecar_path else None)
-    fwhm = psf.fwhm_mm
-    by_name = {f"{lab.gland}_{lab.side}": fractions[lab.index] for lab in table if fractions[lab.index].sum() > 0}
-    corrected: dict[str, float] = {}
-    if method != "none" and by_name:
-        ct = np.asarray(ct_img.dataobj, dtype=np.float32)
-        body = body_fraction_from_ct(ct, ct_to_pet @ ct_img.affine, suv.shape, suv_img.affine)
-        regions = dict(by_name)
-        regions.update(background_regions(by_name, body))
-        vox = voxel_sizes(suv_img.affine)
-        corrected = (gtm if method == "gtm" else rbv_region_means)(suv, regions, fwhm, vox)
-    for row in rows:
-        row.update(subject_id=subject, session=session, suv_type=suv_type, pvc_method=method,
-                   pvc_fwhm_mm=fwhm if method != "none" else None,
-                   suv_mean_pvc=corrected.get(f"{row['gland']}_{row['side']}"),
+    m = measure_session(nib.load(inputs.suv), nib.load(inputs.ct), nib.load(inputs.dseg),
+                        read_label_table(label_table_of(inputs.dseg)), ct_to_pet_affine(inputs.xfm), pvc, session,
+                        json.loads(Path(sidecar_path).read_text()) if sidecar_path else None)
+    for row in m.rows:
+        pvc_columns = {k: row.pop(k) for k in ("pvc_method", "pvc_fwhm_mm", "suv_mean_pvc")}
+        row.update(subject_id=subject, session=session, suv_type=suv_type, **pvc_columns,
                    **seg_confidence_columns(getattr(inputs, "seg_qc", None), row["gland"], row["side"], review_below,
                                             segmentation_source))
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(m.rows)
     if "seg_confidence" in df.columns:  # all null (no confidence recorded) must still be a float column
         df["seg_confidence"] = df["seg_confidence"].astype("float64")
     tmp = atomic_path(output.stats)
     df.to_parquet(tmp, index=False)
     os.replace(tmp, output.stats)
     # the label map on the PET grid (majority label per voxel), for QC and the voxel correlation
-    pet_labels = np.zeros(suv.shape, dtype=np.uint8)
-    best = np.zeros(suv.shape, dtype=np.float32)
-    for value, frac in fractions.items():
-        take = (frac >= 0.5) & (frac > best)
-        pet_labels[take], best[take] = value, frac[take]
-    write_nifti_like(pet_labels, suv_img, output.pet_dseg)
-    log.info("sub-%s ses-%s: %d glands measured (PVC %s, FWHM %.2f mm from %s)", subject, session, len(by_name),
-             method, fwhm, psf.source)
+    write_nifti_like(m.pet_labels, nib.load(inputs.suv), output.pet_dseg)
+    log.info("sub-%s ses-%s: %d glands measured (PVC %s, FWHM %.2f mm from %s)", subject, session, len(m.measured),
+             pvc.get("method", "gtm"), m.psf.fwhm_mm, m.psf.source)
 
 
 def gland_index(inputs: Any, out_path: str, subject: str, index_cfg: Mapping[str, Any]) -> None:
