@@ -539,9 +539,9 @@ def test_job_failure_record_feeds_the_qc_table_and_the_dag(tmp_path):
     rows = [dict(subject_id="B", session=s, role="pet_ac", selected=True, tracer_slug=s, series_key=s) for s in
             ("psma", "fapi")]
     write_table(rows, SERIES_SCHEMA, series)
-    dag._selected.cache_clear()
+    dag.clear_caches()
     assert dag.selected_sessions(str(series), "B") == {"fapi": "fapi"}
-    qc = steps._failure_rows(None, results)
+    qc = steps.failure_rows(None, results)
     assert qc[0]["status"] == "failed" and qc[0]["stage"] == "convert_pet" and qc[0]["session"] == "psma"
     # success removes the record
     with failures.log_to(log):
@@ -641,7 +641,7 @@ def test_keep_going_processes_the_other_subject_and_qc_names_the_broken_one(smal
     assert not (results / "sub-S001").exists()  # nothing of S001 is written as if it were a result
     plan = snakemake(tmp_path, "-n", "--cores", "2", str(results / "tables" / "qc.parquet")).stdout
     assert "subject=S002" in plan and "subject=S001" not in plan and "rule cohort_tables" in plan
-    qc = pd.DataFrame(steps._failure_rows(str(results / "work" / "index_failures.parquet"), results))
+    qc = pd.DataFrame(steps.failure_rows(str(results / "work" / "index_failures.parquet"), results))
     bad = qc[(qc["subject_id"] == "S001") & (qc["status"] == "failed")].set_index("session")
     assert set(bad.index) == {"psma", "fapi"} and set(bad["stage"]) == {"index"}
     assert bad.loc["psma", "message"].startswith("sub-S001 ses-psma: PET series #3")

@@ -41,7 +41,7 @@ def _series(results: Path, subject: str, sessions=("psma", "fapi")) -> str:
     rows = [dict(subject_id=subject, session=s, role="pet_ac", selected=True, tracer_slug=s, series_key=s)
             for s in sessions]
     write_table(rows, SERIES_SCHEMA, path)
-    dag._selected.cache_clear()
+    dag.clear_caches()
     return str(path)
 
 
@@ -109,7 +109,7 @@ def test_dag_lookup_answers_as_the_functions_and_checks_each_record_once_per_sta
     path = results / "tables" / "series.parquet"
     write_table([dict(subject_id=s, session=ses, role="pet_ac", selected=True, tracer_slug=ses, series_key=s + ses)
                  for s in subjects for ses in ("psma", "fapi")], SERIES_SCHEMA, path)
-    dag._selected.cache_clear()
+    dag.clear_caches()
     series = str(path)
     suv = tmp_path / "suv.nii.gz"
     suv.write_bytes(b"corrupt")

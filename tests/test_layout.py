@@ -236,6 +236,6 @@ def test_workflow_reads_subject_and_session_through_the_layout(tmp_path):
         qc[stage] = p
     other = tmp_path / "notes.json"
     other.write_text("{}")
-    rows = steps._qc_rows([qc["register"], qc["align"], str(other), str(tmp_path / "tables" / "series.parquet")])
+    rows = steps.qc_rows([qc["register"], qc["align"], str(other), str(tmp_path / "tables" / "series.parquet")])
     assert [(r["subject_id"], r["session"], r["stage"]) for r in rows] == [
         ("S001", "psma", "register"), ("S001", None, "align"), ("?", None, "?")]

@@ -117,11 +117,11 @@ def _stats():
 
 def test_flagged_glands_become_warning_qc_rows_worst_first_and_the_review_table(tmp_path):
     from glandpet.cohort.report_tables import qc_view, review_queue
-    from glandpet.workflow.steps import _review_rows
+    from glandpet.workflow.steps import review_rows
 
     qa = _qc_json(tmp_path, {"parotid_left": {"confidence": 0.42, "reasons": ["atlases disagree (Dice to fusion 0.50)"],
                                               "volume_ml": 31.0, "atlas_volumes_ml": [18.0, 22.5, 25.0]}})
-    rows = _review_rows(_stats(), [str(qa)])
+    rows = review_rows(_stats(), [str(qa)])
     assert [(r["subject_id"], r["stage"], r["status"]) for r in rows] == [
         ("C", "segment_review", "warning"), ("A", "segment_review", "warning")]  # no confidence first
     assert "no confidence recorded" in rows[0]["message"] and "atlases disagree" in rows[1]["message"]

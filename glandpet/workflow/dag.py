@@ -54,6 +54,12 @@ def reference_session(sessions: Mapping[str, str] | list[str]) -> str:
     return "psma" if "psma" in names else sorted(names)[0]
 
 
+def clear_caches() -> None:
+    """Forget the cached selections and failure records (a run that changed them plans again)."""
+    read_failure_records.cache_clear()
+    _selected.cache_clear()
+
+
 @functools.lru_cache(maxsize=8)
 def _selected(series_path: str, mtime: float) -> dict[str, dict[str, str]]:
     import pandas as pd
@@ -321,8 +327,7 @@ def finish_run(workflow: Any, results: str | os.PathLike, subjects: list[str], s
         rc = subprocess.run([*argv, "--nolock"], env=env).returncode
         passes += 1
         failed = rc != 0
-        read_failure_records.cache_clear()
-        _selected.cache_clear()
+        clear_caches()
     try:
         text = left_out_summary(results, subjects, sessions_of, rule_params)
     except Exception as exc:  # noqa: BLE001 - the summary must not hide the run's own outcome

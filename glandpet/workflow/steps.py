@@ -194,7 +194,7 @@ def gland_index(inputs: Any, out_path: str, subject: str, index_cfg: Mapping[str
     os.replace(tmp, out_path)
 
 
-def _qc_rows(paths: list[str]) -> list[dict]:
+def qc_rows(paths: list[str]) -> list[dict]:
     rows = []
     for path in paths:
         if not str(path).endswith(".json"):
@@ -208,7 +208,7 @@ def _qc_rows(paths: list[str]) -> list[dict]:
     return rows
 
 
-def _review_rows(stats: Any, qc_paths: list[str]) -> list[dict]:
+def review_rows(stats: Any, qc_paths: list[str]) -> list[dict]:
     """qc rows (stage ``segment_review``, status ``warning``) of the glands flagged ``review`` in
     gland_stats, worst first; ``metrics_json`` holds the gland, its confidence, the reasons, its
     volume and the atlases' (from the session's segment QC JSON, :mod:`glandpet.segmentation.confidence`)."""
@@ -240,7 +240,7 @@ def _review_rows(stats: Any, qc_paths: list[str]) -> list[dict]:
     return rows
 
 
-def _failure_rows(index_failures: str | None, results: Path) -> list[dict]:
+def failure_rows(index_failures: str | None, results: Path) -> list[dict]:
     """qc rows of what did not run: the index's failures and warnings, and the job failure records."""
     import pandas as pd
 
@@ -284,9 +284,9 @@ def cohort_tables(inputs: Any, output: Any, cfg_hash: str, atlases: list[Mapping
     index = index.drop(columns=[c for c in ("group",) if c in index.columns]).merge(groups, on="subject_id", how="left")
     write_table(index.assign(**prov), GLAND_INDEX, output.gland_index)
 
-    qc = _qc_rows(list(inputs.qc))
-    qc += _review_rows(stats, list(inputs.qc))
-    qc += _failure_rows(getattr(inputs, "failures", None), Path(output.qc).parent.parent)
+    qc = qc_rows(list(inputs.qc))
+    qc += review_rows(stats, list(inputs.qc))
+    qc += failure_rows(getattr(inputs, "failures", None), Path(output.qc).parent.parent)
     held = set()
     from glandpet.glands import GLANDS, read_label_table
 
