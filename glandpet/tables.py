@@ -72,17 +72,17 @@ GLAND_INDEX = pa.schema(
     + PROVENANCE
 )
 
-QC = pa.schema(
-    [
-        pa.field("subject_id", pa.string(), nullable=False),
-        pa.field("session", pa.string()),
-        pa.field("stage", pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),  # ok | warning | failed
-        pa.field("message", pa.string()),
-        pa.field("metrics_json", pa.string()),
-    ]
-    + PROVENANCE
-)
+#: The fields of a problem record (glandpet.problems.Problem) in every table that lists problems: the
+#: DICOM catalog's failures (glandpet.dicom.catalog_failures) and qc.parquet.
+PROBLEM_FIELDS = [
+    pa.field("subject_id", pa.string(), nullable=False),
+    pa.field("session", pa.string()),
+    pa.field("stage", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),  # ok | warning | failed
+    pa.field("message", pa.string()),
+]
+
+QC = pa.schema(PROBLEM_FIELDS + [pa.field("metrics_json", pa.string())] + PROVENANCE)
 
 GLAND_TRUTH = pa.schema(
     [

@@ -19,18 +19,14 @@ import pandas as pd
 import pyarrow as pa
 
 from glandpet.dicom.catalog_records import SeriesRecord, series_label
+from glandpet.problems import Problem
+from glandpet.tables import PROBLEM_FIELDS
 
 __all__ = ["FAILURES_SCHEMA", "DECODER_CACHE", "decoder_problem", "failure_rows", "identifier_warnings"]
 
 # Subjects and sessions the index found unusable (or worth a warning): the workflow leaves failed
 # sessions out of its DAG and the cohort tables step copies these rows into qc.parquet.
-FAILURES_SCHEMA = pa.schema([
-    pa.field("subject_id", pa.string(), nullable=False),
-    pa.field("session", pa.string()),
-    pa.field("stage", pa.string(), nullable=False),
-    pa.field("status", pa.string(), nullable=False),  # failed | warning
-    pa.field("message", pa.string(), nullable=False),
-])
+FAILURES_SCHEMA = pa.schema(PROBLEM_FIELDS)  # status failed | warning
 
 _INSTALL = {
     "1.2.840.10008.1.2.4.80": "pyjpegls (or pylibjpeg + pylibjpeg-libjpeg)",
@@ -114,7 +110,7 @@ def failure_rows(series_rows: list[SeriesRecord], by_subject: Mapping[str, list[
     out: list[dict] = []
 
     def add(sid: str, ses: str | None, status: str, msg: str) -> None:
-        out.append({"subject_id": sid, "session": ses, "stage": "index", "status": status, "message": msg})
+        out.append(Problem(sid, ses, "index", status, msg).fields())
 
     for s in series_rows:
         s["problem"] = None
