@@ -137,7 +137,7 @@ def test_flagged_glands_become_warning_qc_rows_worst_first_and_the_review_table(
 
 
 def test_montage_marks_flagged_glands(tmp_path):
-    from test_figures import _phantom
+    from test_cohort_figures import _phantom
 
     from glandpet.cohort import figures
     from glandpet.workflow.steps import flagged_glands
