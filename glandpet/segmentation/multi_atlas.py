@@ -200,13 +200,12 @@ def _save_on_subject_grid(arr: np.ndarray, subject_ct_path, lo, hi, path) -> Non
     on the full grid of the subject CT (its affine as qform and sform)."""
     import nibabel as nib
 
+    from glandpet.writers import write_nifti_like
+
     nii = nib.load(str(subject_ct_path))
     full = np.zeros(nii.shape[:3], np.uint8)
     full[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = arr
-    out = nib.Nifti1Image(full, nii.affine)
-    out.set_qform(nii.affine, 1)
-    out.set_sform(nii.affine, 1)
-    nib.save(out, str(path))
+    write_nifti_like(full, nii, path)
 
 
 
