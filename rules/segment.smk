@@ -7,7 +7,7 @@
 # Corrections are checked before any job: a file on another grid, with unknown label values, or
 # for a subject/session not in the study stops the run with one line naming it.
 if CORRECTIONS and workflow.is_main_process:
-    check_corrections(CORRECTIONS, SUBJECTS, study_sessions, correction_ct)
+    check_corrections(CORRECTIONS, SUBJECTS, study_sessions, ct_file)
 
 
 rule segment_glands:
