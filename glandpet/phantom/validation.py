@@ -59,10 +59,10 @@ def pvc_errors(cohort: str | Path, fwhm_mm: float | str | None = None) -> pd.Dat
     sidecars = pet_sidecars(cohort) if fwhm_mm == "auto" else {}
     rows = []
     for (sub, ses), t in truth.groupby(["subject_id", "session"]):
-        truth = cohort / "truth"
-        lab_img = nib.load(layout.path(truth, sub, ses, "dseg.nii.gz", space="ct"))
-        suv_img = nib.load(layout.path(truth, sub, ses, "pet.nii.gz", desc="suvbw"))
-        table = read_label_table(layout.path(truth, sub, ses, "dseg.tsv", space="ct"))
+        truth_dir = cohort / "truth"
+        lab_img = nib.load(layout.path(truth_dir, sub, ses, "dseg.nii.gz", space="ct"))
+        suv_img = nib.load(layout.path(truth_dir, sub, ses, "pet.nii.gz", desc="suvbw"))
+        table = read_label_table(layout.path(truth_dir, sub, ses, "dseg.tsv", space="ct"))
         sel = xfm[(xfm.subject_id == sub) & (xfm.session == ses) & (xfm.from_space == "pet") & (xfm.to_space == "ct")]
         pet_to_ct = np.asarray(sel.iloc[0]["matrix_lps"], float).reshape(4, 4)
         ct_in_pet = transform_lps_to_ras(np.linalg.inv(pet_to_ct)) @ lab_img.affine
@@ -113,9 +113,9 @@ def voxel_correlations(cohort: str | Path) -> pd.DataFrame:
     both = truth.groupby("subject_id")["session"].nunique()
     for sub in both[both == 2].index:
         t = truth[(truth.subject_id == sub) & (truth.session == "psma")]
-        truth = cohort / "truth"
-        psma_img = nib.load(layout.path(truth, sub, "psma", "pet.nii.gz", desc="suvbw"))
-        fapi_img = nib.load(layout.path(truth, sub, "fapi", "pet.nii.gz", desc="suvbw"))
+        truth_dir = cohort / "truth"
+        psma_img = nib.load(layout.path(truth_dir, sub, "psma", "pet.nii.gz", desc="suvbw"))
+        fapi_img = nib.load(layout.path(truth_dir, sub, "fapi", "pet.nii.gz", desc="suvbw"))
         # PSMA PET voxel -> PSMA PET world -> anatomy -> FAPI PET world -> FAPI PET voxel (LPS inside)
         psma_pet_lps = ras_to_lps(psma_img.affine)
         fapi_pet_lps = ras_to_lps(fapi_img.affine)
@@ -125,8 +125,8 @@ def voxel_correlations(cohort: str | Path) -> pd.DataFrame:
         ijk = np.indices(shape, dtype=np.float32).reshape(3, -1)
         src = to_fapi_vox[:3, :3] @ ijk + to_fapi_vox[:3, 3:4]
         fapi_on_psma = map_coordinates(np.asarray(fapi_img.dataobj, np.float32), src, order=1, cval=np.nan).reshape(shape)
-        lab_img = nib.load(layout.path(truth, sub, "psma", "dseg.nii.gz", space="ct"))
-        table = read_label_table(layout.path(truth, sub, "psma", "dseg.tsv", space="ct"))
+        lab_img = nib.load(layout.path(truth_dir, sub, "psma", "dseg.nii.gz", space="ct"))
+        table = read_label_table(layout.path(truth_dir, sub, "psma", "dseg.tsv", space="ct"))
         ct_in_pet = transform_lps_to_ras(np.linalg.inv(matrix(sub, "psma", "pet", "ct"))) @ lab_img.affine
         fr = label_fractions_on_grid(np.asarray(lab_img.dataobj).astype(np.int16), ct_in_pet, shape,
                                      psma_img.affine, [lab.index for lab in table])
