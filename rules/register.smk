@@ -41,7 +41,7 @@ rule align_sessions:
         job_benchmark("align_sessions", session=None)
     conda:
         "../envs/ants.yaml"
-    threads: 2
+    threads: 1  # one ITK thread: a bit-reproducible session transform
     resources:
         mem_mb=per_attempt(4000),
         runtime=per_attempt(30),

@@ -25,7 +25,7 @@ rule segment_glands:
         job_benchmark("segment_glands")
     conda:
         "../envs/ants.yaml"
-    threads: 2
+    threads: 1  # one ITK thread: bit-reproducible labels (2 threads: ~1.5 % of a subject's gland voxels differ run to run)
     resources:
         mem_mb=per_attempt(6000),
         runtime=per_attempt(60),

@@ -14,8 +14,10 @@
 #
 # Accounting: none (no slurmdbd). snakemake-executor-plugin-slurm 2.6 asks `squeue
 # --states=all` for job states when told `--slurm-status-command squeue`, which works as long as
-# slurmctld keeps finished jobs for at least 3x the plugin's first status delay: MinJobAge=600
-# below. Only the plugin's efficiency report and failure reasons need sacct (slurmdbd + MariaDB).
+# slurmctld keeps finished jobs for at least 3x the plugin's first status delay; and
+# tests/test_zz_slurm.py reads every job's record (state, CPUs) after the whole chain has run,
+# which took 11 min on a loaded 2-core machine: MinJobAge=3600 below. Only the plugin's efficiency
+# report and failure reasons need sacct (slurmdbd + MariaDB).
 set -euo pipefail
 
 log() { echo "[local-slurm] $*"; }
@@ -27,7 +29,7 @@ CONF=/etc/slurm/slurm.conf
 STATE=/var/lib/slurm
 LOGDIR=/var/log/slurm
 NODE=$(hostname -s)
-MIN_JOB_AGE=600
+MIN_JOB_AGE=3600
 
 # ---------------------------------------------------------------- packages
 missing=()
