@@ -169,7 +169,7 @@ def test_pet_to_ct_is_bit_reproducible(ct_path, tmp_path):
     maps = []
     for k in range(2):
         out = tmp_path / f"x{k}.mat"
-        code = ("import sys; from glandpet.registration.transforms import register_pet_to_ct as r; "
+        code = ("import sys; from glandpet.registration.pet_to_ct import register_pet_to_ct as r; "
                 "r(sys.argv[1], sys.argv[2], sys.argv[3], threads=1)")
         subprocess.run([sys.executable, "-c", code, str(ct_path), str(pet), str(out)], check=True)
         maps.append(transforms.transform_matrix(str(out)))

@@ -13,7 +13,7 @@ resample the moving image onto the fixed grid (``ants.apply_transforms(fixed, mo
 * ``register_pet_to_ct``: fixed = CT, moving = PET. The ``from-pet_to-ct`` ``.mat`` maps a CT
   point to the PET point that images the same tissue; apply it as is to bring PET (or SUV)
   images into CT space, and *inverted* to bring CT-space label maps onto the PET grid
-  (:func:`glandpet.segmentation.labels_to_pet`).
+  (:func:`glandpet.segmentation.multi_atlas.labels_to_pet`).
 * ``align_sessions``: fixed = the PSMA session's CT, moving = the FAPI session's CT. The composed
   transform ``[warp, affine]`` maps PSMA-CT points to FAPI-CT points; apply it to bring FAPI
   images into PSMA space (:func:`apply_session_transform`), and its inverse
