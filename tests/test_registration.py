@@ -318,7 +318,7 @@ def test_qc_mi_is_largest_when_aligned(ct_metal_path, tmp_path):
     for s in (0.0, 1.0, 2.0, 3.0):
         pet = save(*_hot_pet(rigid((0, 0, 0), (s, -s / 2, s / 2))), tmp_path / f"pet{s}.nii.gz")
         on_ct = ants.resample_image_to_target(transforms.as_float(ants.image_read(pet)), ct3, interp_type="linear")
-        mi.append(pet_to_ct._mi(ct3, on_ct))
+        mi.append(pet_to_ct.mutual_information(ct3, on_ct))
     assert all(a > b for a, b in zip(mi, mi[1:])), mi
 
 

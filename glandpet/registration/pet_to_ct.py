@@ -66,7 +66,7 @@ MI_BINS = 64
 MI_CLIP_PERCENTILES = (0.5, 99.5)
 
 
-def _mi(fixed, moving_on_fixed) -> float:
+def mutual_information(fixed, moving_on_fixed) -> float:
     """Mutual information (nats; larger = better aligned) of two images on one grid, for QC.
 
     Counted over the fixed CT's body (``body_mask``) from a 64 x 64 joint histogram, each image
@@ -106,7 +106,7 @@ def register_pet_to_ct(ct_path, pet_path, out_xfm, threads: int = 1, *, spacing_
 
     Writes ``out_xfm``: an ITK transform mapping **CT points to PET points** (fixed = CT,
     moving = PET). Returns QC metrics: ``mi_before``, ``mi_after`` (mutual information of the CT
-    and the PET on the 3 mm CT grid, over the body, see ``_mi``; larger = better aligned), ``rotation_deg``, ``translation_mm`` (the transform's translation at the
+    and the PET on the 3 mm CT grid, over the body, see ``mutual_information``; larger = better aligned), ``rotation_deg``, ``translation_mm`` (the transform's translation at the
     head centre, CT->PET), ``displacement_mm`` (|T(c) - c| at the head centre c),
     ``head_centre_lps``, ``seconds``, and ``warning`` (None, or why the correction is implausible).
     """
@@ -142,8 +142,8 @@ def register_pet_to_ct(ct_path, pet_path, out_xfm, threads: int = 1, *, spacing_
                 f"(limits {WARN_DISPLACEMENT_MM:g} mm, {WARN_ROTATION_DEG:g} deg): check the frame of "
                 "reference, patient motion between CT and PET, or a failed registration")
     return {
-        "mi_before": _mi(ct3, before),
-        "mi_after": _mi(ct3, after),
+        "mi_before": mutual_information(ct3, before),
+        "mi_after": mutual_information(ct3, after),
         "rotation_deg": rot,
         "translation_mm": [float(v) for v in disp],
         "displacement_mm": dmm,

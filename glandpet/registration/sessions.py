@@ -23,7 +23,7 @@ from glandpet.registration.field_of_view import (
     resample_iso,
     world_coords,
 )
-from glandpet.registration.pet_to_ct import _mi
+from glandpet.registration.pet_to_ct import mutual_information
 from glandpet.registration.transforms import (
     as_float,
     load_ants,
@@ -204,8 +204,8 @@ def align_sessions(fixed_ct, moving_ct, out_prefix, threads: int = 1, *, spacing
     c = head_centre(f)
     out = dict(paths)
     out.update({
-        "mi_before": _mi(f, before),
-        "mi_after": _mi(f, after),
+        "mi_before": mutual_information(f, before),
+        "mi_after": mutual_information(f, after),
         "cc_before": _cc(f, before, fmask),
         "cc_after": _cc(f, after, fmask),
         "affine_rotation_deg": rotation_angle_deg(A / np.cbrt(abs(np.linalg.det(A)))),

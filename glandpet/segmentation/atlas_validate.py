@@ -73,7 +73,7 @@ def add_subparser(asub) -> argparse.ArgumentParser:
     av.add_argument("--labels-dir", default=None, metavar="DIR",
                     help="keep each held-out scan's automatic labels there (<atlas>_dseg.nii.gz + .tsv)")
     av.add_argument("--threads", type=int, default=DEFAULT_THREADS, metavar="N",
-                    help=f"threads for registration (default {DEFAULT_THREADS}, as the workflow)")
+                    help=f"threads for registration (default {DEFAULT_THREADS}; the workflow uses 1: bit-reproducible labels)")
     av.set_defaults(func=run)
     return av
 

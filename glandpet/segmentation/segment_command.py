@@ -25,7 +25,9 @@ from glandpet.repository import CONFIG_SCHEMA, DEFAULT_CONFIG
 __all__ = ["add_subparser", "check_ct", "check_nifti", "dseg_table_path", "load_segmentation_config", "read_atlas_dir", "run"]
 
 ATLAS_FILES = ("ct.nii.gz", "labels.nii.gz", "labels.tsv")
-DEFAULT_THREADS = 2  # the workflow's segment rule (rules/segment.smk)
+#: registration threads of the `segment` / `atlas validate` commands; the workflow's segment rule runs
+#: one (rules/segment.smk: bit-reproducible labels), a command run by hand may take two
+DEFAULT_THREADS = 2
 
 
 def add_subparser(subparsers) -> argparse.ArgumentParser:
@@ -41,7 +43,7 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     sg.add_argument("--config", default=None, metavar="CONFIG",
                     help="a study config (its `segmentation:` keys) or a YAML of those keys; default: the workflow's defaults")
     sg.add_argument("--threads", type=int, default=DEFAULT_THREADS, metavar="N",
-                    help=f"threads for registration (default {DEFAULT_THREADS}, as the workflow)")
+                    help=f"threads for registration (default {DEFAULT_THREADS}; the workflow uses 1: bit-reproducible labels)")
     sg.set_defaults(func=run)
     return sg
 
