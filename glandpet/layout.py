@@ -26,8 +26,10 @@ import functools
 import os
 import re
 
-__all__ = ["SUBJECT_ID_PATTERN", "ENTITY_VALUE_PATTERN", "ENTITY_ORDER", "name", "path", "name_pattern", "pattern",
-           "parse", "entities", "beside", "label_table_of", "transform_prefix_of", "session_transform_paths"]
+__all__ = ["SUBJECT_ID_PATTERN", "ENTITY_VALUE_PATTERN", "SESSION_PATTERN", "ENTITY_ORDER", "name", "path",
+           "name_pattern", "pattern", "parse", "entities", "beside", "label_table_of", "transform_prefix_of",
+           "session_transform_paths", "session_name", "session_parts", "is_session", "session_order",
+           "session_transform_prefix"]
 
 #: The one regex (unanchored, no groups) for a subject id: letters and digits only, because it becomes part
 #: of file names ``sub-<id>_...``. The subject sheet, the log-name parsing and the Snakemake wildcard use it.
@@ -35,6 +37,11 @@ SUBJECT_ID_PATTERN = "[A-Za-z0-9]+"
 #: The regex for the value of any other entity (``ses-psma``, ``trc-<tracer slug>``, ``desc-suvbw``): the
 #: ``_`` and ``-`` that separate entities cannot be part of one (the Snakemake ``tracer`` wildcard uses it).
 ENTITY_VALUE_PATTERN = "[A-Za-z0-9]+"
+#: The regex (unanchored, no groups) for a session: the tracer family (``psma`` | ``fapi``), then the time
+#: point from the second on: ``psma`` is the baseline PSMA scan, ``psma2`` the first follow-up, ``fapi3``
+#: the second FAPI follow-up (:func:`session_name`, :func:`session_parts`). A baseline is never ``psma1``,
+#: so the names of a study without follow-ups are those of every earlier release.
+SESSION_PATTERN = "(?:psma|fapi)(?:[2-9]|[1-9][0-9]+)?"
 #: The order of the entities after ``sub``/``ses`` in a name (``from`` is passed as ``from_``: a Python keyword).
 ENTITY_ORDER = ("trc", "from", "to", "desc", "space")
 
@@ -187,3 +194,38 @@ def entities(path: str | os.PathLike) -> dict:
         return parse(path)
     except ValueError:
         return {}
+
+
+def session_name(family: str, timepoint: int = 1) -> str:
+    """The session of a tracer family's scan at a time point (1 = baseline): ``("psma", 1)`` ->
+    ``"psma"``, ``("fapi", 2)`` -> ``"fapi2"``."""
+    t = int(timepoint)
+    if family not in ("psma", "fapi") or t < 1:
+        raise ValueError(f"no session for tracer family {family!r} at time point {timepoint!r}")
+    return family if t == 1 else f"{family}{t}"
+
+
+def is_session(value: str) -> bool:
+    """Whether ``value`` is a session name (:data:`SESSION_PATTERN`)."""
+    return isinstance(value, str) and re.fullmatch(SESSION_PATTERN, value) is not None
+
+
+def session_parts(session: str) -> tuple[str, int]:
+    """``(tracer family, time point)`` of a session: ``"psma"`` -> ``("psma", 1)``, ``"fapi2"`` ->
+    ``("fapi", 2)``; anything else raises ValueError."""
+    if not is_session(session):
+        raise ValueError(f"{session!r} is not a session (psma or fapi, then a time point from 2 on: psma2, fapi2)")
+    m = re.fullmatch(r"(psma|fapi)([0-9]*)", session)
+    return m.group(1), int(m.group(2) or 1)
+
+
+def session_order(session: str) -> tuple[int, int]:
+    """Sort key of sessions: by time point, PSMA before FAPI (``psma, fapi, psma2, fapi2, ...``)."""
+    family, t = session_parts(session)
+    return t, ("psma", "fapi").index(family)
+
+
+def session_transform_prefix(results: str | os.PathLike, subject: str, moving: str, reference: str) -> str:
+    """The prefix of the transform that aligns session ``moving``'s CT to the reference session's
+    (:func:`session_transform_paths`): ``<results>/sub-<id>/sub-<id>_from-<moving>_to-<reference>``."""
+    return path(results, subject, None, "", from_=moving, to=reference)

@@ -239,3 +239,24 @@ def test_workflow_reads_subject_and_session_through_the_layout(tmp_path):
     rows = steps.qc_rows([qc["register"], qc["align"], str(other), str(tmp_path / "tables" / "series.parquet")])
     assert [(r["subject_id"], r["session"], r["stage"]) for r in rows] == [
         ("S001", "psma", "register"), ("S001", None, "align"), ("?", None, "?")]
+
+
+def test_sessions_name_the_tracer_family_and_the_time_point():
+    """Baseline sessions keep the names of a study without follow-ups; follow-ups count from 2."""
+    assert [layout.session_name("psma"), layout.session_name("fapi", 1)] == ["psma", "fapi"]
+    assert layout.session_name("psma", 2) == "psma2" and layout.session_name("fapi", 12) == "fapi12"
+    assert layout.session_parts("psma") == ("psma", 1) and layout.session_parts("fapi12") == ("fapi", 12)
+    for bad in ("psma1", "psma0", "fdg", "fapi02", "PSMA", "psma2a", ""):
+        assert not layout.is_session(bad)
+        with pytest.raises(ValueError):
+            layout.session_parts(bad)
+    with pytest.raises(ValueError):
+        layout.session_name("fdg")
+    with pytest.raises(ValueError):
+        layout.session_name("psma", 0)
+    assert sorted(["fapi2", "psma10", "psma2", "fapi", "psma"], key=layout.session_order) == \
+        ["psma", "fapi", "psma2", "fapi2", "psma10"]
+    assert layout.session_transform_paths(layout.session_transform_prefix("results", "S001", "psma2", "psma")) == {
+        "affine": "results/sub-S001/sub-S001_from-psma2_to-psma_xfm.mat",
+        "warp": "results/sub-S001/sub-S001_from-psma2_to-psma_xfm.nii.gz",
+        "inverse_warp": "results/sub-S001/sub-S001_from-psma2_to-psma_invxfm.nii.gz"}
