@@ -32,6 +32,8 @@ GLAND_STATS = pa.schema(
     _KEYS
     + [
         pa.field("session", pa.string(), nullable=False),
+        pa.field("timepoint", pa.int16()),  # 1 = baseline (psma, fapi), 2 = first follow-up (psma2, fapi2), ...
+        pa.field("days_from_first_scan", pa.int32()),  # the scan's day, from the subject's first scan (no date)
         pa.field("tracer", pa.string()),
         pa.field("gland", pa.string(), nullable=False),
         pa.field("side", pa.string(), nullable=False),
@@ -58,6 +60,7 @@ GLAND_STATS = pa.schema(
 GLAND_INDEX = pa.schema(
     _KEYS
     + [
+        pa.field("timepoint", pa.int16()),  # the PSMA and FAPI scans of one time point (1 = baseline)
         pa.field("gland", pa.string(), nullable=False),
         pa.field("side", pa.string(), nullable=False),
         pa.field("psma_suv_mean", pa.float64()),
@@ -204,6 +207,31 @@ ATLAS_VALIDATION = pa.schema(
     + PROVENANCE
 )
 
+# Change between time points (glandpet.cohort.change.gland_change_table): one row per subject x gland x
+# side x quantity x follow-up, against the same subject's baseline; test_retest_pct is the reference
+# variability the change is compared with (its source in test_retest_source and in the table's metadata).
+GLAND_CHANGE = pa.schema(
+    _KEYS
+    + [
+        pa.field("gland", pa.string(), nullable=False),
+        pa.field("side", pa.string(), nullable=False),
+        pa.field("quantity", pa.string(), nullable=False),  # psma_suv_mean, fapi_suv_max, psma_fapi_index, ...
+        pa.field("baseline_session", pa.string()),  # psma | fapi (null for the index: the time point's pair)
+        pa.field("followup_session", pa.string()),  # psma2, fapi3, ...
+        pa.field("timepoint", pa.int16(), nullable=False),  # the follow-up's (2, 3, ...); the baseline is 1
+        pa.field("days_from_baseline", pa.int32()),
+        pa.field("baseline_value", pa.float64()),
+        pa.field("followup_value", pa.float64()),
+        pa.field("change_abs", pa.float64()),  # follow-up - baseline, in the quantity's unit (SUV, or the index)
+        pa.field("change_pct", pa.float64()),  # 100 x change_abs / baseline_value
+        pa.field("test_retest_pct", pa.float64()),
+        pa.field("test_retest_source", pa.string()),
+        pa.field("beyond_test_retest", pa.bool_()),  # |change_pct| > test_retest_pct
+        pa.field("suv_type", pa.string()),
+    ]
+    + PROVENANCE
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     "atlas_validation": ATLAS_VALIDATION,
     "cohort_stats": COHORT_STATS,
@@ -211,6 +239,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "diagnostic": DIAGNOSTIC,
     "gland_stats": GLAND_STATS,
     "gland_index": GLAND_INDEX,
+    "gland_change": GLAND_CHANGE,
     "qc": QC,
     "gland_truth": GLAND_TRUTH,
     "transforms": TRANSFORMS,

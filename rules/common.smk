@@ -13,6 +13,8 @@ from glandpet.segmentation.corrections import (
     correction_index,
     source_of,
 )
+from glandpet.glands import SESSIONS as SESSION_FAMILIES
+from glandpet.measure.gland_index import index_pairs
 from glandpet.workflow.dag import (
     DagLookup,
     atlas_list,
@@ -47,7 +49,9 @@ plan_after_index(workflow, f"{RESULTS}/tables/series.parquet")
 
 wildcard_constraints:
     subject=layout.SUBJECT_ID_PATTERN,
-    session="psma|fapi",
+    session=layout.SESSION_PATTERN,
+    moving=layout.SESSION_PATTERN,
+    reference=layout.SESSION_PATTERN,
     tracer=layout.ENTITY_VALUE_PATTERN,
 
 
@@ -116,7 +120,8 @@ def dag_lookup():
 
 
 def sessions(subject):
-    """The sessions (psma, fapi) the index selected for a subject, without failed ones."""
+    """The sessions (psma, fapi, and follow-ups psma2, fapi2, ...) the index selected for a subject,
+    without failed ones."""
     series_table()  # an incomplete index checkpoint raises here, as before
     return dag_lookup().sessions(subject)
 
@@ -212,11 +217,21 @@ def dseg_table_file(subject, session):
     return layout.label_table_of(dseg_file(subject, session))
 
 
-def session_transform(subject):
-    """The FAPI -> PSMA session transform's files: affine, warp, inverse_warp."""
+def session_transform(subject, session):
+    """The files of the transform aligning a session's CT to the subject's reference session's CT:
+    affine, warp, inverse_warp ({} for the reference session itself)."""
+    ref = reference_session(sessions(subject))
+    if session == ref:
+        return {}
     return layout.session_transform_paths(
-        layout.path(RESULTS, subject, from_="fapi", to="psma")
+        layout.session_transform_prefix(RESULTS, subject, session, ref)
     )
+
+
+def session_transform_of(subject, session):
+    """session_transform with its keys prefixed by the session (psma2_affine, ...), for a job
+    that reads the transforms of several sessions."""
+    return {f"{session}_{k}": v for k, v in session_transform(subject, session).items()}
 
 
 def atlas_files(w):
@@ -237,7 +252,7 @@ def segment_inputs(w):
         inputs["ref_dseg"] = ses_file(w.subject, ref, "dseg.nii.gz", space="ct")
         inputs["ref_dseg_table"] = ses_file(w.subject, ref, "dseg.tsv", space="ct")
         inputs["ref_qc"] = ses_file(w.subject, ref, "qc.json", desc="segment")
-        inputs.update(session_transform(w.subject))
+        inputs.update(session_transform(w.subject, w.session))
     return inputs
 
 
@@ -258,7 +273,7 @@ def correction_inputs(w):
         inputs["ref_dseg"] = ses_file(
             w.subject, ref, "dseg.nii.gz", desc="corrected", space="ct"
         )
-        inputs.update(session_transform(w.subject))
+        inputs.update(session_transform(w.subject, w.session))
     else:
         raise ValueError(
             f"sub-{w.subject} ses-{w.session}: no correction in {CORRECTIONS or 'segmentation.corrections'}"
@@ -273,23 +288,27 @@ def subject_stats(subject):
 
 
 def index_inputs(w):
+    """Each session's gland_stats; for every time point with both tracers (glandpet.measure.gland_index
+    .index_pairs) each session's images, labels and transforms for the within-gland voxel correlation.
+    """
     ss = sessions(w.subject)
     inputs = {"stats": subject_stats(w.subject)}
-    if {"psma", "fapi"} <= set(ss):
-        for s in ("psma", "fapi"):
+    for _, psma, fapi in index_pairs(ss):
+        for s in (psma, fapi):
             inputs[f"{s}_suv"] = suv_file(w.subject, s)
             inputs[f"{s}_ct"] = ct_file(w.subject, s)
             inputs[f"{s}_xfm"] = pet_to_ct_file(w.subject, s)
             inputs[f"{s}_dseg"] = dseg_file(w.subject, s)
             inputs[f"{s}_dseg_table"] = dseg_table_file(w.subject, s)
-        inputs["psma_pet_dseg"] = ses_file(
-            w.subject, "psma", "dseg.nii.gz", space="pet"
+            inputs.update(session_transform_of(w.subject, s))
+        inputs[f"{psma}_pet_dseg"] = ses_file(
+            w.subject, psma, "dseg.nii.gz", space="pet"
         )
-        inputs.update(session_transform(w.subject))
     return inputs
 
 
 def montage_inputs(w):
+    """The reference session's CT and labels, and the baseline sessions' SUV (aligned to it)."""
     ss = sessions(w.subject)
     ref = reference_session(ss)
     inputs = {
@@ -298,10 +317,10 @@ def montage_inputs(w):
         "dseg_table": dseg_table_file(w.subject, ref),
     }
     for s in ss:
-        inputs[f"{s}_suv"] = suv_file(w.subject, s)
-        inputs[f"{s}_xfm"] = pet_to_ct_file(w.subject, s)
-    if {"psma", "fapi"} <= set(ss):
-        inputs.update(session_transform(w.subject))
+        if s in SESSION_FAMILIES:
+            inputs[f"{s}_suv"] = suv_file(w.subject, s)
+            inputs[f"{s}_xfm"] = pet_to_ct_file(w.subject, s)
+            inputs.update(session_transform_of(w.subject, s))
     return inputs
 
 
@@ -332,11 +351,13 @@ def all_subject_files(pattern_fn):
 def qc_files(_w=None):
     files = [f"{RESULTS}/tables/series.parquet"]
     for s in processed_subjects():
-        for ses in sessions(s):
+        ss = sessions(s)
+        ref = reference_session(ss)
+        for ses in ss:
             files.append(ses_file(s, ses, "qc.json", desc="register"))
             files.append(ses_file(s, ses, "qc.json", desc="segment"))
-        if {"psma", "fapi"} <= set(sessions(s)):
-            files.append(layout.path(RESULTS, s, suffix="qc.json", desc="align"))
+            if ses != ref:
+                files.append(ses_file(s, ses, "qc.json", to=ref, desc="align"))
     return files
 
 
@@ -344,6 +365,7 @@ def final_outputs(_w=None):
     return [
         f"{RESULTS}/tables/gland_stats.parquet",
         f"{RESULTS}/tables/gland_index.parquet",
+        f"{RESULTS}/tables/gland_change.parquet",
         f"{RESULTS}/tables/qc.parquet",
         f"{RESULTS}/tables/cohort_stats.parquet",
         f"{RESULTS}/figures/.done",

@@ -1,5 +1,6 @@
 # Per session: the CT series -> NIfTI, then the rigid PET -> CT registration onto it (one job: the CT
-# conversion takes ~2 s). Per subject: FAPI session CT -> PSMA session CT (rigid, affine, SyN).
+# conversion takes ~2 s). Per subject: every other session's CT -> the reference session's CT (the
+# baseline PSMA, else the earliest; rigid, affine, SyN): the other tracer and the follow-ups.
 
 
 rule convert_ct_register_pet:
@@ -28,17 +29,20 @@ rule convert_ct_register_pet:
 
 rule align_sessions:
     input:
-        psma_ct=out("ct.nii.gz", session="psma"),
-        fapi_ct=out("ct.nii.gz", session="fapi"),
+        reference_ct=out("ct.nii.gz", session="{reference}"),
+        moving_ct=out("ct.nii.gz", session="{moving}"),
     output:
-        affine=out("xfm.mat", session=None, from_="fapi", to="psma"),
-        warp=out("xfm.nii.gz", session=None, from_="fapi", to="psma"),
-        inverse_warp=out("invxfm.nii.gz", session=None, from_="fapi", to="psma"),
-        qc=out("qc.json", session=None, desc="align"),
+        affine=out("xfm.mat", session=None, from_="{moving}", to="{reference}"),
+        warp=out("xfm.nii.gz", session=None, from_="{moving}", to="{reference}"),
+        inverse_warp=out(
+            "invxfm.nii.gz", session=None, from_="{moving}", to="{reference}"
+        ),
+        # the moving session's: a failed alignment leaves out that session only
+        qc=out("qc.json", session="{moving}", to="{reference}", desc="align"),
     log:
-        job_log("align_sessions", session=None),
+        job_log("align_sessions", session="{moving}", to="{reference}"),
     benchmark:
-        job_benchmark("align_sessions", session=None)
+        job_benchmark("align_sessions", session="{moving}", to="{reference}")
     conda:
         "../envs/ants.yaml"
     threads: 1  # one ITK thread: a bit-reproducible session transform

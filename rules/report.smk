@@ -19,6 +19,7 @@ rule cohort_tables:
     output:
         gland_stats=f"{RESULTS}/tables/gland_stats.parquet",
         gland_index=f"{RESULTS}/tables/gland_index.parquet",
+        gland_change=f"{RESULTS}/tables/gland_change.parquet",
         qc=f"{RESULTS}/tables/qc.parquet",
     log:
         f"{LOGS}/cohort_tables.log",

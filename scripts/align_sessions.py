@@ -1,4 +1,4 @@
-"""Snakemake wrapper: FAPI session CT -> PSMA session CT (rigid, affine, SyN)."""
+"""Snakemake wrapper: a session's CT -> the reference session's CT (rigid, affine, SyN)."""
 import sys
 
 sys.path.insert(0, snakemake.scriptdir + "/..")  # noqa: F821  (the package, also inside conda envs)
@@ -7,4 +7,4 @@ from glandpet import workflow as wf  # noqa: E402
 sm = snakemake  # noqa: F821
 
 with wf.log_to(sm.log[0]):
-    wf.align_sessions(sm.input.psma_ct, sm.input.fapi_ct, sm.output, sm.threads)
+    wf.align_sessions(sm.input.reference_ct, sm.input.moving_ct, sm.output, sm.threads)

@@ -523,8 +523,10 @@ def cohort_figures(gland_stats_path, gland_index_path, out_dir, *, outcomes_path
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    gs = _read(gland_stats_path)
-    gi = _read(gland_index_path)
+    from glandpet.cohort.statistics import baseline
+
+    gs = baseline(_read(gland_stats_path))  # the cohort at baseline (follow-ups: gland_change)
+    gi = baseline(_read(gland_index_path))
     num_s = [c for c in ("suv_mean",) if c in gs.columns]
     num_i = [c for c in ("psma_suv_mean", "fapi_suv_mean", "psma_fapi_index", "voxel_spearman_rho") if c in gi.columns]
     gs = _numeric(gs, num_s)

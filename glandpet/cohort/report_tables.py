@@ -197,10 +197,12 @@ def write_report_tables(gland_stats: str, cohort_stats: str, qc: str, out_statis
         out_qc: ("Quality control", qc_view(pd.read_parquet(qc))),
     }
     if out_results and outcomes:
-        gi = pd.read_parquet(gland_index) if gland_index else None
+        from glandpet.cohort.statistics import baseline
+
+        gi = baseline(pd.read_parquet(gland_index)) if gland_index else None
         diag = pd.read_parquet(diagnostic) if diagnostic else None
         views[out_results] = ("Results: registered outcomes", results_view(
-            pd.read_parquet(outcomes), pd.read_parquet(gland_stats), gi, diag, _notes(outcomes)))
+            pd.read_parquet(outcomes), baseline(pd.read_parquet(gland_stats)), gi, diag, _notes(outcomes)))
     for path, (title, body) in views.items():
         tmp = atomic_path(path)
         tmp.write_bytes(_page(title, body))

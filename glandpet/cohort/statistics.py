@@ -344,6 +344,19 @@ def clinical_associations(
 SESSION_VALUES: tuple[str, ...] = ("suv_max", "suv_mean", "suv_mean_pvc")
 INDEX_VALUE = "psma_fapi_index"
 SESSIONS: tuple[str, ...] = ("psma", "fapi")
+
+
+def baseline(table: pd.DataFrame) -> pd.DataFrame:
+    """The baseline rows of `gland_stats` (sessions ``psma``, ``fapi``) or `gland_index` (``timepoint``
+    1): the cross-sectional analyses (groups, clinical variables, diagnosis, figures) compare subjects
+    at one time point; follow-up scans (``psma2``, ...) go to `gland_change` instead."""
+    if "timepoint" in table.columns:
+        return table[pd.to_numeric(table["timepoint"], errors="coerce").fillna(1) == 1]
+    if "session" in table.columns:
+        return table[table["session"].isin(SESSIONS)]
+    return table
+
+
 #: The pre-specified primary outcome: parotid SUVmax and SUVmean, pSS vs control, per tracer.
 PRIMARY_GLAND = "parotid"
 PRIMARY_VALUES: tuple[str, ...] = ("suv_max", "suv_mean")

@@ -10,6 +10,10 @@ Index definitions (:func:`psma_fapi_index`; the name is stored in every `gland_i
                comes from config, per gland: ``{gland: {psma_mean, psma_sd, fapi_mean, fapi_sd}}``
                (or one such mapping for all glands).
 
+Time points: a subject scanned again after treatment has follow-up sessions (``psma2``, ``fapi2``;
+:func:`glandpet.layout.session_parts`); the index pairs the PSMA and FAPI scans of one time point, one
+row per subject x time point x gland x side (``timepoint`` 1 is the baseline).
+
 A missing session (None / NaN) gives NaN (a null in the table). ``ratio`` and ``log_ratio`` need
 both means > 0 (NaN otherwise); ``z_diff`` needs finite reference values and SDs > 0.
 
@@ -48,7 +52,7 @@ from typing import Any, Mapping
 
 import numpy as np
 from scipy import ndimage, stats
-from glandpet.layout import label_table_of, session_transform_paths, transform_prefix_of
+from glandpet.layout import label_table_of, session_name, session_parts
 
 DEFINITIONS: tuple[str, ...] = ("ratio", "log_ratio", "z_diff")
 MIN_VOXELS: int = 20
@@ -185,10 +189,11 @@ def gland_index_table(
 ):
     """The `gland_index` rows (a pandas DataFrame) from `gland_stats` rows, vectorised.
 
-    One row per subject x gland x side present in ``gland_stats`` (either session). The means
+    One row per subject x time point x gland x side present in ``gland_stats`` (either session of
+    the time point: ``psma``/``fapi`` at the baseline, ``psma2``/``fapi2`` at the first follow-up). The means
     are ``suv_mean_pvc`` when ``use_pvc`` (nulls stay nulls: no silent mix of corrected and
     uncorrected values), else ``suv_mean``. ``spearman``: optional DataFrame with ``subject_id,
-    gland, side, voxel_spearman_rho, n_voxels`` (and optionally ``voxel_rho_note``); rows without
+    gland, side, voxel_spearman_rho, n_voxels`` (optionally ``timepoint``, default 1, and ``voxel_rho_note``); rows without
     one get a null rho. ``voxel_rho_note`` says why a rho is null (:func:`voxel_rho_note`). A
     subject with one session gets that session's mean and a null index. Provenance columns are not added here (the writer's job).
     """
@@ -196,12 +201,14 @@ def gland_index_table(
 
     df = pd.DataFrame(gland_stats)
     value = "suv_mean_pvc" if use_pvc else "suv_mean"
-    keys = ["subject_id", "gland", "side"]
-    need = set(keys) | {"session", value}
+    need = {"subject_id", "gland", "side", "session", value}
     missing = need - set(df.columns)
     if missing:
         raise ValueError(f"gland_stats lacks column(s) {sorted(missing)}")
-    wide = df.pivot_table(index=keys, columns="session", values=value, aggfunc="first", dropna=False)
+    parts = [session_parts(s) for s in df["session"]]
+    df = df.assign(_family=[f for f, _ in parts], timepoint=np.array([t for _, t in parts], dtype=np.int64))
+    keys = ["subject_id", "timepoint", "gland", "side"]
+    wide = df.pivot_table(index=keys, columns="_family", values=value, aggfunc="first", dropna=False)
     wide = wide.reindex(columns=["psma", "fapi"])
     wide.columns = ["psma_suv_mean", "fapi_suv_mean"]
     wide = wide.reset_index()
@@ -221,6 +228,8 @@ def gland_index_table(
     wide["index_definition"] = definition
     if spearman is not None:
         sp = pd.DataFrame(spearman)
+        if "timepoint" not in sp.columns:  # the baseline pair
+            sp = sp.assign(timepoint=1)
         sp = sp[keys + ["voxel_spearman_rho", "n_voxels"] + (["voxel_rho_note"] if "voxel_rho_note" in sp else [])]
         wide = wide.merge(sp, on=keys, how="left", indicator="_pair")
         have_pair = (wide.pop("_pair") == "both").to_numpy()
@@ -237,7 +246,20 @@ def gland_index_table(
     return wide.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
-def voxel_correlations(inputs: Any, subject: str) -> Any:
+def index_pairs(sessions) -> list[tuple[int, str, str]]:
+    """``(time point, psma session, fapi session)`` of every time point with both tracers, in order:
+    ``["psma", "fapi", "psma2"]`` -> ``[(1, "psma", "fapi")]``."""
+    have = set(sessions)
+    points = sorted({session_parts(s)[1] for s in have})
+    return [(t, session_name("psma", t), session_name("fapi", t)) for t in points
+            if session_name("psma", t) in have and session_name("fapi", t) in have]
+
+
+def voxel_correlations(inputs: Any, subject: str, psma: str = "psma", fapi: str = "fapi") -> Any:
+    """Within-gland voxel Spearman rho between the PSMA and FAPI SUV of one time point, on the PSMA PET
+    grid. ``inputs``: per session ``<s>_suv``, ``<s>_xfm`` (PET->CT), ``<s>_dseg_table``, the PSMA
+    session's ``<psma>_pet_dseg``, and for a session that is not the reference ``<s>_affine``,
+    ``<s>_warp``, ``<s>_inverse_warp`` (its CT aligned to the reference CT)."""
     import nibabel as nib
     import numpy as np
     import pandas as pd
@@ -245,15 +267,26 @@ def voxel_correlations(inputs: Any, subject: str) -> Any:
     from glandpet.glands import read_label_table
     from glandpet.registration.transforms import warp
 
-    labels = np.asarray(nib.load(inputs.psma_pet_dseg).dataobj)
-    p = session_transform_paths(transform_prefix_of(inputs.affine))
-    # PSMA PET point -> PSMA CT (inverse of CT->PET) -> FAPI CT (session) -> FAPI PET (CT->PET).
-    fapi_on_psma = warp(inputs.fapi_suv, inputs.psma_suv,
-                        [inputs.fapi_xfm, p["warp"], p["affine"], inputs.psma_xfm],
-                        invert=[False, False, False, True]).numpy()
-    psma = np.asarray(nib.load(inputs.psma_suv).dataobj, dtype=np.float32)
+    keys = set(inputs.keys())
+    labels = np.asarray(nib.load(inputs[f"{psma}_pet_dseg"]).dataobj)
+    # A PSMA PET point -> PSMA CT (the inverse of CT->PET) -> the reference CT (the inverse of the
+    # PSMA session's alignment, when it is not the reference) -> FAPI CT (the FAPI session's alignment)
+    # -> FAPI PET (CT->PET). ANTs applies the list last to first.
+    chain, invert = [inputs[f"{fapi}_xfm"]], [False]
+    if f"{fapi}_affine" in keys:
+        chain += [inputs[f"{fapi}_warp"], inputs[f"{fapi}_affine"]]
+        invert += [False, False]
+    if f"{psma}_affine" in keys:
+        chain += [inputs[f"{psma}_affine"], inputs[f"{psma}_inverse_warp"]]
+        invert += [True, False]
+    chain.append(inputs[f"{psma}_xfm"])
+    invert.append(True)
+    fapi_on_psma = warp(inputs[f"{fapi}_suv"], inputs[f"{psma}_suv"], chain, invert=invert).numpy()
+    psma_suv = np.asarray(nib.load(inputs[f"{psma}_suv"]).dataobj, dtype=np.float32)
+    timepoint = session_parts(psma)[1]
     rows = []
-    for lab in read_label_table(label_table_of(inputs.psma_dseg)):
-        rho, n = voxel_spearman(psma, fapi_on_psma, labels == lab.index)
-        rows.append(dict(subject_id=subject, gland=lab.gland, side=lab.side, voxel_spearman_rho=rho, n_voxels=n))
+    for lab in read_label_table(label_table_of(inputs[f"{psma}_dseg"])):
+        rho, n = voxel_spearman(psma_suv, fapi_on_psma, labels == lab.index)
+        rows.append(dict(subject_id=subject, timepoint=timepoint, gland=lab.gland, side=lab.side,
+                         voxel_spearman_rho=rho, n_voxels=n))
     return pd.DataFrame(rows)

@@ -165,8 +165,13 @@ def auto_fwhm_mm(sidecar: Mapping[str, Any] | None, *, scanner_fwhm_mm: float = 
 
 def session_fwhm_mm(pvc: Mapping[str, Any], session: str, sidecar: Mapping[str, Any] | None = None) -> PsfEstimate:
     """The PSF FWHM for ``session`` from the ``pvc`` config section: the number configured for it,
-    or, for ``auto`` (also when the session has no entry), :func:`auto_fwhm_mm` of its sidecar."""
-    value = (pvc.get("fwhm_mm") or {}).get(session, "auto")
+    or, for ``auto`` (also when the session has no entry), :func:`auto_fwhm_mm` of its sidecar. A
+    follow-up session (``psma2``) without an entry of its own takes its tracer family's (``psma``)."""
+    from glandpet.layout import is_session, session_parts
+
+    configured = pvc.get("fwhm_mm") or {}
+    family = session_parts(session)[0] if is_session(session) else session
+    value = configured.get(session, configured.get(family, "auto"))
     if isinstance(value, str):
         if value != "auto":
             raise ValueError(f"pvc.fwhm_mm.{session}: expected a number (mm) or 'auto', got {value!r}")

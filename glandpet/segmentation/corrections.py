@@ -31,7 +31,7 @@ import numpy as np
 
 from glandpet.errors import UserError
 from glandpet.layout import label_table_of
-from glandpet.layout import ENTITY_VALUE_PATTERN, SUBJECT_ID_PATTERN
+from glandpet.layout import ENTITY_VALUE_PATTERN, SUBJECT_ID_PATTERN, is_session
 
 __all__ = [
     "AFFINE_TOL_MM",
@@ -173,7 +173,7 @@ def check_corrections(folder: str | os.PathLike | None, subjects: Iterable[str],
     good, other = _listing(str(folder))
     for n in other:
         if n.startswith("sub-") or n.endswith((".nii", ".nii.gz", ".dcm", ".nrrd", ".mha", ".mhd")):
-            raise UserError(f"{n}: not a correction name (sub-<id>_ses-<psma|fapi>_space-ct_dseg.nii.gz, or .dcm "
+            raise UserError(f"{n}: not a correction name (sub-<id>_ses-<psma|fapi|psma2|...>_space-ct_dseg.nii.gz, or .dcm "
                             "for a DICOM SEG)")
     subjects = set(subjects)
     seen: dict[tuple[str, str], str] = {}
@@ -189,8 +189,8 @@ def check_corrections(folder: str | os.PathLike | None, subjects: Iterable[str],
         if study_sessions is not None and session not in study_sessions:
             have = ", ".join(sorted(study_sessions)) or "none"
             raise UserError(f"{n}: subject {subject} has no session {session} in the study (sessions: {have})")
-        if study_sessions is None and session not in ("psma", "fapi"):
-            raise UserError(f"{n}: unknown session {session} (psma or fapi)")
+        if study_sessions is None and not is_session(session):
+            raise UserError(f"{n}: unknown session {session} (psma or fapi, or a follow-up: psma2, fapi2, ...)")
         ct = ct_of(subject, session) if ct_of is not None else None
         if ct and os.path.isfile(ct):
             validate_correction(os.path.join(str(folder), n), ct)

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from glandpet.glands import SESSIONS
+from glandpet.layout import is_session, session_order
 from glandpet.tables import config_hash
 from glandpet.workflow.failures import failed_state, failure_records, read_failure_records
 
@@ -47,11 +47,12 @@ def config_digest(config: Mapping[str, Any]) -> str:
 
 
 def reference_session(sessions: Mapping[str, str] | list[str]) -> str:
-    """The session atlases are registered to: PSMA when present, else the only session."""
+    """The session atlases are registered to and every other session is aligned to: the earliest time
+    point, PSMA before FAPI (the baseline PSMA when present; :func:`glandpet.layout.session_order`)."""
     names = list(sessions)
     if not names:
         raise ValueError("subject has no session")
-    return "psma" if "psma" in names else sorted(names)[0]
+    return min(names, key=session_order)
 
 
 def clear_caches() -> None:
@@ -68,7 +69,7 @@ def _selected(series_path: str, mtime: float) -> dict[str, dict[str, str]]:
     cols = ["subject_id", "session", "role", "selected", "tracer_slug"]
     has_problem = "problem" in pq.read_schema(series_path).names
     df = pd.read_parquet(series_path, columns=cols + (["problem"] if has_problem else []))
-    keep = df["selected"].fillna(False).astype(bool) & (df["role"] == "pet_ac") & df["session"].isin(SESSIONS)
+    keep = df["selected"].fillna(False).astype(bool) & (df["role"] == "pet_ac") & df["session"].map(is_session, na_action="ignore").fillna(False).astype(bool)
     if has_problem:
         keep &= df["problem"].isna()  # a session the index found unusable is left out (qc.parquet says why)
     df = df[keep]

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 from glandpet.layout import entities, label_table_of
 from glandpet.layout import path as layout_path
 from glandpet.layout import transform_prefix_of
-from glandpet.measure.gland_index import voxel_correlations
+from glandpet.measure.gland_index import index_pairs, voxel_correlations
 from glandpet.registration.transforms import ct_to_pet_affine, set_threads
 from glandpet.segmentation.confidence import seg_confidence_columns
 from glandpet.suv.image import suv_image
@@ -121,13 +121,13 @@ def register_pet_to_ct(ct_path: str, pet_path: str, out_xfm: str, out_qc: str, t
     write_json(qc_record(out_qc, "register", status, metrics.get("warning"), metrics=metrics), out_qc)
 
 
-def align_sessions(psma_ct: str, fapi_ct: str, output: Any, threads: int = 1) -> None:
-    """FAPI session CT -> PSMA session CT; writes the affine, the warp and its inverse."""
+def align_sessions(reference_ct: str, moving_ct: str, output: Any, threads: int = 1) -> None:
+    """A session's CT -> the reference session's CT; writes the affine, the warp and its inverse."""
     from glandpet.registration.sessions import align_sessions as align
 
     set_threads(threads, blas=True)  # ITK and BLAS: what Snakemake granted the job
     prefix = transform_prefix_of(output.affine)
-    metrics = align(psma_ct, fapi_ct, prefix, threads=threads)
+    metrics = align(reference_ct, moving_ct, prefix, threads=threads)
     write_json(qc_record(output.qc, "align", "ok", metrics=metrics), output.qc)
 
 
@@ -173,9 +173,9 @@ def measure_glands(inputs: Any, output: Any, subject: str, session: str, suv_typ
 
 
 def gland_index(inputs: Any, out_path: str, subject: str, index_cfg: Mapping[str, Any]) -> None:
-    """Per-gland PSMA/FAPI index of one subject, and the within-gland voxel Spearman correlation
-    between PSMA and FAPI SUV on the PSMA PET grid (FAPI brought there through both PET->CT
-    registrations and the session alignment)."""
+    """Per-gland PSMA/FAPI index of one subject at each time point, and the within-gland voxel Spearman
+    correlation between the PSMA and FAPI SUV of a time point on its PSMA PET grid (FAPI brought there
+    through both PET->CT registrations and the session alignments, :func:`voxel_correlations`)."""
     import pandas as pd
 
     from glandpet.measure.gland_index import gland_index_table
@@ -183,10 +183,13 @@ def gland_index(inputs: Any, out_path: str, subject: str, index_cfg: Mapping[str
 
     stats = pd.concat([pd.read_parquet(p) for p in inputs.stats], ignore_index=True)
     stats["subject_id"] = subject
-    spearman = None
-    # both sessions measured (the montage's inputs name each session's SUV even for one session)
-    if {"psma_pet_dseg", "psma_suv", "fapi_suv", "affine"} <= set(inputs.keys()):
-        spearman = voxel_correlations(inputs, subject)
+    keys = set(inputs.keys())
+    # each time point with both tracers measured (the montage's inputs name each session's SUV, so
+    # the pair is known by its PSMA session's PET-grid labels, an index-only input)
+    pairs = [(p, f) for _, p, f in index_pairs(stats["session"].unique())
+             if {f"{p}_pet_dseg", f"{p}_suv", f"{f}_suv"} <= keys]
+    spearman = pd.concat([voxel_correlations(inputs, subject, p, f) for p, f in pairs], ignore_index=True) \
+        if pairs else None
     definition = index_cfg.get("definition", "ratio")
     df = gland_index_table(stats, definition, index_cfg.get("reference") or None, use_pvc=True, spearman=spearman)
     tmp = atomic_path(out_path)
@@ -257,18 +260,22 @@ def failure_rows(index_failures: str | None, results: Path) -> list[dict]:
 
 def cohort_tables(inputs: Any, output: Any, cfg_hash: str, atlases: list[Mapping[str, str]]) -> None:
     """Gather per-subject Parquet files into the cohort tables (one pass each), add the group from
-    the subject sheet, the tracer from the index and the provenance columns."""
+    the subject sheet, the tracer and scan day from the index, the time points and the provenance
+    columns; the change of each follow-up against the baseline (``output.gland_change``)."""
     import pandas as pd
 
+    from glandpet.cohort.change import TEST_RETEST_PCT, TEST_RETEST_REFERENCE, gland_change_table, with_timepoints
     from glandpet.cohort.statistics import aggregate_tables
     from glandpet.study.subjects import read_subject_sheet
-    from glandpet.tables import GLAND_INDEX, GLAND_STATS, QC, provenance, write_table
+    from glandpet.tables import GLAND_CHANGE, GLAND_INDEX, GLAND_STATS, QC, provenance, write_table
 
     prov = {"pipeline_version": provenance()["pipeline_version"], "config_hash": cfg_hash}
     groups = read_subject_sheet(inputs.sheet, allow_empty_group=True)[["subject_id", "group"]]
-    series = pd.read_parquet(inputs.series, columns=["subject_id", "session", "role", "selected", "tracer"])
+    series = pd.read_parquet(inputs.series, columns=["subject_id", "session", "role", "selected", "tracer",
+                                                     "days_from_first_scan"])
     tracers = series[series["selected"].fillna(False).astype(bool) & (series["role"] == "pet_ac")]
-    tracers = tracers[["subject_id", "session", "tracer"]].drop_duplicates(["subject_id", "session"])
+    tracers = tracers[["subject_id", "session", "tracer", "days_from_first_scan"]].drop_duplicates(["subject_id",
+                                                                                                    "session"])
 
     def gather(paths: list[str], schema: Any) -> Any:  # no file when every subject failed: qc still lists them
         if paths:
@@ -276,13 +283,25 @@ def cohort_tables(inputs: Any, output: Any, cfg_hash: str, atlases: list[Mapping
         return pd.DataFrame(columns=[f.name for f in schema if f.name not in ("pipeline_version", "config_hash")])
 
     stats = gather(list(inputs.stats), GLAND_STATS)
-    stats = stats.drop(columns=[c for c in ("group", "tracer") if c in stats.columns])
+    stats = stats.drop(columns=[c for c in ("group", "tracer", "timepoint", "days_from_first_scan")
+                                if c in stats.columns])
     stats = stats.merge(groups, on="subject_id", how="left").merge(tracers, on=["subject_id", "session"], how="left")
+    stats = with_timepoints(stats)
     write_table(stats.assign(**prov), GLAND_STATS, output.gland_stats)
 
+    # a subject's index file written before time points were (baseline only) has none: timepoint 1
     index = gather(list(inputs.index), GLAND_INDEX)
     index = index.drop(columns=[c for c in ("group",) if c in index.columns]).merge(groups, on="subject_id", how="left")
+    index["timepoint"] = (pd.to_numeric(index["timepoint"], errors="coerce").fillna(1).astype("Int64")
+                          if "timepoint" in index.columns else pd.array([1] * len(index), dtype="Int64"))
     write_table(index.assign(**prov), GLAND_INDEX, output.gland_index)
+    if "gland_change" in output.keys():
+        change = gland_change_table(stats, index)
+        write_table(change.assign(**prov), GLAND_CHANGE, output.gland_change,
+                    metadata={"reference": TEST_RETEST_REFERENCE, "test_retest_pct": TEST_RETEST_PCT,
+                              "rows": "each follow-up session (psma2, fapi2, ...) against the same subject's "
+                                      "baseline session of the tracer; the index time point against time point 1"})
+        log.info("gland_change: %d rows (%d subjects with a follow-up)", len(change), change["subject_id"].nunique())
 
     qc = qc_rows(list(inputs.qc))
     qc += review_rows(stats, list(inputs.qc))
@@ -322,7 +341,8 @@ def cohort_statistics(inputs: Any, output: Any, clinical: Mapping[str, str] | No
     from glandpet.tables import COHORT_STATS, DIAGNOSTIC, OUTCOMES, write_table
 
     out_path = output if isinstance(output, str) else output.stats
-    gs, gi = pd.read_parquet(inputs.gland_stats), pd.read_parquet(inputs.gland_index)
+    # the baseline scans: follow-ups are compared with them in gland_change, not with other subjects
+    gs, gi = cs.baseline(pd.read_parquet(inputs.gland_stats)), cs.baseline(pd.read_parquet(inputs.gland_index))
     prov = gs[["pipeline_version", "config_hash"]].iloc[0].to_dict() if len(gs) else {"pipeline_version": "", "config_hash": ""}
     parts = []
     if gs["group"].nunique() > 1:
@@ -420,8 +440,8 @@ def _label_editor_tables(output: Any, labels: list) -> None:
 
 
 def qc_montage(inputs: Any, out_png: str, subject: str, out_thumbnail: str | None = None) -> None:
-    """Per-subject QC montage on the reference session's CT (and its thumbnail, the copy the report
-    embeds)."""
+    """Per-subject QC montage on the reference session's CT with the baseline sessions' PET (and its
+    thumbnail, the copy the report embeds)."""
     from glandpet.cohort.figures import montage_thumbnail
     from glandpet.cohort.figures import qc_montage as draw
     from glandpet.glands import read_label_table
@@ -429,7 +449,8 @@ def qc_montage(inputs: Any, out_png: str, subject: str, out_thumbnail: str | Non
     keys = set(inputs.keys())
     pets = {s: inputs[f"{s}_suv"] for s in ("psma", "fapi") if f"{s}_suv" in keys}
     xfms = {s: inputs[f"{s}_xfm"] for s in ("psma", "fapi") if f"{s}_xfm" in keys}
-    warp = transform_prefix_of(inputs.affine) if "affine" in keys else None
+    # the baseline FAPI session aligned to the reference (baseline PSMA) CT
+    warp = transform_prefix_of(inputs.fapi_affine) if "fapi_affine" in keys else None
     labels = read_label_table(label_table_of(inputs.dseg))
     draw(inputs.ct, pets, inputs.dseg, out_png, title=f"sub-{subject}", pet_to_ct_xfms=xfms,
          session_warp=warp, labels=labels, review=flagged_glands(inputs.stats if "stats" in keys else [], inputs.dseg))
