@@ -115,6 +115,7 @@ rule cohort_figures:
         gland_index=f"{RESULTS}/tables/gland_index.parquet",
         outcomes=f"{RESULTS}/tables/outcomes.parquet",
         diagnostic=f"{RESULTS}/tables/diagnostic.parquet",
+        cohort_stats=f"{RESULTS}/tables/cohort_stats.parquet",  # the PSMA vs FAPI Spearman rows
     output:
         done=f"{RESULTS}/figures/.done",
         figures=report(

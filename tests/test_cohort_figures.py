@@ -251,6 +251,35 @@ def test_index_by_group_shows_only_groups_with_data(tmp_path):
     assert figures._group_tests(pd.DataFrame(), "suv_mean", "fapi") == {}
 
 
+def test_psma_vs_fapi_rho_is_the_statistics_tables(tmp_path):
+    """The scatter's rho, p and CI are the `cohort_stats` rows of psma_fapi_correlation, read, not
+    recomputed: with one pSS subject's right FAPI missing, the table's subject mean of PSMA keeps
+    both sides (the figure used to drop that side before averaging)."""
+    from glandpet.cohort import statistics as cs
+    from glandpet.workflow.steps import _long
+
+    gs, gi = _tables(n_pss=6, n_control=3, glands=("parotid", "submandibular"))
+    gi.loc[(gi["subject_id"] == "P00") & (gi["side"] == "right"), "fapi_suv_mean"] = np.nan
+    a, b = _write(tmp_path, gs, gi)
+    corr = cs.psma_fapi_correlation(gi)
+    stats_long = _long(corr, cs.PSMA_FAPI_ANALYSIS, ["gland", "group"])
+    stats_long.to_parquet(tmp_path / "cohort_stats.parquet")
+    tests = figures._psma_fapi_tests(stats_long)
+    assert set(tests) == {"parotid", "submandibular"}
+    for r in corr.itertuples():
+        assert tests[r.gland]["rho"] == r.rho and tests[r.gland]["p_value"] == r.p_value
+        assert tests[r.gland]["n"] == r.n == 6
+    figures.cohort_figures(a, b, tmp_path / "f", cohort_stats_path=tmp_path / "cohort_stats.parquet")
+    svg = (tmp_path / "f" / "psma_vs_fapi.svg").read_text().replace("&lt;", "<")
+    for r in corr.itertuples():
+        assert f"= {r.rho:+.2f} (95% CI {r.ci_low:+.2f} to {r.ci_high:+.2f})" in svg
+        assert figures._fmt_p(r.p_value) in svg
+    # without the table: no rho at all (never a recomputation), n from the points drawn
+    figures.cohort_figures(a, b, tmp_path / "g")
+    svg = (tmp_path / "g" / "psma_vs_fapi.svg").read_text()
+    assert "Spearman" not in svg and "n = 6 subjects" in svg
+
+
 def test_montage_thumbnail_is_small_and_keeps_the_aspect(tmp_path):
     """The report's copy of a QC montage (issue 21): 640 px wide, aspect kept, a palette PNG far
     smaller than the montage; a narrower image keeps its size."""

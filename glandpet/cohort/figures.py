@@ -8,12 +8,15 @@ PatientID or date.
 Cohort figures (:func:`cohort_figures`, one PNG and one SVG per stem)
 --------------------------------------------------------------------
 ``psma_vs_fapi``   PSMA vs FAPI SUVmean (`gland_index`: PVC values where PVC is enabled), pSS
-                   subjects, one panel per gland, one marker per side; Spearman rho across
-                   subjects on the subject means of the two sides (as in ``cohort_stats``).
+                   subjects, one panel per gland, one marker per side (the sides with both values);
+                   Spearman rho across subjects on the subject means of the two sides, with its
+                   permutation p, bootstrap 95 % CI and n, read from the `cohort_stats` table
+                   (:func:`glandpet.cohort.statistics.psma_fapi_correlation`; without that table
+                   the panels give n only).
 ``fapi_by_group``  FAPI SUVmean (`gland_stats.suv_mean`) by group, one panel per gland: box of
                    the subject values (mean of the available sides, the unit of the
-                   Mann-Whitney test in ``cohort_stats``) with the same values jittered on top;
-                   two-sided Mann-Whitney p (the permutation p of ``cohort_stats``) and
+                   Mann-Whitney test in `outcomes`) with the same values jittered on top;
+                   two-sided Mann-Whitney p (the permutation p of the `outcomes` table) and
                    rank-biserial r when both groups have data.
 ``psma_by_group``  the same for PSMA.
 ``index_by_group`` the PSMA/FAPI index (`gland_index.psma_fapi_index`) by group, the definition
@@ -239,6 +242,26 @@ def _group_tests(outcomes: pd.DataFrame, value: str, session: str | None) -> dic
             if pd.notna(r.p_value)}
 
 
+def _psma_fapi_tests(cohort_stats: pd.DataFrame, group: str = "pss") -> dict[str, dict[str, float]]:
+    """``{gland: {statistic: value}}`` (n, rho, p_value, ci_low, ci_high, ...) of the PSMA vs FAPI
+    Spearman correlation of ``group`` in the `cohort_stats` table
+    (:func:`glandpet.cohort.statistics.psma_fapi_correlation`, rows of analysis
+    :data:`~glandpet.cohort.statistics.PSMA_FAPI_ANALYSIS`): the scatter shows the table's rho, never
+    a recomputation of it. Glands without a finite rho are left out."""
+    from glandpet.cohort.statistics import PSMA_FAPI_ANALYSIS
+
+    need = {"analysis", "gland", "group", "statistic", "value"}
+    if cohort_stats is None or cohort_stats.empty or not need <= set(cohort_stats.columns):
+        return {}
+    rows = cohort_stats[(cohort_stats["analysis"] == PSMA_FAPI_ANALYSIS) & (cohort_stats["group"] == group)]
+    wide = rows.assign(value=pd.to_numeric(rows["value"], errors="coerce")).groupby(
+        ["gland", "statistic"], sort=False)["value"].first().unstack()
+    if "rho" not in wide.columns:
+        return {}
+    return {str(g): {k: float(v) for k, v in r.items() if pd.notna(v)} for g, r in wide.iterrows()
+            if pd.notna(r["rho"])}
+
+
 # ------------------------------------------------------------------------------------------------
 # cohort figures
 # ------------------------------------------------------------------------------------------------
@@ -282,15 +305,15 @@ def _fig_by_group(gs: pd.DataFrame, session: str, suv_type: str, rng, outcomes: 
     return fig
 
 
-def _fig_scatter(gi: pd.DataFrame, suv_type: str):
+def _fig_scatter(gi: pd.DataFrame, suv_type: str, tests: dict[str, dict[str, float]]):
+    """One panel per gland: PSMA vs FAPI SUVmean of each pSS side with both values, and the Spearman
+    rho, p, 95 % CI and n of the `cohort_stats` table (``tests``, :func:`_psma_fapi_tests`)."""
     title = "PSMA vs FAPI SUVmean, pSS subjects"
     d = gi[gi["group"].astype(str) == "pss"] if "group" in gi.columns else gi.iloc[0:0]
     glands = _glands_in(d, ["psma_suv_mean", "fapi_suv_mean"])
     if not glands:
         return _no_data(title, "no pSS subject with both a PSMA and a FAPI SUVmean")
     d = d[np.isfinite(d["psma_suv_mean"].to_numpy(float)) & np.isfinite(d["fapi_suv_mean"].to_numpy(float))]
-    from scipy import stats
-
     with _rc():
         fig = _figure(max(6.0, 2.9 * min(len(glands), 5) + 0.6), 3.3 * int(np.ceil(len(glands) / 5)) + 0.9)
         axes = _panel_grid(fig, len(glands))
@@ -303,16 +326,17 @@ def _fig_scatter(gi: pd.DataFrame, suv_type: str):
                                color=GROUP_COLOUR["pss"], alpha=0.85 if side == "left" else 0.55,
                                facecolor=GROUP_COLOUR["pss"] if side == "left" else "none",
                                linewidth=0.9, label=side)
-            sm = part.groupby("subject_id")[["psma_suv_mean", "fapi_suv_mean"]].mean()
-            txt = f"n = {len(sm)} subjects"
-            if len(sm) >= 3 and sm["psma_suv_mean"].nunique() > 1 and sm["fapi_suv_mean"].nunique() > 1:
-                rho = stats.spearmanr(sm["psma_suv_mean"], sm["fapi_suv_mean"]).statistic
-                txt = f"Spearman \u03c1 = {rho:+.2f}\n" + txt
+            t = tests.get(gland)
+            txt = f"n = {int(t['n']) if t and 'n' in t else part['subject_id'].nunique()} subjects"
+            if t:
+                lo, hi = t.get("ci_low", np.nan), t.get("ci_high", np.nan)
+                ci = f" (95% CI {lo:+.2f} to {hi:+.2f})" if np.isfinite(lo) and np.isfinite(hi) else ""
+                txt = f"Spearman \u03c1 = {t['rho']:+.2f}{ci}\n{_fmt_p(t.get('p_value', np.nan))}\n" + txt
             ax.text(0.03, 0.97, txt, transform=ax.transAxes, va="top", ha="left", fontsize=7.5, color="#333333")
             ax.set_title(gland)
             ax.set_xlabel(f"PSMA SUVmean {SUV_UNIT}")
             ax.set_xlim(left=0, right=ax.get_xlim()[1] * 1.05)
-            ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.15)
+            ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.25)  # room for the three lines of the test
         axes[0].set_ylabel(f"FAPI SUVmean {SUV_UNIT}")
         h, lab = axes[0].get_legend_handles_labels()
         if not h:
@@ -323,7 +347,8 @@ def _fig_scatter(gi: pd.DataFrame, suv_type: str):
         if h:
             fig.legend(h, [f"{x} gland" for x in lab], loc="upper right", frameon=False, ncol=2)
         st = f" (SUV{suv_type}; PVC where enabled)" if suv_type else " (PVC where enabled)"
-        fig.suptitle(f"{title}{st}\n\u03c1 on the subject means of both sides", fontsize=10.5, x=0.02, ha="left")
+        fig.suptitle(f"{title}{st}\n\u03c1 (permutation p, bootstrap CI) on the subject means of both sides",
+                     fontsize=10.5, x=0.02, ha="left")
         fig.tight_layout(rect=(0, 0, 1, 0.96))
     return fig
 
@@ -515,8 +540,13 @@ def _read(path) -> pd.DataFrame:
 
 
 def cohort_figures(gland_stats_path, gland_index_path, out_dir, *, outcomes_path=None,
-                   diagnostic_path=None) -> list[Path]:
+                   diagnostic_path=None, cohort_stats_path=None) -> list[Path]:
     """Write the cohort figures (PNG + SVG per stem in :data:`STEMS`) into ``out_dir``.
+
+    The tests the figures show are read from the statistics tables: ``outcomes_path`` (`outcomes`: the
+    group comparisons and clinical associations), ``diagnostic_path`` (`diagnostic`: the ROC AUCs with
+    their CIs), ``cohort_stats_path`` (`cohort_stats`: the PSMA vs FAPI Spearman rho). Without a table,
+    the scatter and the by-group panels leave their tests out and the ROC figure gives AUCs without CI.
 
     Returns the written paths (two per stem, PNG then SVG). Never raises on thin data: a figure
     without data says "no data"; panels of glands without finite values are left out.
@@ -542,9 +572,10 @@ def cohort_figures(gland_stats_path, gland_index_path, out_dir, *, outcomes_path
     suv_type = _suv_type(gs, gi)
     outcomes = _read(outcomes_path) if outcomes_path else pd.DataFrame()
     diagnostic = _read(diagnostic_path) if diagnostic_path else pd.DataFrame()
+    cohort_stats = _read(cohort_stats_path) if cohort_stats_path else pd.DataFrame()
     rng = np.random.default_rng(0)
     makers = {
-        "psma_vs_fapi": lambda: _fig_scatter(gi, suv_type),
+        "psma_vs_fapi": lambda: _fig_scatter(gi, suv_type, _psma_fapi_tests(cohort_stats)),
         "fapi_by_group": lambda: _fig_by_group(gs, "fapi", suv_type, rng, outcomes),
         "psma_by_group": lambda: _fig_by_group(gs, "psma", suv_type, rng, outcomes),
         "index_by_group": lambda: _fig_index(gi, rng, outcomes),

@@ -232,6 +232,11 @@ def compare_groups(
     return out[cols]
 
 
+#: ``analysis`` of :func:`psma_fapi_correlation`'s rows in the `cohort_stats` table (long form: one row per gland,
+#: group and statistic: n, rho, p_value, ci_low, ci_high, n_boot); the ``psma_vs_fapi`` figure reads them there.
+PSMA_FAPI_ANALYSIS = "psma_vs_fapi_spearman"
+
+
 def psma_fapi_correlation(
     gland_index: pd.DataFrame,
     *,

@@ -68,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-from glandpet.dicom.series import _list_files, _slices_of, read_instances
+from glandpet.dicom.series import list_series_files, read_instances, slices_of_instance
 from glandpet.errors import UserError
 from glandpet.geometry import LPS_TO_RAS, ras_to_lps
 
@@ -134,11 +134,11 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 def _read_dicom(files, label: str):
     """Slices of one classic single-frame series with pixels in HU, and their geometry."""
-    paths, root = _list_files(files)
+    paths, root = list_series_files(files)
     insts, _ = read_instances(paths, label or root)
     slices = []
     for f, ds in insts:
-        slices.extend(_slices_of(ds, f, label))
+        slices.extend(slices_of_instance(ds, f, label))
     if any(s.frame is not None for s in slices):
         raise UserError(f"{label}: a multi-frame series cannot be converted through dcm2niix here")
     for s in slices:

@@ -26,6 +26,9 @@ Policy (refuse, never resample; every message names the series):
 
 The geometry check (:func:`volume_geometry_problem`: one position, spacing, tilt) is public: the DICOM
 catalog (:mod:`glandpet.dicom.catalog_grouping`) runs the same check on the headers before any series is read.
+So are the steps before it, listing a series' files (:func:`list_series_files`), reading its image instances
+(:func:`read_instances`) and taking an instance apart into slices (:func:`slices_of_instance`):
+:mod:`glandpet.dicom.ct_dcm2niix` reads the CT series this reader refuses through them.
 """
 
 from __future__ import annotations
@@ -172,7 +175,13 @@ def _series_label(path: Path, ds: pydicom.Dataset | None) -> str:
     return label
 
 
-def _list_files(files_or_dir: str | os.PathLike | Iterable[str | os.PathLike]) -> tuple[list[Path], Path]:
+def list_series_files(files_or_dir: str | os.PathLike | Iterable[str | os.PathLike]) -> tuple[list[Path], Path]:
+    """The files of one series and the folder that names it in messages.
+
+    `files_or_dir`: a folder (its non-hidden files, sorted by name; nothing read, so non-DICOM files
+    are still listed, :func:`read_instances` skips them), one file, or a list of files (kept in the
+    given order; the folder is the first file's). An empty folder or list, or a path that does not
+    exist, is refused (`UserError`). Used by :func:`load_series` and :mod:`glandpet.dicom.ct_dcm2niix`."""
     if isinstance(files_or_dir, (str, os.PathLike)):
         p = Path(files_or_dir)
         if p.is_dir():
@@ -228,8 +237,16 @@ def _check_decodable(ds: pydicom.Dataset, label: str) -> None:
         )
 
 
-def _slices_of(ds: pydicom.Dataset, path: Path, label: str) -> list[Slice]:
-    """Slices of one instance (one for classic images, one per frame for enhanced multi-frame)."""
+def slices_of_instance(ds: pydicom.Dataset, path: Path, label: str) -> list[Slice]:
+    """The 2D slices of one image instance `ds` read from `path`: one for a classic image, one per
+    frame for an enhanced multi-frame image (geometry and rescale from its per-frame / shared
+    functional groups).
+
+    Each :class:`Slice` carries the header, position, orientation, pixel spacing, rescale slope and
+    intercept; pixels are not decoded (``Slice.pixels`` stays None). An instance that cannot be
+    placed in patient space (missing position / orientation / spacing, a multi-frame image without
+    per-frame functional groups) is refused (`UserError`, naming `label`, the series). Used by
+    :func:`load_series` and :mod:`glandpet.dicom.ct_dcm2niix`."""
     nframes = int(ds.get("NumberOfFrames", 1) or 1)
     if "PerFrameFunctionalGroupsSequence" in ds:
         out = []
@@ -312,7 +329,7 @@ def load_series(files_or_dir, *, read_pixels: bool = True, label: str | None = N
 
     `label`: how messages name the series (the workflow passes "sub-<id> ses-<session> PET series #N
     'description'", which has no path); default: the folder plus series number and description."""
-    files, root = _list_files(files_or_dir)
+    files, root = list_series_files(files_or_dir)
     instances, notes = read_instances(files, label or root, headers_only=not read_pixels)
 
     # One series only.
@@ -345,7 +362,7 @@ def load_series(files_or_dir, *, read_pixels: bool = True, label: str | None = N
 
     slices: list[Slice] = []
     for f, ds in unique:
-        slices.extend(_slices_of(ds, f, label))
+        slices.extend(slices_of_instance(ds, f, label))
 
     # Consistency of orientation, spacing, matrix.
     o0 = slices[0].orientation

@@ -348,7 +348,7 @@ def cohort_statistics(inputs: Any, output: Any, clinical: Mapping[str, str] | No
     if gs["group"].nunique() > 1:
         parts.append(_long(cs.compare_groups(gs).rename(columns={"value": "variable"}), "fapi_pss_vs_control",
                            ["gland", "session", "variable"]))
-    parts.append(_long(cs.psma_fapi_correlation(gi), "psma_vs_fapi_spearman", ["gland", "group"]))
+    parts.append(_long(cs.psma_fapi_correlation(gi), cs.PSMA_FAPI_ANALYSIS, ["gland", "group"]))
     parts.append(_long(cs.index_by_group(gi).rename(columns={"value": "variable"}), "index_by_group",
                        ["gland", "group", "variable"]))
     sheet = read_subject_sheet(inputs.sheet, allow_empty_group=True, clinical=clinical)
@@ -373,13 +373,14 @@ def cohort_statistics(inputs: Any, output: Any, clinical: Mapping[str, str] | No
 
 
 def cohort_figures(inputs: Any, output: Any) -> None:
-    """Cohort figures (PNG + SVG) into the report's figure folder."""
+    """Cohort figures (PNG + SVG) into the report's figure folder; the tests they show are read from
+    the statistics tables (``outcomes``, ``diagnostic``, ``cohort_stats``), never recomputed."""
     from glandpet.cohort.figures import cohort_figures as draw
 
     out_dir = Path(output.figures)
     out_dir.mkdir(parents=True, exist_ok=True)
     draw(inputs.gland_stats, inputs.gland_index, out_dir, outcomes_path=getattr(inputs, "outcomes", None),
-         diagnostic_path=getattr(inputs, "diagnostic", None))
+         diagnostic_path=getattr(inputs, "diagnostic", None), cohort_stats_path=getattr(inputs, "cohort_stats", None))
     Path(output.done).write_text("")
 
 
