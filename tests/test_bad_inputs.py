@@ -209,22 +209,50 @@ def test_two_candidate_pet_series_for_one_tracer(mini):
         shutil.copy(f, dst / f.name)
     uid, study, frame = generate_uid(), generate_uid(), generate_uid()
 
-    def repeat(ds, k):  # the same tracer scanned again two days later (another study)
+    def repeat(ds, k):  # the same tracer scanned again the same day (another study): a true duplicate
         ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.FrameOfReferenceUID = uid, study, frame
         ds.SOPInstanceUID = generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        for kw in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
-            ds[kw].value = "20240228"
         ds.SeriesNumber = 7
         ds.SeriesDescription = "PET AC repeat"
 
     edit(sorted(dst.iterdir()), repeat)
     r = index(mini)
-    msg = assert_fails(r, "B", "psma", "2 attenuation-corrected PET series from different acquisitions",
+    msg = assert_fails(r, "B", "psma", "2 attenuation-corrected PET series from different acquisitions on day 0",
                        "'PET AC repeat'", "override", series=None)
     with pytest.raises(UserError, match="subject B, session psma"):
         index_tree(mini / "dicom", mini / "subjects.tsv")  # the CLI default: refuse
     assert msg
+
+
+def test_a_scan_of_the_same_tracer_on_another_day_is_a_follow_up_session(mini):
+    """Issue 19: a later scan of the tracer is psma2, not an ambiguity; its own faults name that session."""
+    from datetime import datetime, timedelta
+
+    from pydicom.uid import generate_uid
+
+    src = files(mini, "B", "pet")
+    dst = mini / "dicom" / "B" / "pet_followup"
+    dst.mkdir()
+    for f in src:
+        shutil.copy(f, dst / f.name)
+    uid, study, frame = generate_uid(), generate_uid(), generate_uid()
+
+    def follow_up(ds, k):  # 90 days later, another study; its CT was not exported
+        ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.FrameOfReferenceUID = uid, study, frame
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        for kw in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
+            if kw in ds:
+                ds[kw].value = (datetime.strptime(ds[kw].value, "%Y%m%d") + timedelta(days=90)).strftime("%Y%m%d")
+        ds.SeriesNumber = 7
+        ds.SeriesDescription = "PET AC follow-up"
+
+    edit(sorted(dst.iterdir()), follow_up)
+    r = index(mini)
+    assert r.problems == []
+    assert_fails(r, "B", "psma2", "'PET AC follow-up'", "the PET series has no CT")
+    assert usable_sessions(r, "B") == {"psma"}
 
 
 def test_unknown_tracer(mini):

@@ -103,3 +103,17 @@ def test_each_rule_sets_its_resources_once_and_the_slurm_profile_repeats_none():
             name = block.split()[1].rstrip(":")
             assert re.search(r"mem_mb=per_attempt\(\d+\)", block), f"{smk.name}: {name} has no mem_mb"
             assert re.search(r"runtime=per_attempt\(\d+\)", block), f"{smk.name}: {name} has no runtime"
+
+
+def test_series_overrides_take_every_session_name():
+    """An override may name a follow-up session (psma2); the schema's pattern is the layout's."""
+    from glandpet import layout
+    from glandpet.study.preflight import validate_config
+
+    schema = yaml.safe_load((REPO / "config.schema.yaml").read_text())
+    item = schema["properties"]["series_overrides"]["items"]["properties"]["session"]
+    assert item["pattern"] == f"^{layout.SESSION_PATTERN}$"
+    for ses, ok in (("psma", True), ("fapi", True), ("psma2", True), ("fapi12", True), ("psma1", False),
+                    ("fdg", False)):
+        cfg = dict(default_config(), series_overrides=[{"subject_id": "S001", "session": ses, "series_key": "ab12"}])
+        assert (validate_config(cfg, SCHEMA) == []) is ok, ses

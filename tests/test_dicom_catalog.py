@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from datetime import datetime, timedelta
 from types import SimpleNamespace
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from glandpet.cli import main
 from glandpet.errors import UserError
-from glandpet.dicom.catalog import index_tree, output_paths, read_header, salted_key
+from glandpet.dicom.catalog import index_tree, output_paths, read_header, salted_key, summary_text
 
 CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 PET_CLASS = "1.2.840.10008.5.1.4.1.1.128"
@@ -238,9 +239,10 @@ def test_patient_id_matching_in_a_shared_tree(tmp_path):
 
 
 def test_ambiguous_acquisitions_error_and_override(tmp_path):
+    """Two PSMA acquisitions on one day (a repeat scan): ambiguous until an override names one."""
     root = tmp_path / "d"
-    a, _, _ = petct(root / "s1" / "one", "68Ga-PSMA-11", date="20240301")
-    b, _, _ = petct(root / "s1" / "two", "68Ga-PSMA-11", date="20240410")
+    a, _, _ = petct(root / "s1" / "one", "68Ga-PSMA-11", date="20240301", time="100000")
+    b, _, _ = petct(root / "s1" / "two", "68Ga-PSMA-11", date="20240301", time="150000")
     sheet = tmp_path / "s.tsv"
     sheet.write_text("subject_id\tgroup\tdicom_dir\ns1\tpss\ts1\n")
     with pytest.raises(UserError) as exc:
@@ -257,6 +259,66 @@ def test_ambiguous_acquisitions_error_and_override(tmp_path):
         index_tree(root, sheet, overrides={("s1", "psma"): "0000000000000000"})
     with pytest.raises(UserError, match="no such subject"):
         index_tree(root, sheet, overrides={("zz", "psma"): key(b)})
+    with pytest.raises(UserError, match=r"unknown session 'psma1' \(expected psma or fapi \(baseline\), psma2"):
+        index_tree(root, sheet, overrides={("s1", "psma1"): key(b)})
+
+
+def _date(day: int) -> str:
+    return (datetime(2024, 3, 1) + timedelta(days=day)).strftime("%Y%m%d")
+
+
+def test_follow_up_scans_are_sessions_of_their_own(tmp_path, capsys):
+    """PSMA on days 0 and 120, FAPI on days 1 and 121: psma, fapi, psma2, fapi2, each PET with its own CT."""
+    root = tmp_path / "d"
+    uids = {ses: petct(root / "s1" / ses, tracer, date=_date(day))
+            for ses, tracer, day in (("psma", "68Ga-PSMA-11", 0), ("fapi", "FAPI-46", 1),
+                                     ("psma2", "68Ga-PSMA-11", 120), ("fapi2", "FAPI-46", 121))}
+    sheet = tmp_path / "s.tsv"
+    sheet.write_text("subject_id\tgroup\tdicom_dir\ns1\tpss\ts1\n")
+    res = index_tree(root, sheet)
+    assert res.problems == []
+    # (these tiny PETs cannot give SUV: each session's failure row names its own session)
+    assert set(res.failures["session"]) == set(uids)
+    for ses, (pet, ct, _) in uids.items():
+        p, c = row(res.series, pet), row(res.series, ct)
+        assert (p.selected, p.session, p.paired_ct_key) == (True, ses, key(ct)), ses
+        assert (c.selected, c.session) == (True, ses), ses
+    assert row(res.series, uids["psma2"][0]).days_from_first_scan == 120
+    assert "follow-up psma2" in row(res.series, uids["psma2"][0]).selection_rule
+    assert "day 121" in row(res.series, uids["fapi2"][0]).selection_rule
+    assert "sessions selected: psma 1, fapi 1, follow-ups 2 (psma2 1, fapi2 1)" in summary_text(res)
+    # the follow-up scan named by hand: still psma2, and psma stays the baseline
+    res = index_tree(root, sheet, overrides={("s1", "psma2"): key(uids["psma2"][0])})
+    assert row(res.series, uids["psma2"][0]).selection_rule == "override"
+    assert row(res.series, uids["psma"][0]).session == "psma" and row(res.series, uids["psma"][0]).selected
+    # the command line's summary
+    out = tmp_path / "series.parquet"
+    assert main(["index", str(root), "-o", str(out), "--subjects", str(sheet)]) == 0
+    assert "follow-ups 2" in capsys.readouterr().out
+
+
+def test_a_same_day_duplicate_does_not_hold_back_the_follow_up(tmp_path):
+    """Two PSMA acquisitions on day 0 and one on day 90: psma needs an override, psma2 is selected."""
+    root = tmp_path / "d"
+    a, _, _ = petct(root / "s1" / "one", "68Ga-PSMA-11", date=_date(0), time="090000")
+    b, _, _ = petct(root / "s1" / "two", "68Ga-PSMA-11", date=_date(0), time="140000")
+    c, c_ct, _ = petct(root / "s1" / "three", "68Ga-PSMA-11", date=_date(90))
+    sheet = tmp_path / "s.tsv"
+    sheet.write_text("subject_id\tgroup\tdicom_dir\ns1\tpss\ts1\n")
+    with pytest.raises(UserError, match="session psma:"):
+        index_tree(root, sheet)
+    rep = index_tree(root, sheet, on_ambiguity="report")
+    assert len(rep.problems) == 1 and "session psma:" in rep.problems[0] and "on day 0" in rep.problems[0]
+    assert key(a) in rep.problems[0] and key(b) in rep.problems[0] and key(c) not in rep.problems[0]
+    failed = rep.failures[rep.failures["message"] == rep.problems[0]]
+    assert list(zip(failed["subject_id"], failed["session"], failed["status"])) == [("s1", "psma", "failed")]
+    r = row(rep.series, c)
+    assert (r.selected, r.session) == (True, "psma2") and row(rep.series, c_ct).session == "psma2"
+    assert not row(rep.series, a).selected and not row(rep.series, b).selected
+    for choice in (a, b):
+        res = index_tree(root, sheet, overrides={("s1", "psma"): key(choice)})
+        sel = res.series[res.series["selected"] & (res.series["role"] == "pet_ac")]
+        assert dict(zip(sel["session"], sel["series_key"])) == {"psma": key(choice), "psma2": key(c)}
 
 
 def test_override_assigns_an_unknown_tracer(tmp_path):
@@ -343,8 +405,8 @@ def test_no_identifier_in_written_tables(tree, tmp_path, capsys):
 
 def test_cli_ambiguity_exit_2(tmp_path, capsys):
     root = tmp_path / "d"
-    petct(root / "one", "PSMA-11", date="20240301")
-    petct(root / "two", "PSMA-11", date="20240501")
+    petct(root / "one", "PSMA-11", date="20240301", time="100000")
+    petct(root / "two", "PSMA-11", date="20240301", time="160000")
     out = tmp_path / "series.parquet"
     assert main(["index", str(root), "-o", str(out)]) == 2
     err = capsys.readouterr().err

@@ -223,3 +223,57 @@ def test_config_sections_splits_top_level_keys():
     text = "# head\n\n# about a\na: 1\n\n# about b\n# more\nb:\n  x: 2   # inline\n  # inner comment\n  y: 3\nc: []\n"
     assert config_sections(text) == {"a": "# about a\na: 1\n", "b": "# about b\n# more\nb:\n  x: 2   # inline\n  # inner comment\n  y: 3\n",
                                      "c": "c: []\n"}
+
+
+def test_init_drafts_follow_up_sessions(tmp_path):
+    """A patient with PSMA and FAPI at baseline and follow-up: its sessions and their days, a day column per
+    follow-up session of the cohort; a patient without follow-ups has empty follow-up days."""
+    from datetime import datetime, timedelta
+
+    from test_dicom_catalog import petct
+
+    from glandpet.study.draft import found_columns, init_study, summary_table
+
+    def date(day: int) -> str:
+        return (datetime(2024, 3, 1) + timedelta(days=day)).strftime("%Y%m%d")
+
+    root = tmp_path / "dicom"
+    one = {"PatientID": "PFOLLOW1"}
+    for name, tracer, day in (("a", "68Ga-PSMA-11", 0), ("b", "FAPI-46", 1), ("c", "68Ga-PSMA-11", 120),
+                              ("d", "FAPI-46", 121)):
+        petct(root / "P1" / name, tracer, date=date(day), patient=one)
+    petct(root / "P2" / "a", "FAPI-46", date=date(0), patient={"PatientID": "PBASE2"})
+    # a third patient: a same-day duplicate at the follow-up (psma2 found, but ambiguous)
+    three = {"PatientID": "PDUP3"}
+    petct(root / "P3" / "a", "68Ga-PSMA-11", date=date(0), patient=three)
+    petct(root / "P3" / "b", "68Ga-PSMA-11", date=date(60), time="090000", patient=three)
+    petct(root / "P3" / "c", "68Ga-PSMA-11", date=date(60), time="150000", patient=three)
+
+    res = init_study(root, tmp_path / "study", progress=False)
+    assert found_columns(["psma", "fapi2", "psma2"]) == ("sessions", "tracers", "psma_day", "fapi_day", "psma2_day",
+                                                          "fapi2_day", "n_series")
+    sheet = pd.read_csv(tmp_path / "study" / "subjects.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert list(sheet.columns)[4:11] == list(found_columns(["psma2", "fapi2"]))
+    key = read_linkage_key(tmp_path / "study" / "linkage-key.tsv")
+    rows = sheet.set_index("subject_id")
+    p1, p2, p3 = (rows.loc[key[p]] for p in ("PFOLLOW1", "PBASE2", "PDUP3"))
+    assert p1["sessions"] == "psma,fapi,psma2,fapi2" and p1["tracers"] == "PSMA-11,FAPI-46"
+    assert [p1[f"{s}_day"] for s in ("psma", "fapi", "psma2", "fapi2")] == ["0", "1", "120", "121"]
+    assert p2["sessions"] == "fapi" and (p2["fapi_day"], p2["psma2_day"], p2["fapi2_day"]) == ("0", "", "")
+    assert p3["sessions"] == "psma,psma2" and p3["psma_day"] == "0" and p3["psma2_day"] == ""
+    assert any("session psma2" in p and "on day 60" in p for p in res.problems)
+    table = summary_table(res)
+    assert "psma 2 (PSMA-11 2); fapi 2 (FAPI-46 2); psma2 1 (PSMA-11 1); fapi2 1 (FAPI-46 1)" in table
+    assert re.search(r"follow-ups\s+2 follow-up sessions of 1 patient$", table, re.M)
+
+    # a re-run after the follow-ups left the export: their day columns go, the team's columns stay
+    sheet["essdai"] = ["3", "", ""]
+    sheet.to_csv(tmp_path / "study" / "subjects.tsv", sep="\t", index=False)
+    for name in ("c", "d"):
+        shutil.rmtree(root / "P1" / name)
+    shutil.rmtree(root / "P3")
+    init_study(root, tmp_path / "study", progress=False)
+    again = pd.read_csv(tmp_path / "study" / "subjects.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert "psma2_day" not in again.columns and "fapi2_day" not in again.columns
+    assert list(again.columns)[4:9] == list(FOUND_COLUMNS) and list(again["essdai"]) == ["3", "", ""]
+    assert again.set_index("subject_id").loc[key["PFOLLOW1"], "sessions"] == "psma,fapi"

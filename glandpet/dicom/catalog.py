@@ -3,7 +3,8 @@
 `index_tree` walks a real-world export (nested folders, files without extension, DICOMDIR,
 non-DICOM and truncated files, duplicate instances, several studies per patient), reads headers
 only, groups instances into series, classifies each series, pairs each PET with a CT and chooses
-the PET of each session (tracer family ``psma`` | ``fapi``) per subject.
+the PET of each session per subject (tracer family ``psma`` | ``fapi`` at a time point: ``psma``,
+``fapi`` the baseline, ``psma2``, ``fapi2`` ... the follow-ups, from the scan days).
 
 Subjects
 --------
@@ -47,22 +48,31 @@ Pairing PET -> CT (``pairing_rule``)
 Ties within a rule: axial CT first, then closest acquisition time, then most slices, then the
 highest series number.
 
-Session selection (``selected``, ``selection_rule``)
----------------------------------------------------
-Per subject and session, the candidates are the ``pet_ac`` series of that tracer family.
+Session selection (``selected``, ``selection_rule``, ``session``)
+-----------------------------------------------------------------
+A session is a tracer family at a time point (:func:`glandpet.layout.session_name`): ``psma`` / ``fapi``
+the baseline, ``psma2`` / ``fapi2`` the first follow-up, ``psma3`` the second ... Per subject and tracer
+family, the candidates are the ``pet_ac`` series of that family, grouped into acquisitions (same study and
+frame of reference, first acquisition times within 30 min: reconstructions of the same scan), and the
+acquisitions into time points by their day (``days_from_first_scan``): the earliest day is the baseline
+(``psma``), the next day ``psma2``, and so on (numbered by distinct day). Per time point:
 * none: the session is missing (allowed; downstream handles it);
-* one: selected ("only candidate");
-* an override ``overrides[(subject_id, session)] = series_key`` selects that series (it must be
-  a ``pet_ac`` series of that subject whose tracer family is that session or unknown);
-* several of one acquisition (same study and frame of reference, first acquisition times within
-  30 min: reconstructions of the same scan): prefer, in order, (1) the one whose CT pairs by
-  frame of reference, (2) ImageType ORIGINAL over DERIVED, (3) the finest voxels (smallest voxel
-  volume: glands are small), (4) the most slices, (5) the highest series number;
-* several acquisitions (different days, studies, frames of reference or times, e.g. a
-  repeat scan or a dual-time-point protocol): ambiguous. `on_ambiguity="error"` (default) raises a
-  UserError naming the subject and the candidate series; ``"report"`` selects none of them and
-  lists the problem in ``IndexResult.problems`` (used by ``glandpet init`` / ``check``).
-The CT paired with a selected PET is selected too and carries its session.
+* one: selected ("only candidate"; with follow-ups the rule names the time point and its day);
+* an override ``overrides[(subject_id, session)] = series_key`` selects that series for that session
+  (any session name, ``psma2`` too; it must be a ``pet_ac`` series of that subject whose tracer family
+  is that session's or unknown); the series is no automatic candidate of another session, and its day
+  still counts in its family's numbering;
+* several of one acquisition: prefer, in order, (1) the one whose CT pairs by frame of reference,
+  (2) ImageType ORIGINAL over DERIVED, (3) the finest voxels (smallest voxel volume: glands are small),
+  (4) the most slices, (5) the highest series number;
+* several acquisitions on one day (a repeat scan, a dual-time-point protocol): ambiguous for that
+  session only (the other time points are selected). `on_ambiguity="error"` (default) raises a
+  UserError naming the subject, the session and the candidate series; ``"report"`` selects none of them
+  and lists the problem in ``IndexResult.problems`` (used by ``glandpet init`` / ``check``).
+An acquisition without a day (no date in its headers) leaves its family unordered: several acquisitions
+of that family are then ambiguous for the baseline session. The selected PET carries its session
+(``tracer_session``, internal, stays the family); the CT paired with it is selected too and carries the
+same session.
 
 Failures (``IndexResult.failures``, FAILURES_SCHEMA; never raised)
 -------------------------------------------------------------------
@@ -98,6 +108,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -113,11 +124,12 @@ from glandpet.dicom.catalog_records import FILES_SCHEMA, SERIES_SCHEMA, SKIP_REA
 from glandpet.dicom.catalog_selection import check_overrides, select_paired_cts, select_sessions
 from glandpet.errors import UserError
 from glandpet.glands import SESSIONS
+from glandpet.layout import is_session, session_order
 
 __all__ = [
     "IndexResult", "index_tree", "run_index", "SERIES_SCHEMA", "FILES_SCHEMA", "SKIPPED_SCHEMA", "FAILURES_SCHEMA",
     "SKIP_REASONS", "salted_key", "subject_pseudonym", "read_overrides", "series_label", "decoder_problem",
-    "read_header", "write_index", "output_paths", "summary_text",
+    "read_header", "write_index", "output_paths", "summary_text", "session_counts",
 ]
 
 
@@ -256,7 +268,21 @@ def read_overrides(path: str | Path) -> dict[tuple[str, str], str]:
     return {(r.subject_id.strip(), r.session.strip()): r.series_key.strip() for r in df.itertuples()}
 
 
+def session_counts(sessions: pd.Series) -> str:
+    """How many of each baseline session (always named) and of follow-ups (when any, by session):
+    ``psma 10, fapi 8, follow-ups 3 (psma2 2, fapi2 1)``."""
+    counts = Counter(x for x in sessions if is_session(x))
+    text = ", ".join(f"{x} {counts[x]}" for x in SESSIONS)
+    follow = sorted((x for x in counts if x not in SESSIONS), key=session_order)
+    if follow:
+        text += (f", follow-ups {sum(counts[x] for x in follow)} ("
+                 + ", ".join(f"{x} {counts[x]}" for x in follow) + ")")
+    return text
+
+
 def summary_text(result: IndexResult) -> str:
+    """The index's summary lines: series by role, subjects and sessions selected, PET series by tracer,
+    skipped files, then the problems, failures and warnings."""
     s, k = result.series, result.skipped
     lines = []
     roles = s["role"].value_counts() if not s.empty else pd.Series(dtype=int)
@@ -264,8 +290,7 @@ def summary_text(result: IndexResult) -> str:
     if not s.empty:
         sel = s[s["selected"] & (s["role"] == "pet_ac")]
         n_subj = s["subject_id"].nunique()
-        ses = ", ".join(f"{x} {int((sel['session'] == x).sum())}" for x in SESSIONS)
-        lines.append(f"subjects: {n_subj}; sessions selected: {ses}")
+        lines.append(f"subjects: {n_subj}; sessions selected: {session_counts(sel['session'])}")
         pet = s[s["role"].isin(["pet_ac", "pet_nac"])]
         if not pet.empty:
             tr = pet["tracer"].fillna("unknown").value_counts()

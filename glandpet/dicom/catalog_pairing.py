@@ -1,7 +1,8 @@
 """Pairing each PET series record with a CT of the same subject, and giving each PET the session its tracer names.
 
-A PET (``pet_ac`` or ``pet_nac``) gets ``session`` = its tracer's session (psma | fapi, else None)
-and the CT it pairs with (``paired_ct_key``, ``pairing_rule``), by the first rule that finds a CT:
+A PET (``pet_ac`` or ``pet_nac``) gets ``session`` = its tracer family (psma | fapi, else None; the
+selection renames a follow-up's PET ``psma2``, ... by its day) and the CT it pairs with (``paired_ct_key``,
+``pairing_rule``), by the first rule that finds a CT:
 
 1. ``frame_of_reference``: a CT of the subject with the same FrameOfReferenceUID;
 2. ``study_closest_time``: else a CT of the same study;

@@ -147,7 +147,7 @@ class SeriesRecord(TypedDict):
 
     # table columns (SERIES_SCHEMA)
     subject_id: str
-    session: str | None  # catalog_pairing (PET: its tracer's session), catalog_selection (override, CT)
+    session: str | None  # catalog_pairing (PET: its tracer family); catalog_selection (time point, override, CT)
     role: str
     role_rule: str
     tracer: str | None
@@ -191,7 +191,7 @@ class SeriesRecord(TypedDict):
     desc_raw: str  # series description and protocol name, unscrubbed (role rules only)
     has_corrected_image: bool
     ci_tuple: tuple[str, ...]  # CorrectedImage values
-    tracer_session: str | None  # the session its tracer names (psma | fapi), else None
+    tracer_session: str | None  # the tracer family its tracer names (psma | fapi; the baseline session), else None
     image_type_tuple: tuple[str, ...]
     iop: tuple[float, ...] | None
     start: datetime | None  # first acquisition time

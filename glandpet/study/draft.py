@@ -8,9 +8,11 @@ each patient's PSMA/FAPI sessions are those the index selects. Three files are w
   ``group`` (empty: the team fills ``pss`` | ``control``), and per patient either ``dicom_dir``
   (when all the patient's files lie under one folder that holds no other patient's file: the
   highest such folder below the root) or ``patient_id`` (patients sharing folders); then columns
-  describing what was found: ``sessions``, ``tracers``, ``psma_day`` / ``fapi_day`` (days since the
-  patient's first scan; no calendar dates) and ``n_series``; then the declared clinical columns
-  (config ``clinical``, default the registered outcomes), empty for the team to fill.
+  describing what was found: ``sessions`` (the sessions the index found, baseline and follow-ups, in
+  :func:`glandpet.layout.session_order`: ``psma,fapi,psma2,fapi2``), ``tracers``, ``<session>_day`` (days
+  since the patient's first scan, no calendar dates: ``psma_day`` and ``fapi_day`` always, ``psma2_day`` ...
+  when some patient has that follow-up) and ``n_series``; then the declared clinical columns (config
+  ``clinical``, default the registered outcomes), empty for the team to fill.
 * ``linkage-key.tsv`` — ``subject_id`` ↔ ``PatientID``, owner-only permissions (0600), first line
   a comment saying what it is. The workflow never reads it; ``init`` reads it on a re-run so that
   existing patients keep their ids and new patients get the next free ones.
@@ -18,8 +20,8 @@ each patient's PSMA/FAPI sessions are those the index selects. Three files are w
   ``results`` filled in (absolute paths). An existing config is kept.
 
 On a re-run, the team's edits to ``subjects.tsv`` (group, clinical columns) are kept; the found-data
-columns are refreshed and new patients appended. Patients with no attenuation-corrected PSMA or
-FAPI PET are listed, not added.
+columns (every ``<session>_day`` column among them) are refreshed and new patients appended. Patients
+with no attenuation-corrected PSMA or FAPI PET are listed, not added.
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ import pandas as pd
 
 from glandpet.errors import UserError
 from glandpet.glands import SESSIONS
+from glandpet.layout import SESSION_PATTERN, is_session, session_order
 from glandpet.repository import DEFAULT_CONFIG, REPO_DIR
 
 __all__ = [
     "FOUND_COLUMNS",
+    "found_columns",
     "LINKAGE_HEADER",
     "InitResult",
     "config_text",
@@ -57,10 +61,24 @@ CONFIG_NAME = "config.yaml"
 LINKAGE_HEADER = ("# glandpet linkage key: subject_id <-> DICOM PatientID. The only file that links the "
                   "pseudonyms to patients. Keep it private (owner-only); the workflow never reads it; "
                   "`glandpet init` reads it to keep subject ids stable.")
-#: Columns that `init` writes and refreshes on every run (the team's own columns are kept).
+#: Columns that `init` writes and refreshes on every run (the team's own columns are kept), for a cohort
+#: without follow-up scans (:func:`found_columns`: with a ``<session>_day`` column per follow-up session).
 FOUND_COLUMNS = ("sessions", "tracers", "psma_day", "fapi_day", "n_series")
+_DAY_COLUMN = re.compile(rf"^({SESSION_PATTERN})_day$")
 _ID_RE = re.compile(r"^S(\d+)$")
 _DATE_RE = re.compile(r"(?<!\d)(19|20)\d{2}[-_.]?(0[1-9]|1[0-2])[-_.]?(0[1-9]|[12]\d|3[01])(?!\d)")
+
+
+def found_columns(sessions: Iterable[str] = ()) -> tuple[str, ...]:
+    """The columns `init` writes for a cohort with these sessions: :data:`FOUND_COLUMNS`, with a
+    ``<session>_day`` column for every follow-up session after ``psma_day`` / ``fapi_day``, in
+    :func:`glandpet.layout.session_order`."""
+    follow = sorted({s for s in sessions if s not in SESSIONS}, key=session_order)
+    return ("sessions", "tracers", *(f"{s}_day" for s in (*SESSIONS, *follow)), "n_series")
+
+
+def _is_found_column(col: str) -> bool:
+    return col in FOUND_COLUMNS or _DAY_COLUMN.match(col) is not None
 
 
 # ------------------------------------------------------------------------------ linkage key
@@ -232,7 +250,8 @@ demo:
 # `glandpet atlas add ATLAS_DIR --ct CT_SERIES_DIR --rtstruct RS.dcm`.
 # Empty: the synthetic phantom's atlas set (a placeholder: use atlases of real anatomy for a study).
 {atl}
-# Series chosen by hand where `glandpet check` reports several candidate PET series:
+# Series chosen by hand where `glandpet check` reports several candidate PET series (session psma,
+# fapi, or a follow-up scan's: psma2, fapi2, ...):
 #   - {{subject_id: S0001, session: psma, series_key: ab12cd34ef56ab12}}
 series_overrides: []
 
@@ -339,7 +358,7 @@ def init_study(dicom_root: str | Path, study_dir: str | Path, *, jobs: int = 1, 
     for pid, pseudo in sorted(pid_to_pseudo.items(), key=lambda kv: kv[1]):
         ss = series[series["subject_id"] == pseudo]
         sel = ss[ss["selected"].fillna(False).astype(bool) & (ss["role"] == "pet_ac")]
-        cand = ss[(ss["role"] == "pet_ac") & ss["session"].isin(SESSIONS)]
+        cand = ss[(ss["role"] == "pet_ac") & ss["session"].map(is_session)]
         if sel.empty and cand.empty:
             no_session += 1
             continue
@@ -348,12 +367,13 @@ def init_study(dicom_root: str | Path, study_dir: str | Path, *, jobs: int = 1, 
                             f"{', '.join(sorted(set(ss['study_key'].dropna()))[:3])}) cannot be matched; not added")
             continue
         row: dict[str, Any] = {"dicom_dir": folders.get(pid) or "", "patient_id": "" if folders.get(pid) else pid}
-        sessions = [s for s in SESSIONS if s in set(cand["session"])]
+        sessions = sorted(set(cand["session"]), key=session_order)  # selected or ambiguous (problems say which)
         row["sessions"] = ",".join(sessions)
-        order = sel.assign(_o=sel["session"].map({x: i for i, x in enumerate(SESSIONS)})).sort_values("_o")
+        order = sel[sel["session"].map(is_session)]
+        order = order.iloc[sorted(range(len(order)), key=lambda i: session_order(order["session"].iloc[i]))]
         tracers = list(dict.fromkeys(order["tracer"].dropna()))
         row["tracers"] = ",".join(tracers or [t for t in dict.fromkeys(cand["tracer"].dropna())])
-        for s in SESSIONS:
+        for s in dict.fromkeys([*SESSIONS, *sessions]):
             d = sel.loc[sel["session"] == s, "days_from_first_scan"]
             row[f"{s}_day"] = _day(d.iloc[0]) if len(d) else pd.NA
         row["n_series"] = int((ss["role"] != "other").sum())
@@ -384,10 +404,12 @@ def init_study(dicom_root: str | Path, study_dir: str | Path, *, jobs: int = 1, 
         r = {"subject_id": sid_of[pid], "group": ""}
         r.update({k: v for k, v in row.items() if not k.startswith("_")})
         rows.append(r)
-    found = pd.DataFrame(rows, columns=["subject_id", "group", "dicom_dir", "patient_id", *FOUND_COLUMNS])
+    columns = found_columns(s for r in found_rows.values() for s in r["sessions"].split(",") if s)
+    found = pd.DataFrame(rows, columns=["subject_id", "group", "dicom_dir", "patient_id", *columns])
     not_found: list[str] = []
     if old is not None and "subject_id" in old.columns:
-        extra = [c for c in old.columns if c not in found.columns]
+        # the team's columns; found-data columns are refreshed (a follow-up no longer found loses its day column)
+        extra = [c for c in old.columns if c not in found.columns and not _is_found_column(c)]
         merged = []
         by_id = {r["subject_id"]: r for r in found.to_dict("records")}
         for o in old.to_dict("records"):
@@ -408,7 +430,7 @@ def init_study(dicom_root: str | Path, study_dir: str | Path, *, jobs: int = 1, 
         if col not in out.columns:
             out[col] = ""
     out = out.sort_values("subject_id", key=lambda s: s.map(_id_number), kind="stable").reset_index(drop=True)
-    for c in ("psma_day", "fapi_day", "n_series"):
+    for c in (*(c for c in columns if c.endswith("_day")), "n_series"):
         out[c] = pd.to_numeric(out[c], errors="coerce").astype("Int64")
     has_pid = bool((out["patient_id"].fillna("") != "").any())
     tmp = sheet_path.with_name(sheet_path.name + ".tmp")
@@ -479,11 +501,18 @@ def summary_table(res: InitResult) -> str:
         rows.append(("not added", f"{res.no_session} patients without an attenuation-corrected PSMA or FAPI PET"))
     sel = s[s["selected"].fillna(False).astype(bool) & (s["role"] == "pet_ac")] if not s.empty else s
     ses = []
-    for x in SESSIONS:
+    found = {x for x in (sel["session"] if not sel.empty else []) if is_session(x)}
+    follow = sorted(found - set(SESSIONS), key=session_order)
+    for x in (*SESSIONS, *follow):  # the baselines always, then each follow-up session found
         part = sel[sel["session"] == x] if not sel.empty else sel
         tr = Counter(part["tracer"].fillna("unknown")) if not part.empty else Counter()
         ses.append(f"{x} {len(part)}" + (" (" + ", ".join(f"{t} {c}" for t, c in sorted(tr.items())) + ")" if tr else ""))
     rows.append(("sessions", "; ".join(ses)))
+    if follow:
+        n = int(sel["session"].isin(follow).sum())
+        m = sel.loc[sel["session"].isin(follow), "subject_id"].nunique()
+        rows.append(("follow-ups", f"{n} follow-up session{'s' if n != 1 else ''} of {m} "
+                     f"patient{'s' if m != 1 else ''}"))
     roles = Counter(s["role"]) if not s.empty else Counter()
     rows.append(("series", f"{len(s)}" + (" (" + ", ".join(f"{r} {c}" for r, c in sorted(roles.items())) + ")" if roles else "")))
     kr = Counter(k["reason"]) if not k.empty else Counter()
