@@ -117,6 +117,8 @@ def gland_change_table(gland_stats: pd.DataFrame, gland_index: pd.DataFrame | No
             days = (gs.sort_values("family", key=lambda s: s.map({"psma": 0, "fapi": 1}))
                     .drop_duplicates(["subject_id", "timepoint"])[["subject_id", "timepoint", "day"]])
             gi = gi.merge(days, on=["subject_id", "timepoint"], how="left")
+        # a time point without both tracers has no index: nothing to compare
+        gi = gi[np.isfinite(pd.to_numeric(gi["psma_fapi_index"], errors="coerce").to_numpy(float))]
         b, f = gi[gi["timepoint"] == 1], gi[gi["timepoint"] > 1]
         if not f.empty:
             ratio = set(gi.get("index_definition", pd.Series(["ratio"])).dropna()) <= {"ratio"}
