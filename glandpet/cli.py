@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--jobs", type=int, default=1, help="parallel worker processes (default 1)")
     ph.add_argument("--atlas-dicom", action="store_true",
                     help="also write each atlas as DICOM CT + RTSTRUCT (atlases/<name>/dicom/{ct/,rtstruct.dcm})")
+    ph.add_argument("--followups", type=int, default=0, metavar="N",
+                    help="the first N pSS subjects also get a follow-up scan of each tracer ~180 days later with a "
+                         "planted change of gland uptake (sessions psma2, fapi2 in truth/gland_truth.parquet; default 0)")
     ph.set_defaults(func=_phantom)
 
     ix = sub.add_parser("index", help="index a DICOM tree into a series table (no identifiers)")

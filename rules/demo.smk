@@ -26,6 +26,7 @@ rule demo_phantom:
         subjects=config["demo"]["subjects"],
         seed=config["demo"]["seed"],
         atlases=config["demo"]["atlases"],
+        followups=config["demo"]["followups"],
     script:
         "../scripts/demo_phantom.py"
 
@@ -54,5 +55,6 @@ rule phantom_atlases:
         subjects=0,
         seed=config["demo"]["seed"],
         atlases=config["demo"]["atlases"],
+        followups=0,
     script:
         "../scripts/demo_phantom.py"

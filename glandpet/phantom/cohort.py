@@ -12,6 +12,12 @@ Layout written under OUTDIR::
 Determinism: subject i draws from ``SeedSequence(seed, spawn_key=(0, i))`` and atlas j from
 ``SeedSequence(seed, spawn_key=(1, j))``, so subject i is the same whatever the cohort size.
 
+Follow-ups (``followups``): the first pSS subjects also get a follow-up scan of each tracer, sessions
+``psma2`` and ``fapi2`` (folders ``<YYYYMMDD>_PSMA2``, ``_FAPI2``), ~180 days after the baseline, with
+the uptake change :data:`FOLLOWUP_CHANGE` planted in the glands; they draw from their own streams
+``SeedSequence(seed, spawn_key=(3, i))`` (:func:`followup_streams`), so every baseline file is the
+same with or without them.
+
 With ``anatomy_from`` (real label maps) the subjects take usable cases from the start of the sorted
 case list and the atlases from its end (:func:`assign_real_cases`, which reads only those cases);
 such an anatomy's frame is the label map's own LPS world (not head-centred): poses rotate about
@@ -20,7 +26,10 @@ its own head centre (:func:`head_centre`), and its CT grid is fitted to its body
 Spaces of ``truth/transforms.parquet`` (4x4 LPS matrices, x_to = M @ x_from):
 ``anatomy -> ct`` (the session's head pose), ``anatomy -> pet`` (pose composed with the
 PET-to-CT misalignment), ``pet -> ct`` (what a PET-to-CT registration should find) and, for
-subjects with both sessions, ``fapi_ct -> psma_ct`` (session None).
+subjects with both sessions, ``fapi_ct -> psma_ct`` (session None). A subject with follow-ups also
+has ``<follow-up>_ct -> psma_ct`` for each (``psma2_ct``, ``fapi2_ct``; onto ``fapi_ct`` when the
+subject has FAPI only) and ``fapi2_ct -> psma2_ct`` (session None). The true change of a gland is
+``true_suv_mean`` of ``psma2`` over ``psma`` (``fapi2`` over ``fapi``) in ``truth/gland_truth.parquet``.
 """
 
 from __future__ import annotations
@@ -53,6 +62,21 @@ _DESCRIPTIONS = {
     "ge": {"ct": "CTAC 2.5 HN STND", "pet": "PET HN QCFX", "nac": "PET HN NAC", "loc": "Scout"},
     "philips": {"ct": "CT 2mm HN", "pet": "PET AC HN", "nac": "PET NAC HN", "loc": "Surview"},
 }
+
+#: The planted change of a follow-up scan (``psma2``, ``fapi2``): the relative change of each gland's
+#: true SUVmean from the same tracer's baseline scan, the same for every follow-up subject (after
+#: treatment: the parotid and submandibular glands' function recovers, PSMA +25 %, and their
+#: inflammation falls, FAPI -30 %; the sublingual glands change less; the lacrimal and tubarial glands
+#: not at all, a null to test against). The measurement noise it must stand out from: the phantom's
+#: PET noise averages out over a gland (< 1 %); with the true masks partial volume biases every
+#: session alike, and the pipeline's own masks measure a gland's SUVmean within ~8 % (parotid) to
+#: ~17 % (submandibular) (docs/validation.md).
+FOLLOWUP_CHANGE = {
+    "psma": {"parotid": 0.25, "submandibular": 0.25, "sublingual": 0.10, "lacrimal": 0.0, "tubarial": 0.0},
+    "fapi": {"parotid": -0.30, "submandibular": -0.30, "sublingual": -0.15, "lacrimal": 0.0, "tubarial": 0.0},
+}
+#: Days from a baseline scan to its follow-up (inclusive range; one draw per subject, both tracers).
+FOLLOWUP_DAYS = (166, 194)
 
 _LAST = ["MUELLER", "SMITH", "GARCIA", "JANSEN", "ROSSI", "DUBOIS", "NOVAK", "KOWALSKI", "SILVA", "NIELSEN",
          "BERG", "MARTIN", "LEROY", "HOFFMANN", "BAKER", "EVANS", "PETERS", "WAGNER", "VOGEL", "KELLER",
@@ -328,11 +352,36 @@ def subject_anatomy(i: int, group: str, seed: int, anatomy_from=None, case_id=No
     return _subject_individual(i, group, seed, anatomy_from, case_id)[3]
 
 
-def make_subject(outdir: str | Path, i: int, group: str, seed: int, anatomy_from=None, case_id=None) -> dict:
-    """Generate subject i completely (DICOM + truth label maps); return its table rows."""
+def _xfm_row(sid: str, session: str | None, frm: str, to: str, M: np.ndarray) -> dict:
+    """A ``truth/transforms.parquet`` row: ``M`` maps ``frm`` points to ``to`` points (4x4 LPS)."""
+    return {"subject_id": sid, "session": session, "from_space": frm, "to_space": to,
+            "matrix_lps": [float(v) for v in M.ravel()], "rotation_deg": _angle_deg(M),
+            "translation_mm": float(np.linalg.norm(M[:3, 3]))}
+
+
+def followup_streams(seed: int, i: int) -> tuple[np.random.Generator, dict[str, np.random.Generator]]:
+    """Subject i's follow-up streams, ``SeedSequence(seed, spawn_key=(3, i))``: one for the interval,
+    one per tracer family (pose, misalignment, grids, timing, UIDs and noise of that follow-up), apart
+    from every stream of the baseline, which therefore does not change when follow-ups are added."""
+    r_when, r_psma, r_fapi = (np.random.default_rng(s) for s in np.random.SeedSequence(seed, spawn_key=(3, i)).spawn(3))
+    return r_when, {"psma": r_psma, "fapi": r_fapi}
+
+
+def make_subject(outdir: str | Path, i: int, group: str, seed: int, anatomy_from=None, case_id=None,
+                 followup: bool = False) -> dict:
+    """Generate subject i completely (DICOM + truth label maps); return its table rows.
+
+    ``followup``: also a follow-up scan of each tracer the subject has (sessions ``psma2``, ``fapi2``),
+    :data:`FOLLOWUP_DAYS` after that tracer's baseline scan (the same interval for both, so the
+    follow-up keeps the baseline's order and spacing of the two scans): the same anatomy and tracer
+    parameters (PSF, noise level), the baseline's noise-free SUV map with each gland's uptake scaled by
+    :data:`FOLLOWUP_CHANGE`, on the baseline's scanner; a new pose, PET-to-CT misalignment, grids,
+    injection and timing, new noise and new Study/Series/Frame-of-reference UIDs, from
+    :func:`followup_streams`. The baseline sessions come out byte-identical either way.
+    """
     from glandpet.phantom.dicom_writer import write_ct_series, write_localizer, write_pet_series
     from glandpet.phantom.uptake import (ct_hu_map, draw_ct_params, draw_fapi_compound, draw_tracer_params, plant_fibrosis,
-                         resample_labels, slice_profile, suv_map, suv_to_bqml)
+                         resample_labels, scale_gland_uptake, slice_profile, suv_map, suv_to_bqml)
 
     t0 = time.perf_counter()
     outdir = Path(outdir)
@@ -360,21 +409,19 @@ def make_subject(outdir: str | Path, i: int, group: str, seed: int, anatomy_from
     scanner = VENDORS[i % 3]
     glabels = {lab.index: lab for lab in DEFAULT_LABELS}
     counts = np.bincount(anat.glands.ravel(), minlength=len(DEFAULT_LABELS) + 1)
-    truth_rows, xfm_rows, poses = [], [], {}
-    for sess in sessions:
-        j = 0 if sess == "psma" else 1
-        rng = r_psma if sess == "psma" else r_fapi
-        vendor = scanner if not (len(sessions) == 2 and sess == "fapi" and i % 3 == 2) else VENDORS[(i + 1) % 3]
-        tp = draw_tracer_params(sess, severity, rng, fapi_compound=fapi_compound)
-        suv, means = suv_map(anat, tp, fib, rng)
+
+    def acquire(sess: str, j: int, tp, suv: np.ndarray, means: dict, vendor: str, date: dt.date, r_geo, rng):
+        """One session: pose, timing, PET/CT rendering, DICOM and truth files; its truth rows, its
+        transform rows and its pose. Draws geometry, timing and UIDs from ``r_geo``, grids and noise
+        from ``rng`` (in this order: the baseline's streams must see the same draws as ever)."""
+        family = layout.session_parts(sess)[0]
         centre = head_centre(anat)
         pose = _rigid(r_geo, 10.0, 15.0, centre, min_deg=1.0)
         mis = _rigid(r_geo, 1.0, 2.5, (pose @ np.r_[centre, 1.0])[:3])
-        poses[sess] = pose
         # timing and dose
         half = 4062.6 if tp.radionuclide == "Ga-68" else 6586.2
         a_inj = (r_geo.uniform(100e6, 200e6) if tp.radionuclide == "Ga-68" else r_geo.uniform(200e6, 300e6))
-        inj = dt.datetime.combine(base_date + dt.timedelta(days=day[sess]), dt.time(8, 0)) + dt.timedelta(
+        inj = dt.datetime.combine(date, dt.time(8, 0)) + dt.timedelta(
             minutes=int(r_geo.integers(0, 330)), seconds=int(r_geo.integers(0, 60)))
         uptake = float(r_geo.uniform(50, 75) * 60)
         scan = inj + dt.timedelta(seconds=round(uptake))
@@ -382,8 +429,8 @@ def make_subject(outdir: str | Path, i: int, group: str, seed: int, anatomy_from
         study = StudyInfo(
             study_uid=_uid(r_geo), frame_of_reference_uid=_uid(r_geo),
             study_datetime=scan - dt.timedelta(seconds=int(r_geo.integers(150, 300))),
-            study_description={"psma": "PET-CT PSMA Kopf-Hals", "fapi": "PET-CT FAPI Kopf-Hals"}[sess]
-            if vendor == "siemens" else {"psma": "PSMA PET/CT HEAD NECK", "fapi": "FAPI PET/CT HEAD NECK"}[sess],
+            study_description={"psma": "PET-CT PSMA Kopf-Hals", "fapi": "PET-CT FAPI Kopf-Hals"}[family]
+            if vendor == "siemens" else {"psma": "PSMA PET/CT HEAD NECK", "fapi": "FAPI PET/CT HEAD NECK"}[family],
             accession_number=f"A{int(r_geo.integers(1e6, 1e7))}", institution_name="Phantom University Hospital",
             referring_physician="REFERRER^R", vendor=vendor)
         petinfo = PetInfo(tracer=tp.tracer, radionuclide=tp.radionuclide, half_life_s=half, injected_activity_bq=float(a_inj),
@@ -391,7 +438,7 @@ def make_subject(outdir: str | Path, i: int, group: str, seed: int, anatomy_from
         (cts, cta, hu), (pets, peta, pet_suv) = _render_session(anat, suv, hu_anat, ctp, tp, pose, mis, vendor, rng, {})
         delay = (scan - inj).total_seconds()
         bq = suv_to_bqml(pet_suv, a_inj, patient.weight_kg, delay, half)
-        sdir = outdir / "dicom" / sid / f"{(base_date + dt.timedelta(days=day[sess])).strftime('%Y%m%d')}_{sess.upper()}"
+        sdir = outdir / "dicom" / sid / f"{date.strftime('%Y%m%d')}_{sess.upper()}"
         desc = _DESCRIPTIONS[vendor]
         sn = 1
         if (i + j) % 2 == 0:
@@ -414,27 +461,57 @@ def make_subject(outdir: str | Path, i: int, group: str, seed: int, anatomy_from
         # the SUVbw image the PET DICOM encodes (after blur and noise), on the PET grid
         _write_nifti(Path(layout.path(truth, sid, sess, "pet.nii.gz", desc="suvbw")), pet_suv.astype(np.float32), peta)
         write_label_table(layout.path(truth, sid, sess, "dseg.tsv", space="ct"))
-        for idx, lab in glabels.items():
-            truth_rows.append({
-                "subject_id": sid, "group": group, "session": sess, "tracer": tp.tracer, "gland": lab.gland,
-                "side": lab.side, "true_volume_ml": float(counts[idx]) * anat.voxel_volume_ml,
-                "true_suv_mean": means.get(idx, float("nan")), "severity": severity,
-                "fibrotic_fraction": (fib.fraction.get(idx, 0.0) if fib is not None else 0.0),
-                "psf_fwhm_mm": float(tp.psf_fwhm_mm),
-            })
-        anat_to_pet = mis @ pose
-        for frm, to, M in (("anatomy", "ct", pose), ("anatomy", "pet", anat_to_pet), ("pet", "ct", np.linalg.inv(mis))):
-            xfm_rows.append({"subject_id": sid, "session": sess, "from_space": frm, "to_space": to,
-                             "matrix_lps": [float(v) for v in M.ravel()], "rotation_deg": _angle_deg(M),
-                             "translation_mm": float(np.linalg.norm(M[:3, 3]))})
+        rows = [{
+            "subject_id": sid, "group": group, "session": sess, "tracer": tp.tracer, "gland": lab.gland,
+            "side": lab.side, "true_volume_ml": float(counts[idx]) * anat.voxel_volume_ml,
+            "true_suv_mean": means.get(idx, float("nan")), "severity": severity,
+            "fibrotic_fraction": (fib.fraction.get(idx, 0.0) if fib is not None else 0.0),
+            "psf_fwhm_mm": float(tp.psf_fwhm_mm),
+        } for idx, lab in glabels.items()]
+        xfms = [_xfm_row(sid, sess, frm, to, M) for frm, to, M in
+                (("anatomy", "ct", pose), ("anatomy", "pet", mis @ pose), ("pet", "ct", np.linalg.inv(mis)))]
+        return rows, xfms, pose
+
+    truth_rows, xfm_rows, poses = [], [], {}
+    fu_truth, fu_xfm = [], []
+    if followup:
+        r_when, r_follow = followup_streams(seed, i)
+        interval = int(r_when.integers(FOLLOWUP_DAYS[0], FOLLOWUP_DAYS[1] + 1))
+    for sess in sessions:
+        j = 0 if sess == "psma" else 1
+        rng = r_psma if sess == "psma" else r_fapi
+        vendor = scanner if not (len(sessions) == 2 and sess == "fapi" and i % 3 == 2) else VENDORS[(i + 1) % 3]
+        tp = draw_tracer_params(sess, severity, rng, fapi_compound=fapi_compound)
+        suv, means = suv_map(anat, tp, fib, rng)
+        rows, xfms, poses[sess] = acquire(sess, j, tp, suv, means, vendor, base_date + dt.timedelta(days=day[sess]),
+                                          r_geo, rng)
+        truth_rows += rows
+        xfm_rows += xfms
+        if followup:
+            # the same person and tracer parameters, the glands' uptake changed by the planted factors
+            later = layout.session_name(sess, 2)
+            factors = {lab.index: 1.0 + FOLLOWUP_CHANGE[sess][lab.gland] for lab in DEFAULT_LABELS}
+            suv2, means2 = scale_gland_uptake(anat, suv, factors)
+            del suv
+            rows, xfms, poses[later] = acquire(later, j + 2, tp, suv2, means2, vendor,
+                                               base_date + dt.timedelta(days=day[sess] + interval),
+                                               r_follow[sess], r_follow[sess])
+            del suv2
+            fu_truth += rows
+            fu_xfm += xfms
     if len(sessions) == 2:
-        M = poses["psma"] @ np.linalg.inv(poses["fapi"])
-        xfm_rows.append({"subject_id": sid, "session": None, "from_space": "fapi_ct", "to_space": "psma_ct",
-                         "matrix_lps": [float(v) for v in M.ravel()], "rotation_deg": _angle_deg(M),
-                         "translation_mm": float(np.linalg.norm(M[:3, 3]))})
+        xfm_rows.append(_xfm_row(sid, None, "fapi_ct", "psma_ct", poses["psma"] @ np.linalg.inv(poses["fapi"])))
+    if followup:
+        # every follow-up CT onto the subject's reference baseline CT (PSMA when present); at the
+        # follow-up time point also FAPI onto PSMA, as at baseline
+        ref = sessions[0]
+        pairs = [(layout.session_name(s, 2), ref) for s in sessions]
+        if len(sessions) == 2:
+            pairs.append(("fapi2", "psma2"))
+        fu_xfm += [_xfm_row(sid, None, f"{a}_ct", f"{b}_ct", poses[b] @ np.linalg.inv(poses[a])) for a, b in pairs]
     subj = {"subject_id": sid, "group": group, "dicom_dir": sid, "sex": sex, "age": age, **clinical}
-    return {"subject": subj, "truth": truth_rows, "transforms": xfm_rows, "seconds": time.perf_counter() - t0,
-            "lesion": lesion}
+    return {"subject": subj, "truth": truth_rows + fu_truth, "transforms": xfm_rows + fu_xfm,
+            "seconds": time.perf_counter() - t0, "lesion": lesion}
 
 
 def make_atlas(outdir: str | Path, j: int, seed: int, anatomy_from=None, case_id=None, dicom: bool = False) -> dict:
@@ -514,10 +591,23 @@ def assign_real_cases(anatomy_from, n_subjects: int, n_atlases: int) -> tuple[li
     return [first[i % len(first)] for i in range(n_subjects)], [last[j % len(last)] for j in range(n_atlases)]
 
 
+def followup_subjects(groups: list[str], followups: int) -> list[int]:
+    """The subjects (indices) given a follow-up: the first ``followups`` pSS subjects (each has both
+    sessions); all of them when there are fewer."""
+    if int(followups) < 0:
+        raise ValueError(f"followups must be >= 0, got {followups}")
+    return [i for i, g in enumerate(groups) if g == "pss"][: int(followups)]
+
+
 def generate_cohort(outdir, n_subjects: int, seed: int, anatomy_from=None, n_atlases: int = 3,
-                    pss_fraction: float = 0.6, jobs: int = 1, progress: bool = True, atlas_dicom: bool = False) -> dict:
+                    pss_fraction: float = 0.6, jobs: int = 1, progress: bool = True, atlas_dicom: bool = False,
+                    followups: int = 0) -> dict:
     """Write a phantom cohort under ``outdir``; returns a summary dict (counts, seconds).
-    ``atlas_dicom``: also write each atlas as DICOM CT + RTSTRUCT (``atlases/<name>/dicom/``)."""
+    ``atlas_dicom``: also write each atlas as DICOM CT + RTSTRUCT (``atlases/<name>/dicom/``).
+    ``followups``: the first that many pSS subjects (:func:`followup_subjects`) also get a follow-up
+    scan of each tracer ~180 days later with a planted change (:func:`make_subject`,
+    :data:`FOLLOWUP_CHANGE`; sessions ``psma2``, ``fapi2`` in the truth tables); 0 writes exactly
+    the cohort of earlier releases."""
     from glandpet.tables import GLAND_TRUTH, TRANSFORMS, write_table
 
     t0 = time.perf_counter()
@@ -527,7 +617,8 @@ def generate_cohort(outdir, n_subjects: int, seed: int, anatomy_from=None, n_atl
     cases_s, cases_a = [None] * n_subjects, [None] * n_atlases
     if anatomy_from:
         cases_s, cases_a = assign_real_cases(anatomy_from, n_subjects, n_atlases)
-    tasks = [("subject", outdir, i, groups[i], seed, anatomy_from, cases_s[i]) for i in range(n_subjects)]
+    later = set(followup_subjects(groups, followups))
+    tasks = [("subject", outdir, i, groups[i], seed, anatomy_from, cases_s[i], i in later) for i in range(n_subjects)]
     tasks += [("atlas", outdir, j, seed, anatomy_from, cases_a[j], atlas_dicom) for j in range(n_atlases)]
     results = []
     from glandpet.progress import Progress
@@ -561,9 +652,10 @@ def generate_cohort(outdir, n_subjects: int, seed: int, anatomy_from=None, n_atl
     n_pss = sum(g == "pss" for g in groups)
     summary = {"subjects": n_subjects, "pss": n_pss, "control": n_subjects - n_pss,
                "sessions": sum(len({r["session"] for r in s["truth"]}) for s in subj), "atlases": n_atlases,
-               "seconds": secs, "outdir": str(outdir)}
+               "followups": len(later), "seconds": secs, "outdir": str(outdir)}
+    fu = f" ({len(later)} follow-up subject{'s' * (len(later) != 1)})" if later else ""
     bar.close(f"glandpet phantom: {n_subjects} subjects ({n_pss} pss, {n_subjects - n_pss} control), "
-              f"{summary['sessions']} sessions, {n_atlases} atlases in {secs:.1f} s -> {outdir}")
+              f"{summary['sessions']} sessions{fu}, {n_atlases} atlases in {secs:.1f} s -> {outdir}")
     return summary
 
 
@@ -575,10 +667,12 @@ def run_phantom(args) -> int:
         raise UserError("--subjects must be at least 1")
     if not 0.0 <= args.pss_fraction <= 1.0:
         raise UserError("--pss-fraction must be between 0 and 1")
+    if getattr(args, "followups", 0) < 0:
+        raise UserError("--followups must be 0 or more")
     if args.anatomy_from and not Path(args.anatomy_from).is_dir():
         raise UserError(f"--anatomy-from: {args.anatomy_from} is not a folder")
     jobs = args.jobs if args.jobs and args.jobs > 0 else (os.cpu_count() or 1)
     generate_cohort(args.outdir, args.subjects, args.seed, anatomy_from=args.anatomy_from, n_atlases=args.atlases,
                     pss_fraction=args.pss_fraction, jobs=jobs, progress=True,
-                    atlas_dicom=bool(getattr(args, "atlas_dicom", False)))
+                    atlas_dicom=bool(getattr(args, "atlas_dicom", False)), followups=int(getattr(args, "followups", 0)))
     return 0

@@ -5,6 +5,7 @@
 * :func:`plant_fibrosis` draws the focal fibrotic zones of a pSS subject's glands: a soft weight
   field w in [0, 1] shared by both tracers (PSMA x (1 - a w), FAPI x (1 + b w) in the same voxels).
 * :func:`suv_map` builds the noise-free SUVbw map on the anatomy grid (the ground truth).
+* :func:`scale_gland_uptake` changes the glands' uptake of such a map by known factors (follow-up scans).
 * :func:`render_pet` resamples it into a session's PET grid through the pose composed with the
   PET-to-CT misalignment, blurs it with the tracer's Gaussian PSF, averages it down to the PET
   voxels, and adds mean-proportional-variance noise; :func:`suv_to_bqml` converts to Bq/mL.
@@ -273,6 +274,21 @@ def suv_map(anat: Anatomy, params: TracerParams, fib: Fibrosis | None, rng: np.r
     return suv, means
 
 
+def scale_gland_uptake(anat: Anatomy, suv: np.ndarray, factors: dict) -> tuple[np.ndarray, dict]:
+    """A copy of a noise-free SUV map (:func:`suv_map`) with each gland label's voxels multiplied by
+    ``factors[label]`` (missing labels: 1), and the new true SUVmean per gland label, computed as
+    :func:`suv_map` computes it. The within-gland pattern (heterogeneity, fibrotic zones) and the
+    rest of the body stay as they were: a follow-up scan with a known change of the glands' uptake."""
+    lut = np.ones(max(int(anat.glands.max()), max(factors, default=0)) + 1, np.float32)
+    for lab, f in factors.items():
+        lut[int(lab)] = np.float32(f)
+    out = suv * lut[anat.glands]
+    means = {}
+    for lab, sl in _gland_boxes(anat).items():
+        means[lab] = float(out[sl][anat.glands[sl] == lab].mean())
+    return out, means
+
+
 # ---------------------------------------------------------------------------------------------
 # rendering
 
@@ -459,5 +475,5 @@ def resample_labels(labels: np.ndarray, anat_affine: np.ndarray, shape, affine: 
 
 __all__ = [
     "TracerParams", "Fibrosis", "ZONE_PROBABILITY", "draw_tracer_params", "draw_fapi_compound", "plant_fibrosis", "suv_map",
-    "render_pet", "suv_to_bqml", "draw_ct_params", "ct_hu_map", "render_ct", "resample_labels", "GLANDS",
+    "scale_gland_uptake", "render_pet", "suv_to_bqml", "draw_ct_params", "ct_hu_map", "render_ct", "resample_labels", "GLANDS",
 ]

@@ -110,8 +110,8 @@ def voxel_correlations(cohort: str | Path) -> pd.DataFrame:
         return np.asarray(sel.iloc[0]["matrix_lps"], float).reshape(4, 4)
 
     rows = []
-    both = truth.groupby("subject_id")["session"].nunique()
-    for sub in both[both == 2].index:
+    sessions = truth.groupby("subject_id")["session"].agg(set)
+    for sub in sessions[sessions.map(lambda s: {"psma", "fapi"} <= s)].index:  # baseline pairs (follow-ups aside)
         t = truth[(truth.subject_id == sub) & (truth.session == "psma")]
         truth_dir = cohort / "truth"
         psma_img = nib.load(layout.path(truth_dir, sub, "psma", "pet.nii.gz", desc="suvbw"))
