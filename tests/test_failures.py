@@ -63,6 +63,16 @@ def test_index_and_montage_failure_keeps_the_subjects_sessions(tmp_path):
     assert dag.selected_sessions(series, "B") == {"psma": "psma"}
 
 
+def test_a_follow_ups_failed_alignment_leaves_out_that_follow_up_only(tmp_path):
+    """Each session other than the reference has its own alignment job, whose log names the moving
+    session: its failure drops that session, not the subject's other sessions."""
+    results = tmp_path / "results"
+    series = _series(results, "B", ("psma", "fapi", "psma2", "fapi2"))
+    assert set(dag.selected_sessions(series, "B")) == {"psma", "fapi", "psma2", "fapi2"}
+    _fail(results, "align_sessions", "sub-B_ses-psma2_to-psma.log")
+    assert set(dag.selected_sessions(series, "B")) == {"psma", "fapi", "fapi2"}
+
+
 def test_failure_record_is_stale_once_inputs_params_or_code_change(tmp_path, monkeypatch):
     """Before: a record applied forever (not tied to the inputs, params or code that failed)."""
     results = tmp_path / "results"

@@ -49,7 +49,12 @@ NAMES = [
      "results/sub-S001/ses-psma/sub-S001_ses-psma_space-pet_dseg.nii.gz"),
     ((R, "S001", None, "xfm.mat"), {"from_": "fapi", "to": "psma"},
      "results/sub-S001/sub-S001_from-fapi_to-psma_xfm.mat"),
-    ((R, "S001", None, "qc.json"), {"desc": "align"}, "results/sub-S001/sub-S001_desc-align_qc.json"),
+    ((R, "S001", None, "xfm.nii.gz"), {"from_": "psma2", "to": "psma"},
+     "results/sub-S001/sub-S001_from-psma2_to-psma_xfm.nii.gz"),
+    ((R, "S001", "fapi", "qc.json"), {"to": "psma", "desc": "align"},
+     "results/sub-S001/ses-fapi/sub-S001_ses-fapi_to-psma_desc-align_qc.json"),
+    ((R, "S001", "fapi2", "pet.nii.gz"), {"trc": "FAPI04", "desc": "suvbw"},
+     "results/sub-S001/ses-fapi2/sub-S001_ses-fapi2_trc-FAPI04_desc-suvbw_pet.nii.gz"),
     ((R, "S001", None, "gland_index.parquet"), {}, "results/sub-S001/sub-S001_gland_index.parquet"),
     ((f"{R}/work", "S001", None, "series.json"), {}, "results/work/sub-S001/sub-S001_series.json"),
 ]
@@ -99,6 +104,9 @@ def test_parse_log_names():
         "subject": "S001", "session": "fapi", "suffix": None, "extension": ".log"}
     assert parse(Path("results/logs/align_sessions/sub-S002.log")) == {
         "subject": "S002", "session": None, "suffix": None, "extension": ".log"}
+    # the session alignment's log is the moving session's: a failure leaves out that session
+    assert parse("results/logs/align_sessions/sub-S002_ses-psma2_to-psma.log") == {
+        "subject": "S002", "session": "psma2", "to": "psma", "suffix": None, "extension": ".log"}
     for cohort_log in ("results/logs/cohort_tables.log", "results/logs/index_dicom.log"):
         with pytest.raises(ValueError):
             parse(cohort_log)
@@ -107,8 +115,8 @@ def test_parse_log_names():
 def test_parse_qc_json_names():
     assert parse("results/sub-S001/ses-psma/sub-S001_ses-psma_desc-segment_qc.json") == {
         "subject": "S001", "session": "psma", "desc": "segment", "suffix": "qc", "extension": ".json"}
-    assert parse("results/sub-S001/sub-S001_desc-align_qc.json") == {
-        "subject": "S001", "session": None, "desc": "align", "suffix": "qc", "extension": ".json"}
+    assert parse("results/sub-S001/ses-fapi/sub-S001_ses-fapi_to-psma_desc-align_qc.json") == {
+        "subject": "S001", "session": "fapi", "to": "psma", "desc": "align", "suffix": "qc", "extension": ".json"}
 
 
 @pytest.mark.parametrize("bad", ["dseg.nii.gz", "ses-psma_sub-S001_ct.nii.gz", "sub-S001_sub-S002_ct.nii.gz",

@@ -22,11 +22,13 @@ from glandpet.writers import write_json, write_nifti_like, write_text_atomic
 log = logging.getLogger("glandpet")
 
 
-def demo_phantom(outdir: str, subjects: int, seed: int, atlases: int, threads: int = 1) -> None:
-    """Generate the demo cohort (or, with subjects=0, only the phantom's atlas set)."""
+def demo_phantom(outdir: str, subjects: int, seed: int, atlases: int, threads: int = 1, followups: int = 0) -> None:
+    """Generate the demo cohort (or, with subjects=0, only the phantom's atlas set); ``followups``: pSS
+    subjects given a follow-up scan of each tracer with a planted change."""
     from glandpet.phantom.cohort import generate_cohort
 
-    generate_cohort(outdir, int(subjects), int(seed), n_atlases=int(atlases), jobs=int(threads), progress=False)
+    generate_cohort(outdir, int(subjects), int(seed), n_atlases=int(atlases), jobs=int(threads), progress=False,
+                    followups=int(followups))
 
 
 def index_dicom(sheet: str, dicom_root: str, overrides: list[Mapping[str, str]], output: Any, threads: int = 1,
