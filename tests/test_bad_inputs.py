@@ -589,7 +589,7 @@ def test_cohort_tables_list_failures_even_when_every_subject_failed(small_cohort
     from glandpet.workflow import failures
     from glandpet.workflow import steps
     from glandpet.dicom.catalog import FAILURES_SCHEMA, SERIES_SCHEMA
-    from glandpet.tables import QC, write_table
+    from glandpet.tables import GLAND_CHANGE, QC, write_table
 
     res = tmp_path / "results"
     (tmp_path / "s.tsv").write_text("subject_id\tgroup\tdicom_dir\nA\tpss\ta\nB\tcontrol\tb\n")
@@ -602,7 +602,7 @@ def test_cohort_tables_list_failures_even_when_every_subject_failed(small_cohort
         with failures.log_to(res / "logs" / "convert_ct" / "sub-B_ses-fapi.log"):
             raise UserError("sub-B ses-fapi CT series #2 'CT': unequal slice spacing")
     out = NS(gland_stats=res / "tables" / "gland_stats.parquet", gland_index=res / "tables" / "gland_index.parquet",
-             qc=res / "tables" / "qc.parquet")
+             gland_change=res / "tables" / "gland_change.parquet", qc=res / "tables" / "qc.parquet")
     steps.cohort_tables(NS(sheet=tmp_path / "s.tsv", series=res / "tables" / "series.parquet", stats=[], index=[],
                         qc=[res / "tables" / "series.parquet"], failures=res / "work" / "index_failures.parquet"),
                      out, "0123456789ab", [{"label_table": small_cohort / "atlases" / "atlas01" / "labels.tsv"}])
@@ -612,6 +612,7 @@ def test_cohort_tables_list_failures_even_when_every_subject_failed(small_cohort
     assert got == {("A", None, "index", "failed"), ("B", "fapi", "convert_ct", "failed")}
     assert qc.set_index("subject_id").loc["B", "message"].startswith("sub-B ses-fapi CT series #2")
     assert len(pd.read_parquet(out.gland_stats)) == 0 and len(pd.read_parquet(out.gland_index)) == 0
+    assert len(pd.read_parquet(out.gland_change)) == 0 and pq_schema_equals(out.gland_change, GLAND_CHANGE)
 
 
 def pq_schema_equals(path, schema) -> bool:

@@ -297,7 +297,7 @@ def cohort_tables(inputs: Any, output: Any, cfg_hash: str, atlases: list[Mapping
     index["timepoint"] = (pd.to_numeric(index["timepoint"], errors="coerce").fillna(1).astype("Int64")
                           if "timepoint" in index.columns else pd.array([1] * len(index), dtype="Int64"))
     write_table(index.assign(**prov), GLAND_INDEX, output.gland_index)
-    if "gland_change" in output.keys():
+    if getattr(output, "gland_change", None):
         change = gland_change_table(stats, index)
         write_table(change.assign(**prov), GLAND_CHANGE, output.gland_change,
                     metadata={"reference": TEST_RETEST_REFERENCE, "test_retest_pct": TEST_RETEST_PCT,
