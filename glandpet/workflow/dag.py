@@ -69,7 +69,7 @@ def _selected(series_path: str, mtime: float) -> dict[str, dict[str, str]]:
     cols = ["subject_id", "session", "role", "selected", "tracer_slug"]
     has_problem = "problem" in pq.read_schema(series_path).names
     df = pd.read_parquet(series_path, columns=cols + (["problem"] if has_problem else []))
-    keep = df["selected"].fillna(False).astype(bool) & (df["role"] == "pet_ac") & df["session"].map(is_session, na_action="ignore").fillna(False).astype(bool)
+    keep = df["selected"].fillna(False).astype(bool) & (df["role"] == "pet_ac") & df["session"].map(is_session).astype(bool)
     if has_problem:
         keep &= df["problem"].isna()  # a session the index found unusable is left out (qc.parquet says why)
     df = df[keep]
