@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from glandpet.layout import entities, label_table_of
+from glandpet.layout import entities, is_session, label_table_of
 from glandpet.layout import path as layout_path
 from glandpet.layout import transform_prefix_of
 from glandpet.measure.gland_index import index_pairs, voxel_correlations
@@ -188,8 +188,8 @@ def gland_index(inputs: Any, out_path: str, subject: str, index_cfg: Mapping[str
     keys = set(inputs.keys())
     # each time point with both tracers measured (the montage's inputs name each session's SUV, so
     # the pair is known by its PSMA session's PET-grid labels, an index-only input)
-    pairs = [(p, f) for _, p, f in index_pairs(stats["session"].unique())
-             if {f"{p}_pet_dseg", f"{p}_suv", f"{f}_suv"} <= keys]
+    with_suv = [k[: -len("_suv")] for k in keys if k.endswith("_suv") and is_session(k[: -len("_suv")])]
+    pairs = [(p, f) for _, p, f in index_pairs(with_suv) if f"{p}_pet_dseg" in keys]
     spearman = pd.concat([voxel_correlations(inputs, subject, p, f) for p, f in pairs], ignore_index=True) \
         if pairs else None
     definition = index_cfg.get("definition", "ratio")
