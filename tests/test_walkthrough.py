@@ -3,8 +3,10 @@ patients matched by patient_id). The commands and the Python snippets are read f
 README.md (section "Your own study"), so the walkthrough and this test cannot drift apart.
 
 ONE run (the session fixture `walkthrough`): the small phantom cohort (a pSS patient with PSMA and
-FAPI sessions, a control with FAPI only, one label-map atlas) -> PACS-style export -> `glandpet init`
--> the test fills the group column -> `glandpet check` -> `snakemake` -> tables."""
+FAPI sessions and a follow-up of each ~180 days later, with a planted change of the glands' uptake; a
+control with FAPI only; one label-map atlas) -> PACS-style export -> `glandpet init` (which drafts the
+follow-ups from the scan dates) -> the test fills the group column -> `glandpet check` -> `snakemake`
+-> tables, `gland_change` among them (issue 19.4: follow-up scans end to end)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pydicom
 import pytest
@@ -73,8 +76,13 @@ def walkthrough(small_cohort, tmp_path_factory) -> dict:
     from glandpet.phantom.pacs_export import build_pacs_export
     from glandpet.study.draft import read_linkage_key
 
+    from glandpet.phantom.cohort import generate_cohort
+
     w = tmp_path_factory.mktemp("walkthrough")
-    build_pacs_export(small_cohort / "dicom", w / "export", patients_per_date=2, seed=7)
+    # small_cohort's subjects (its baseline files, byte for byte), the pSS one scanned again
+    cohort = w / "cohort"
+    generate_cohort(cohort, 2, seed=5, n_atlases=0, followups=1, progress=False)
+    build_pacs_export(cohort / "dicom", w / "export", patients_per_date=2, seed=7)
     # step 2: the atlas comes from a planning CT + RTSTRUCT: the phantom's atlas individual written as
     # DICOM (make_atlas is deterministic: the same individual as small_cohort's atlas01)
     from glandpet.phantom.cohort import make_atlas
@@ -83,7 +91,7 @@ def walkthrough(small_cohort, tmp_path_factory) -> dict:
     src = w / "rt_source" / "atlases" / "atlas01" / "dicom"
     shutil.copytree(src / "ct", w / "planning" / "hn01" / "ct")
     shutil.copy2(src / "rtstruct.dcm", w / "planning" / "hn01" / "RS.dcm")
-    out: dict = {"dir": w, "labelmap_atlas": small_cohort / "atlases" / "atlas01"}
+    out: dict = {"dir": w, "labelmap_atlas": small_cohort / "atlases" / "atlas01", "cohort": cohort}
     out["atlas_add"] = run(command("glandpet atlas add"), w)
     assert out["atlas_add"].returncode == 0, out["atlas_add"].stdout + out["atlas_add"].stderr
 
@@ -92,10 +100,10 @@ def walkthrough(small_cohort, tmp_path_factory) -> dict:
     assert out["init"].returncode == 0, out["init"].stderr
 
     # step 4: the team fills the group column (here from the phantom's truth, through the PatientIDs)
-    truth = pd.read_csv(small_cohort / "subjects.tsv", sep="\t", dtype=str)
+    truth = pd.read_csv(cohort / "subjects.tsv", sep="\t", dtype=str)
     pid_group = {}
     for sub, group in zip(truth["subject_id"], truth["group"]):
-        f = next(p for p in (small_cohort / "dicom" / sub).rglob("*") if p.is_file())
+        f = next(p for p in (cohort / "dicom" / sub).rglob("*") if p.is_file())
         pid_group[str(pydicom.dcmread(f, stop_before_pixels=True).PatientID)] = (sub, group)
     key = read_linkage_key(w / "study" / "linkage-key.tsv")
     sheet = pd.read_csv(w / "study" / "subjects.tsv", sep="\t", dtype=str, keep_default_na=False)
@@ -139,7 +147,9 @@ def test_init_drafts_a_patient_id_sheet(walkthrough):
     assert (sheet["group"] == "").all() and (sheet["dicom_dir"] == "").all()  # mixed tree: patient_id rows
     assert (sheet["patient_id"] != "").all()
     sessions = {walkthrough["phantom_of"][s]: x for s, x in zip(sheet["subject_id"], sheet["sessions"])}
-    assert sessions == {"S001": "psma,fapi", "S002": "fapi"}
+    assert sessions == {"S001": "psma,fapi,psma2,fapi2", "S002": "fapi"}  # the follow-ups from the scan dates
+    days = {walkthrough["phantom_of"][s]: r for s, r in zip(sheet["subject_id"], sheet.to_dict("records"))}
+    assert int(days["S001"]["psma2_day"]) - int(days["S001"]["psma_day"]) > 150
     assert "snakemake --cores all --configfile" in walkthrough["init"].stdout
 
 
@@ -158,7 +168,7 @@ def test_snakemake_reaches_the_tables(walkthrough):
     stats = pd.read_parquet(tables / "gland_stats.parquet")
     got = stats.groupby("subject_id")["session"].agg(lambda s: ",".join(sorted(set(s)))).to_dict()
     phantom_of = walkthrough["phantom_of"]
-    assert {phantom_of[s]: v for s, v in got.items()} == {"S001": "fapi,psma", "S002": "fapi"}
+    assert {phantom_of[s]: v for s, v in got.items()} == {"S001": "fapi,fapi2,psma,psma2", "S002": "fapi"}
     assert dict(zip(stats["subject_id"], stats["group"])) == walkthrough["group_of"]
     # no PatientID in any table
     for pid in walkthrough["drafted"]["patient_id"]:
@@ -179,7 +189,73 @@ def test_doc_snippets_run(walkthrough, monkeypatch, capsys):
     joined = ns["joined"]
     assert len(joined) == len(ns["stats"])  # every measurement has its subject x gland x side index row
     assert joined["psma_fapi_index"].notna().any()  # the pSS subject has both sessions
+    assert set(joined["timepoint"]) == {1, 2}  # the follow-up's measurements join its own time point
     assert "suv_mean" in capsys.readouterr().out
+
+
+#: glands whose planted change is far above the phantom's noise (README "The phantom": the small glands
+#: move by up to +-0.3 with nothing planted)
+CHANGED = ("parotid", "submandibular")
+
+
+def test_every_session_is_aligned_to_the_baseline_and_measured(walkthrough):
+    assert walkthrough["snakemake"].returncode == 0, "the workflow did not finish"
+    results = walkthrough["dir"] / "study" / "results"
+    sub = {v: k for k, v in walkthrough["phantom_of"].items()}["S001"]
+    for moving in ("fapi", "psma2", "fapi2"):
+        for suffix in ("xfm.mat", "xfm.nii.gz", "invxfm.nii.gz"):
+            assert (results / f"sub-{sub}" / f"sub-{sub}_from-{moving}_to-psma_{suffix}").is_file()
+    qc = pd.read_parquet(results / "tables" / "qc.parquet")
+    align = qc[(qc["stage"] == "align") & (qc["subject_id"] == sub)]
+    assert sorted(align["session"]) == ["fapi", "fapi2", "psma2"] and set(align["status"]) == {"ok"}
+    assert not (qc["status"] == "failed").any()
+    gs = pd.read_parquet(results / "tables" / "gland_stats.parquet")
+    gs = gs[gs["subject_id"] == sub]
+    assert dict(gs.groupby("session")["timepoint"].first()) == {"psma": 1, "fapi": 1, "psma2": 2, "fapi2": 2}
+    assert gs["days_from_first_scan"].notna().all()
+    # the baseline labels reach the follow-up through the alignment: the same glands, similar volumes
+    vol = gs.pivot_table(index=["gland", "side"], columns="session", values="volume_ml").loc[list(CHANGED)]
+    assert np.allclose(vol["psma2"], vol["psma"], rtol=0.15), vol
+    gi = pd.read_parquet(results / "tables" / "gland_index.parquet")
+    gi = gi[(gi["subject_id"] == sub) & gi["gland"].isin(CHANGED)]
+    assert sorted(gi["timepoint"].unique()) == [1, 2] and gi["psma_fapi_index"].notna().all()
+    assert np.allclose(gi["psma_fapi_index"], gi["fapi_suv_mean"] / gi["psma_suv_mean"])
+    assert gi.loc[gi["gland"] == "parotid", "voxel_spearman_rho"].notna().all()
+
+
+def test_gland_change_recovers_the_planted_change(walkthrough):
+    """The change is recovered to within the test-retest variability of a repeated PSMA-11 scan (10
+    percentage points, glandpet.cohort.change.TEST_RETEST_PCT), with its sign: a pipeline whose change
+    error were larger could not tell a treatment effect from scanning the same gland twice. The true
+    change is the phantom's truth table's."""
+    from glandpet.cohort.change import TEST_RETEST_PCT
+
+    assert walkthrough["snakemake"].returncode == 0, "the workflow did not finish"
+    truth = pd.read_parquet(walkthrough["cohort"] / "truth" / "gland_truth.parquet")
+    true = truth[truth["subject_id"] == "S001"].pivot_table(index=["gland", "side"], columns="session",
+                                                             values="true_suv_mean")
+    ch = pd.read_parquet(walkthrough["dir"] / "study" / "results" / "tables" / "gland_change.parquet")
+    assert {walkthrough["phantom_of"][s] for s in ch["subject_id"]} == {"S001"} and set(ch["timepoint"]) == {2}
+    assert (ch["days_from_baseline"] > 150).all()
+    for family, sign in (("psma", +1), ("fapi", -1)):
+        rows = ch[(ch["quantity"] == f"{family}_suv_mean") & ch["gland"].isin(CHANGED)]
+        assert len(rows) == 2 * len(CHANGED)
+        for r in rows.itertuples():
+            planted = 100 * (true.loc[(r.gland, r.side), f"{family}2"] / true.loc[(r.gland, r.side), family] - 1)
+            assert np.sign(r.change_pct) == sign == np.sign(planted)
+            assert abs(r.change_pct - planted) <= TEST_RETEST_PCT, (family, r.gland, r.side, r.change_pct, planted)
+            assert r.beyond_test_retest
+    # the index: FAPI down and PSMA up make the FAPI/PSMA ratio fall
+    idx = ch[(ch["quantity"] == "psma_fapi_index") & ch["gland"].isin(CHANGED)]
+    assert len(idx) == 2 * len(CHANGED) and (idx["change_pct"] < -TEST_RETEST_PCT).all()
+
+
+def test_cross_sectional_tables_count_each_subject_once(walkthrough):
+    """The follow-ups are in gland_change, not in the cohort comparisons."""
+    assert walkthrough["snakemake"].returncode == 0, "the workflow did not finish"
+    out = pd.read_parquet(walkthrough["dir"] / "study" / "results" / "tables" / "outcomes.parquet")
+    assert len(out) and not out["session"].isin(["psma2", "fapi2"]).any()
+    assert (out["n"].dropna() <= 2).all()  # two subjects, each counted once
 
 
 def test_walkthrough_folders_are_ignored_by_git():

@@ -245,6 +245,7 @@ demo:
   subjects: 6
   seed: 0
   atlases: 3
+  followups: 0
 
 # Atlases: CT + gland label map + label table (index, gland, side), e.g. built with
 # `glandpet atlas add ATLAS_DIR --ct CT_SERIES_DIR --rtstruct RS.dcm`.
