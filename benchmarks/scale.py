@@ -51,10 +51,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: Stage of each rule, for the cost table.
 STAGES = {
-    "index_dicom": "index", "convert_pet": "PET conversion + SUV",
+    "catalog_dicom": "index", "convert_pet": "PET conversion + SUV",
     "convert_ct_register_pet": "CT conversion + PET->CT registration",
     "align_sessions": "session alignment", "segment_glands": "segmentation",
-    "measure_glands": "measurement", "index_and_montage": "index + QC montage",
+    "measure_glands": "measurement", "gland_index_and_montage": "index + QC montage",
     "cohort_tables": "cohort", "cohort_statistics": "cohort", "report_tables": "cohort",
     "cohort_figures": "cohort", "demo_phantom": "demo phantom", "phantom_atlases": "demo phantom",
 }
@@ -65,7 +65,7 @@ THREADS_DEFAULT = 1
 def checkpoint_outputs() -> list[str]:
     """Paths (relative to the results folder) of the index checkpoint's outputs."""
     text = (REPO / "rules" / "ingest.smk").read_text()
-    block = re.search(r"checkpoint index_dicom:.*?output:(.*?)\n    \w+:", text, re.S)
+    block = re.search(r"checkpoint catalog_dicom:.*?output:(.*?)\n    \w+:", text, re.S)
     return re.findall(r'f"\{RESULTS\}/([^"]+)"', block.group(1)) if block else []
 
 
@@ -261,7 +261,7 @@ def cost_table(results: Path, cohort: int) -> None:
     for rule, r in per_rule.iterrows():
         if r["stage"] == "demo phantom":
             continue
-        cohort_wide = rule in ("index_dicom", "cohort_tables", "cohort_statistics", "cohort_figures")
+        cohort_wide = rule in ("catalog_dicom", "cohort_tables", "cohort_statistics", "cohort_figures")
         k = 1.0 if cohort_wide else scale
         est.append({"stage": r["stage"], "jobs": r["jobs"] * k,
                     "cpu_h": r["cpu_s_sum"] * k / 3600, "core_h": r["wall_s_sum"] * r["threads"] * k / 3600,

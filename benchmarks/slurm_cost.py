@@ -47,7 +47,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 #: rules that run once per cohort: not scaled in the estimate
-PER_COHORT = {"index_dicom", "cohort_tables", "cohort_statistics", "report_tables", "cohort_figures",
+PER_COHORT = {"catalog_dicom", "cohort_tables", "cohort_statistics", "report_tables", "cohort_figures",
               "demo_phantom", "phantom_atlases"}
 
 JOB_COLUMNS = ["jobid", "cpus", "elapsed_s", "total_cpu_s", "source"]

@@ -132,7 +132,7 @@ def track(items: Iterable[T], label: str, *, total: int | None = None, unit: str
 
 
 # ------------------------------------------------------------------------------ the workflow's plan
-def plan_text(to_run: Mapping[str, int], done: int, checkpoint: str = "index_dicom") -> str:
+def plan_text(to_run: Mapping[str, int], done: int, checkpoint: str = "catalog_dicom") -> str:
     """The plan once a checkpoint has expanded it: jobs per rule, in the order given."""
     total = sum(to_run.values())
     width = max([len(r) for r in to_run] + [5])
@@ -147,7 +147,7 @@ class PlanAfterCheckpoint(logging.Handler):
     plan is expanded by then), print the real plan (jobs per rule) once. In a dry run whose checkpoint
     has not run, say that the plan shown ends at it and how to see the rest."""
 
-    def __init__(self, dag: Callable[[], Any], checkpoint: str = "index_dicom", *,
+    def __init__(self, dag: Callable[[], Any], checkpoint: str = "catalog_dicom", *,
                  dryrun: Callable[[], bool] = lambda: False,
                  checkpoint_done: Callable[[], bool] = lambda: False, stream: IO[str] | None = None):
         super().__init__(logging.INFO)

@@ -64,7 +64,7 @@ def series_table():
     1,000-subject DAG (an incomplete checkpoint raises, and is asked again next time).
     """
     if not _INDEX_DONE:
-        _INDEX_DONE.append(checkpoints.index_dicom.get().output.series)
+        _INDEX_DONE.append(checkpoints.catalog_dicom.get().output.series)
         if (
             workflow.is_main_process
         ):  # a run that planned past the index: say what it leaves out
@@ -324,7 +324,7 @@ def montage_inputs(w):
     return inputs
 
 
-def index_and_montage_inputs(w):
+def gland_index_and_montage_inputs(w):
     return {**index_inputs(w), **montage_inputs(w)}
 
 
@@ -340,7 +340,7 @@ def indexed_subjects():
     return [
         s
         for s in processed_subjects()
-        if not dag_lookup().product_failed(s, "index_and_montage")
+        if not dag_lookup().product_failed(s, "gland_index_and_montage")
     ]
 
 

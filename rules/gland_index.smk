@@ -4,9 +4,9 @@
 # large cohort grows with its jobs.
 
 
-rule index_and_montage:
+rule gland_index_and_montage:
     input:
-        unpack(index_and_montage_inputs),
+        unpack(gland_index_and_montage_inputs),
     output:
         index=out("gland_index.parquet", session=None),
         png=f"{RESULTS}/figures/qc/{SUBJECT_QC_PNG}",
@@ -19,9 +19,9 @@ rule index_and_montage:
             subcategory="{subject}",
         ),
     log:
-        job_log("index_and_montage", session=None),
+        job_log("gland_index_and_montage", session=None),
     benchmark:
-        job_benchmark("index_and_montage", session=None)
+        job_benchmark("gland_index_and_montage", session=None)
     conda:
         "../envs/ants.yaml"
     threads: 1
@@ -31,4 +31,4 @@ rule index_and_montage:
     params:
         index=config["index"],
     script:
-        "../scripts/index_and_montage.py"
+        "../scripts/gland_index_and_montage.py"

@@ -4,7 +4,7 @@
 # costs ~2 ms of Snakemake CPU per job.
 
 
-checkpoint index_dicom:
+checkpoint catalog_dicom:
     input:
         sheet=SUBJECT_SHEET,
     output:
@@ -13,9 +13,9 @@ checkpoint index_dicom:
         skipped=f"{RESULTS}/tables/series_skipped.parquet",
         failures=f"{RESULTS}/work/index_failures.parquet",
     log:
-        f"{LOGS}/index_dicom.log",
+        f"{LOGS}/catalog_dicom.log",
     benchmark:
-        f"{BENCH}/index_dicom.tsv"
+        f"{BENCH}/catalog_dicom.tsv"
     conda:
         "../envs/glandpet.yaml"
     threads: 2
@@ -27,7 +27,7 @@ checkpoint index_dicom:
         overrides=config["series_overrides"],
         suv_type=config["suv_type"],
     script:
-        "../scripts/index_dicom.py"
+        "../scripts/catalog_dicom.py"
 
 
 rule convert_pet:

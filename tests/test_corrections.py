@@ -121,7 +121,7 @@ def test_colour_tables_name_every_label_value(tmp_path):
 
 
 # ------------------------------------------------------------------ the round trip on the demo run
-KEEP = {"apply_correction", "measure_glands", "index_and_montage", "cohort_tables", "cohort_statistics",
+KEEP = {"apply_correction", "measure_glands", "gland_index_and_montage", "cohort_tables", "cohort_statistics",
         "cohort_figures", "report_tables", "all"}
 
 
@@ -175,7 +175,7 @@ def test_a_correction_plans_measurement_and_below_only(corrected_run):
     plan = corrected_run["plan"]
     assert set(plan) <= KEEP, plan
     assert plan["apply_correction"] == 2  # the reference session's own, carried to the other session
-    assert plan["measure_glands"] == 2 and plan["index_and_montage"] == 1
+    assert plan["measure_glands"] == 2 and plan["gland_index_and_montage"] == 1
 
 
 def test_a_correction_changes_only_that_subjects_rows(corrected_run):

@@ -51,13 +51,13 @@ def _fail(results: Path, rule: str, name: str, job=None, message="boom"):
             raise UserError(message)
 
 
-def test_index_and_montage_failure_keeps_the_subjects_sessions(tmp_path):
-    """Before: a failed subject-level job (index_and_montage) dropped every session of the subject."""
+def test_gland_index_and_montage_failure_keeps_the_subjects_sessions(tmp_path):
+    """Before: a failed subject-level job (gland_index_and_montage) dropped every session of the subject."""
     results = tmp_path / "results"
     series = _series(results, "B")
-    _fail(results, "index_and_montage", "sub-B.log")
+    _fail(results, "gland_index_and_montage", "sub-B.log")
     assert dag.selected_sessions(series, "B") == {"psma": "psma", "fapi": "fapi"}
-    assert dag.product_failed(results, "B", "index_and_montage")
+    assert dag.product_failed(results, "B", "gland_index_and_montage")
     # the session alignment failing leaves out the session that needs it, not the reference one
     _fail(results, "align_sessions", "sub-B.log")
     assert dag.selected_sessions(series, "B") == {"psma": "psma"}
@@ -125,7 +125,7 @@ def test_dag_lookup_answers_as_the_functions_and_checks_each_record_once_per_sta
     suv.write_bytes(b"corrupt")
     _fail(results, "measure_glands", "sub-S1_ses-psma.log", job=Job([suv]))
     _fail(results, "align_sessions", "sub-S2.log")
-    _fail(results, "index_and_montage", "sub-S3.log")
+    _fail(results, "gland_index_and_montage", "sub-S3.log")
     _fail(results, "convert_ct_register_pet", "sub-S4_ses-fapi.log")
     _fail(results, "mystery_step", "sub-S5.log")  # any other subject-level failure: the whole subject
 
@@ -136,11 +136,11 @@ def test_dag_lookup_answers_as_the_functions_and_checks_each_record_once_per_sta
     lookup = dag.DagLookup(series, params)
 
     def expected():
-        return {s: (dag.selected_sessions(series, s, params), dag.product_failed(results, s, "index_and_montage", params))
+        return {s: (dag.selected_sessions(series, s, params), dag.product_failed(results, s, "gland_index_and_montage", params))
                 for s in subjects}
 
     def answers():
-        return {s: (lookup.sessions(s), lookup.product_failed(s, "index_and_montage")) for s in subjects}
+        return {s: (lookup.sessions(s), lookup.product_failed(s, "gland_index_and_montage")) for s in subjects}
 
     for _ in range(3):  # Snakemake asks many times per subject
         got = answers()
@@ -272,7 +272,7 @@ def test_faulty_cohort_ends_in_one_keep_going_run_and_a_fixed_job_is_taken_up(sm
     out = run.stdout + run.stderr
     print(f"keep-going run: {time.perf_counter() - t0:.0f} s")
     assert run.returncode != 0, out[-3000:]  # a job failed: the run says so in its exit status too
-    assert "after the index_dicom step the plan is" in out, out[-6000:]
+    assert "after the catalog_dicom step the plan is" in out, out[-6000:]
     tables = results / "tables"
     stats = pd.read_parquet(tables / "gland_stats.parquet")
     assert set(zip(stats["subject_id"], stats["session"])) == {("S001", "psma")}, out[-6000:]

@@ -107,7 +107,7 @@ def test_parse_log_names():
     # the session alignment's log is the moving session's: a failure leaves out that session
     assert parse("results/logs/align_sessions/sub-S002_ses-psma2_to-psma.log") == {
         "subject": "S002", "session": "psma2", "to": "psma", "suffix": None, "extension": ".log"}
-    for cohort_log in ("results/logs/cohort_tables.log", "results/logs/index_dicom.log"):
+    for cohort_log in ("results/logs/cohort_tables.log", "results/logs/catalog_dicom.log"):
         with pytest.raises(ValueError):
             parse(cohort_log)
 

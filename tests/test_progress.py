@@ -134,17 +134,17 @@ def test_plan_printed_once_after_the_index_checkpoint():
     """Before: only Snakemake's "2 of 3 steps (67%) done" (the plan before the index expanded it)."""
     from glandpet.progress import PlanAfterCheckpoint
 
-    done = [_Job("demo_phantom"), _Job("index_dicom")]
+    done = [_Job("demo_phantom"), _Job("catalog_dicom")]
     dag = _Dag([_Job("convert_pet")] * 3 + [_Job("measure_glands")] * 3 + [_Job("cohort_tables")], done)
     out = io.StringIO()
-    h = PlanAfterCheckpoint(lambda: dag, "index_dicom", stream=out)
-    h.emit(_record("rule index_dicom:", "job_info"))  # before the checkpoint finished: nothing
-    h.emit(_record("Finished jobid: 1 (Rule: index_dicom)", "job_finished"))
+    h = PlanAfterCheckpoint(lambda: dag, "catalog_dicom", stream=out)
+    h.emit(_record("rule catalog_dicom:", "job_info"))  # before the checkpoint finished: nothing
+    h.emit(_record("Finished jobid: 1 (Rule: catalog_dicom)", "job_finished"))
     h.emit(_record(None, "progress"))  # "2 of 3 steps": printed before the DAG is updated
     assert out.getvalue() == ""
     h.emit(_record("rule convert_pet:", "job_info"))
     h.emit(_record("rule convert_pet:", "job_info"))
-    assert out.getvalue() == ("glandpet: after the index_dicom step the plan is 7 job(s) to run (2 done):\n"
+    assert out.getvalue() == ("glandpet: after the catalog_dicom step the plan is 7 job(s) to run (2 done):\n"
                               "  convert_pet     3\n  measure_glands  3\n  cohort_tables   1\n")
 
 
@@ -153,13 +153,13 @@ def test_dry_run_before_the_index_says_the_plan_ends_there():
     from glandpet.progress import PlanAfterCheckpoint
 
     out = io.StringIO()
-    h = PlanAfterCheckpoint(lambda: None, "index_dicom", dryrun=lambda: True, checkpoint_done=lambda: False,
+    h = PlanAfterCheckpoint(lambda: None, "catalog_dicom", dryrun=lambda: True, checkpoint_done=lambda: False,
                             stream=out)
     h.emit(_record("This was a dry-run (flag -n). The order of jobs does not reflect the order of execution.", None))
-    assert out.getvalue().startswith("glandpet: this plan ends at the index_dicom step")
-    assert "snakemake --until index_dicom" in out.getvalue()
+    assert out.getvalue().startswith("glandpet: this plan ends at the catalog_dicom step")
+    assert "snakemake --until catalog_dicom" in out.getvalue()
     out = io.StringIO()
-    h = PlanAfterCheckpoint(lambda: None, "index_dicom", dryrun=lambda: True, checkpoint_done=lambda: True,
+    h = PlanAfterCheckpoint(lambda: None, "catalog_dicom", dryrun=lambda: True, checkpoint_done=lambda: True,
                             stream=out)
     h.emit(_record("This was a dry-run (flag -n).", None))
     assert out.getvalue() == ""  # the index has run: Snakemake's own plan is the whole plan

@@ -32,7 +32,7 @@ from workflow_run import REPO, planned_jobs, snakemake, write_config
 pytestmark = pytest.mark.slow
 
 PER_SESSION = {"convert_pet", "convert_ct_register_pet", "segment_glands", "measure_glands"}
-UPSTREAM_OF_SEGMENTATION = {"demo_phantom", "phantom_atlases", "index_dicom", "convert_pet", "convert_ct_register_pet",
+UPSTREAM_OF_SEGMENTATION = {"demo_phantom", "phantom_atlases", "catalog_dicom", "convert_pet", "convert_ct_register_pet",
                             "align_sessions"}
 COHORT = {"cohort_tables", "cohort_statistics", "cohort_figures", "report_tables"}
 
@@ -77,7 +77,7 @@ def test_adding_a_subject_runs_only_its_jobs_and_the_cohort_aggregation(workflow
     study_config(tmp_path, workflow_run, ["S001"])
     proc = snakemake(tmp_path, "--cores", "2")
     done = planned(proc.stdout + proc.stderr)
-    assert {r for r, _ in done} <= {"index_dicom", "all"} | COHORT, done  # S001's own results were up to date
+    assert {r for r, _ in done} <= {"catalog_dicom", "all"} | COHORT, done  # S001's own results were up to date
     assert set(pd.read_parquet(results / "tables" / "gland_stats.parquet")["subject_id"]) == {"S001"}
 
     # Add S002 to the sheet: the index (a checkpoint) reruns, then the plan is S002's jobs plus the
@@ -101,7 +101,7 @@ def test_changing_the_atlas_set_reruns_segmentation_and_downstream_only(workflow
                   "label_table": str(first / "labels.tsv")}]
     jobs = planned_jobs(workflow_run, atlases=one_atlas)
     assert jobs.get("segment_glands") == 3, jobs  # every session of both subjects
-    assert jobs.get("measure_glands") == 3 and jobs.get("index_and_montage") == 2, jobs
+    assert jobs.get("measure_glands") == 3 and jobs.get("gland_index_and_montage") == 2, jobs
     assert COHORT <= set(jobs), jobs
     assert not UPSTREAM_OF_SEGMENTATION & set(jobs), jobs
 

@@ -81,8 +81,8 @@ def test_changing_pvc_fwhm_reruns_only_measurement_and_below(workflow_run):
     jobs = planned_jobs(workflow_run, pvc={"method": "gtm", "fwhm_mm": {"psma": 7.5, "fapi": 6.5}})
     assert jobs.get("measure_glands", 0) >= 1
     assert not {"convert_pet", "convert_ct_register_pet", "align_sessions", "segment_glands", "demo_phantom",
-                "index_dicom"} & set(jobs)
-    assert set(jobs) <= {"measure_glands", "index_and_montage", "cohort_tables", "cohort_statistics",
+                "catalog_dicom"} & set(jobs)
+    assert set(jobs) <= {"measure_glands", "gland_index_and_montage", "cohort_tables", "cohort_statistics",
                          "cohort_figures", "report_tables", "all"}, jobs
 
 

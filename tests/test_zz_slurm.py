@@ -118,8 +118,8 @@ def test_jobs_really_went_through_sbatch(slurm_run):
     log = slurm_run["log"]
     run_id = re.search(r"SLURM run ID: (\S+)", log)
     assert run_id, log[-3000:]
-    rules = ("index_dicom", "convert_pet", "convert_ct_register_pet", "segment_glands", "align_sessions",
-             "measure_glands", "index_and_montage", "cohort_tables")
+    rules = ("catalog_dicom", "convert_pet", "convert_ct_register_pet", "segment_glands", "align_sessions",
+             "measure_glands", "gland_index_and_montage", "cohort_tables")
     assert not re.search(rf"^\s*localrule ({'|'.join(rules)})\b", log, re.M), \
         "a workflow step ran on the submit host, not through SLURM"
     jobs = _slurm_jobs(slurm_run)
@@ -130,8 +130,8 @@ def test_jobs_really_went_through_sbatch(slurm_run):
     assert set(rules) <= set(ran), sorted(set(ran))
     # 3 sessions (S001 psma + fapi, S002 fapi), 2 subjects (one with both sessions): each step once
     assert {r: ran.count(r) for r in rules} == {
-        "index_dicom": 1, "convert_pet": 3, "convert_ct_register_pet": 3, "segment_glands": 3,
-        "align_sessions": 1, "measure_glands": 3, "index_and_montage": 2, "cohort_tables": 1}
+        "catalog_dicom": 1, "convert_pet": 3, "convert_ct_register_pet": 3, "segment_glands": 3,
+        "align_sessions": 1, "measure_glands": 3, "gland_index_and_montage": 2, "cohort_tables": 1}
     # grouped: fewer SLURM jobs than rule jobs
     assert len(jobs) < len(ran)
 

@@ -218,7 +218,7 @@ def rulegraph_one_node_per_rule(dag) -> tuple[dict, int, int]:
     per-session steps sit at several depths: the reference session's segmentation is one step
     nearer the CT conversion than the other session's (which waits for the session alignment), a
     single-session subject is shallower again. The graph then listed segment_glands,
-    measure_glands and index_and_montage twice. Here a rule's node sits at the first level it
+    measure_glands and gland_index_and_montage twice. Here a rule's node sits at the first level it
     appears on; links join the rules' nodes (each pair once)."""
     order, rep = [], {}
     first: dict[str, object] = {}

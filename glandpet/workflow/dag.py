@@ -102,7 +102,7 @@ def selected_sessions(series_path: str, subject: str, rule_params: Mapping[str, 
 # qc.parquet. Once any of the three changes the record is stale: it is ignored and the job runs again
 # (success removes the record, a new failure rewrites it). Deleting the record also retries the job.
 # a failure of one of these subject-level jobs leaves out the subject's product of it, not its sessions
-SUBJECT_PRODUCT_RULES = {"index_and_montage"}
+SUBJECT_PRODUCT_RULES = {"gland_index_and_montage", "index_and_montage"}  # and the rule's earlier name (a record written before the rename)
 
 
 # the session alignment failing leaves out the session that needs it (the non-reference one)
@@ -135,7 +135,7 @@ def left_out(results: str | os.PathLike, subject: str, sessions: list[str],
 
 def product_failed(results: str | os.PathLike, subject: str, rule: str,
                    rule_params: Mapping[str, str] | None = None) -> bool:
-    """A current failure record of the subject-level `rule` (e.g. index_and_montage) for `subject`."""
+    """A current failure record of the subject-level `rule` (e.g. gland_index_and_montage) for `subject`."""
     return any(r["subject_id"] == subject and r.get("stage") == rule for r in failure_records(results, rule_params))
 
 
@@ -239,7 +239,7 @@ def plan_after_index(workflow: Any, series_path: str) -> None:
 
     if not getattr(workflow, "is_main_process", False):
         return
-    handler = PlanAfterCheckpoint(lambda: workflow.dag, "index_dicom", dryrun=lambda: bool(workflow.dryrun),
+    handler = PlanAfterCheckpoint(lambda: workflow.dag, "catalog_dicom", dryrun=lambda: bool(workflow.dryrun),
                                   checkpoint_done=lambda: os.path.isfile(series_path))
     # on the parent of Snakemake's logger: Snakemake resets its own logger's handlers after parsing
     _logging.getLogger("snakemake").addHandler(handler)

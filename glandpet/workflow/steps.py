@@ -31,7 +31,7 @@ def demo_phantom(outdir: str, subjects: int, seed: int, atlases: int, threads: i
                     followups=int(followups))
 
 
-def index_dicom(sheet: str, dicom_root: str, overrides: list[Mapping[str, str]], output: Any, threads: int = 1,
+def catalog_dicom(sheet: str, dicom_root: str, overrides: list[Mapping[str, str]], output: Any, threads: int = 1,
                 suv_type: str = "bw", config: Mapping[str, Any] | None = None) -> None:
     """Index the tree, select series per subject and session, and write each subject's selection
     (`work/sub-<id>/sub-<id>_series.json`: the files of the chosen CT and PET per session).
