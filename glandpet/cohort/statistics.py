@@ -52,6 +52,7 @@ import pandas as pd
 import pyarrow as pa
 from scipy import stats
 
+from glandpet.glands import SESSIONS  # the tracer families, also the baseline sessions
 from glandpet.rng import keyed_rng
 
 CLINICAL_COLUMNS: tuple[str, ...] = ("essdai", "esspri", "usf_ml_min", "schirmer_mm")
@@ -348,7 +349,6 @@ def clinical_associations(
 #: Gland values analysed per session (`gland_stats`), and the index (`gland_index`, no session).
 SESSION_VALUES: tuple[str, ...] = ("suv_max", "suv_mean", "suv_mean_pvc")
 INDEX_VALUE = "psma_fapi_index"
-SESSIONS: tuple[str, ...] = ("psma", "fapi")
 
 
 def baseline(table: pd.DataFrame) -> pd.DataFrame:
