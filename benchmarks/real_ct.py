@@ -2,7 +2,7 @@
 planning CTs with clinical parotid contours, in atlas layout), with libraries of N atlases.
 
     python benchmarks/real_ct.py [--data DIR] [--cases K] [--atlases 5 10 23] [--seed 0]
-                                 [--threads 2] [--config CONFIG] [--out DIR]
+                                 [--threads 2] [--config CONFIG] [--out DIR] [--library N]
 
 Each held-out scan (all, or K chosen by a seeded draw: ``--cases``) is segmented with N of the
 other scans (a seeded draw per held-out scan, the same for every run; N >= 23: all the others),
@@ -13,6 +13,10 @@ parotid and the scan's wall and CPU time; per N the medians, the time per scan a
 (and what the full 24-scan run would cost); at the end one summary row per N beside the issue's
 target (median Dice >= 0.82, median |volume error| <= 12 %). The per-scan tables go to
 ``--out`` (default: a temporary folder) as ``real_ct_<N>atlases.tsv``.
+
+``--library N``: one fixed library of N scans (a seeded draw) segments every held-out scan, drawn
+from the other scans -- a study's set-up, and the one where an atlas template
+(``segmentation: {atlas_registration: template}`` in ``--config``) is built once for all scans.
 
 The full run (24 scans x 5 + 10 + 23 atlases = 912 registrations) takes hours; a subset proves the
 set-up: ``--cases 2 --atlases 2``.
@@ -66,9 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="threads per segmentation (default 2, as the workflow)")
     ap.add_argument("--config", default=None, help="a study config whose segmentation: keys to use (default: defaults)")
     ap.add_argument("--out", type=Path, default=None, help="folder for the per-scan tables (TSV)")
+    ap.add_argument("--library", type=int, default=None, metavar="N",
+                    help="one fixed library of N scans for every held-out scan (held-out scans drawn from the rest)")
     args = ap.parse_args(argv)
 
-    from glandpet.segmentation.atlas_validate import choose_library, choose_subjects, estimate_cost, format_medians, medians_per_gland, validate_atlases
+    from glandpet.segmentation.atlas_validate import choose_fixed_library, choose_library, choose_subjects, estimate_cost, format_medians, medians_per_gland, validate_atlases
     from glandpet.segmentation.segment_command import load_segmentation_config, read_atlas_dir
 
     if not args.data.is_dir():
@@ -77,22 +83,28 @@ def main(argv: list[str] | None = None) -> int:
     names = read_cases(args.data)
     atlases = [read_atlas_dir(args.data / n) for n in names]
     seg = load_segmentation_config(args.config)
-    held = choose_subjects(names, args.cases, args.seed)
+    fixed = choose_fixed_library(names, args.library, args.seed) if args.library else None
+    if fixed:
+        args.atlases = [len(fixed)]
+        held = choose_subjects([n for n in names if n not in fixed], args.cases, args.seed)
+    else:
+        held = choose_subjects(names, args.cases, args.seed)
     out = args.out or Path(tempfile.mkdtemp(prefix="real_ct_"))
     out.mkdir(parents=True, exist_ok=True)
-    n_reg = sum(len(choose_library(h, names, n, args.seed)) for n in args.atlases for h in held)
+    n_reg = sum(len(fixed or choose_library(h, names, n, args.seed)) for n in args.atlases for h in held)
     cost = estimate_cost(n_reg, args.threads)
     print(f"real_ct: {len(names)} scans in {args.data}; {len(held)} held out ({', '.join(held)}); libraries of "
           f"{', '.join(map(str, args.atlases))} atlases; {n_reg} registrations, estimated "
           f"{cost['wall_minutes']:.0f} min on {args.threads} thread(s) ({cost['cpu_hours']:.2f} CPU-hours)", flush=True)
     summary = []
     for n in args.atlases:
-        n_eff = len(choose_library(held[0], names, n, args.seed))
+        n_eff = len(fixed or choose_library(held[0], names, n, args.seed))
         print(f"\n== {n_eff} atlases per held-out scan ==", flush=True)
         t0 = time.perf_counter()
         df = validate_atlases(atlases, seg_config=seg, subjects=held, n_atlases=n, seed=args.seed, threads=args.threads,
                               out_tsv=out / f"real_ct_{n_eff}atlases.tsv", progress=False,
-                              on_scan=lambda name, rows, info: print(scan_line(name, rows, info), flush=True))
+                              on_scan=lambda name, rows, info: print(scan_line(name, rows, info), flush=True),
+                              library=fixed)
         wall = time.perf_counter() - t0
         per_scan = df.drop_duplicates("atlas")
         med = medians_per_gland(df)

@@ -2,6 +2,8 @@
 
     python benchmarks/segment.py PHANTOM_DIR [--subject S001] [--threads 2] [--atlases 1 3 5]
                                  [--workdir DIR] [--fusion auto|majority|jlf]
+    python benchmarks/segment.py PHANTOM_DIR --cohort [--registration pairwise template]
+                                 [--atlases 10] [--jobs 2] [--workdir DIR]
 
 PHANTOM_DIR is a cohort written by ``glandpet phantom`` (DICOM is converted once, not timed in the
 per-step table). Each step runs in a fresh process (so its peak RSS is its own, interpreter and
@@ -12,6 +14,16 @@ transforms); the other steps with ``--threads`` (their rules' value, 2, by defau
 Prints one table row per step and atlas count (wall seconds, CPU seconds of the step's process: on a
 shared machine the CPU column is the stable one; peak RSS), and the per-gland Dice against the
 phantom's truth.
+
+``--cohort``: the segmentation step alone, of every subject's reference session, for each atlas
+count and each ``--registration`` path (``pairwise``: every atlas registered to the subject;
+``template``: each atlas once to the library's template, the subject once to it, composed:
+glandpet/segmentation/atlas_template.py). Subjects run ``--jobs`` at a time on one ITK thread each
+(the workflow's ``threads: 1``); the template is built once per library first (its cost printed
+apart: it is paid once per study, not per subject). Prints per subject the CPU seconds and the Dice
+per gland, then per path the medians over subjects and sides beside each other, and what 1,000
+subjects would cost. A segmentation already in ``--workdir`` (its metrics JSON beside it) is
+reused, so one path can be added to an earlier run of the other.
 """
 
 from __future__ import annotations
@@ -35,12 +47,17 @@ def _child(q, fn_name, kwargs, threads):
     from glandpet.segmentation import multi_atlas as S
 
     fn = {"pet2ct": pet_to_ct.register_pet_to_ct, "align": sessions.align_sessions, "segment": S.segment_subject,
-          "to_session": S.labels_to_session, "to_pet": S.labels_to_pet}[fn_name]
-    if fn_name == "segment":  # --fusion is a segmentation parameter
+          "to_session": S.labels_to_session, "to_pet": S.labels_to_pet, "template": _template}[fn_name]
+    if fn_name == "segment":  # --fusion and the registration path are segmentation parameters
         from glandpet.segmentation.params import SegmentationParams
 
         kwargs = dict(kwargs)
-        kwargs["params"] = SegmentationParams(fusion=kwargs.pop("fusion", "auto"))
+        kwargs["params"] = SegmentationParams(fusion=kwargs.pop("fusion", "auto"),
+                                              atlas_registration=kwargs.pop("registration", "pairwise"))
+        if kwargs.get("template"):
+            from glandpet.segmentation.atlas_template import load_template
+
+            kwargs["template"] = load_template(kwargs["template"])
     t1 = time.perf_counter()
     ru = resource.getrusage(resource.RUSAGE_SELF)
     c1 = ru.ru_utime + ru.ru_stime
@@ -54,6 +71,13 @@ def _child(q, fn_name, kwargs, threads):
            "cpu_seconds": ru.ru_utime + ru.ru_stime - c1,
            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "error": err,
            "result": res if isinstance(res, dict) else None})
+
+
+def _template(atlases, cache_root, workers):
+    from glandpet.segmentation.atlas_template import template_for
+
+    t = template_for(atlases, cache_root, workers=workers)
+    return {"directory": str(t.directory), **t.build}
 
 
 def rule_threads(rule: str, default: int) -> int:
@@ -118,7 +142,12 @@ def main(argv=None):
     ap.add_argument("--atlases", type=int, nargs="+", default=[1, 3, 5])
     ap.add_argument("--fusion", default="auto")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--cohort", action="store_true", help="segmentation only, every subject, medians")
+    ap.add_argument("--registration", nargs="+", default=["pairwise"], choices=["pairwise", "template"])
+    ap.add_argument("--jobs", type=int, default=2, help="--cohort: subjects side by side (one ITK thread each)")
     a = ap.parse_args(argv)
+    if a.cohort:
+        return cohort_main(a)
     ph = a.phantom
     work = a.workdir or tempfile.mkdtemp(prefix="gp_bench_")
     os.makedirs(work, exist_ok=True)
@@ -195,6 +224,110 @@ def main(argv=None):
         print("\nDice vs truth:  " + "  ".join(f"{k}" for k in names))
         for (n, s), d in dices.items():
             print(f"  n={n} {s:<5} " + "  ".join(f"{d.get(k, float('nan')):.3f}" for k in names))
+    return 0
+
+
+def _ref_ct(ph, sid, work):
+    """The reference session's CT of a phantom subject as NIfTI (PSMA, else the only session)."""
+    from glandpet.dicom.convert import convert_series
+
+    sesdirs = sorted(glob.glob(f"{ph}/dicom/{sid}/*"))
+    sesdir = next((d for d in sesdirs if "PSMA" in d.upper()), sesdirs[0])
+    ses = "psma" if "PSMA" in sesdir.upper() else "fapi"
+    out = f"{work}/{sid}_ses-{ses}_ct.nii.gz"
+    if not os.path.exists(out):
+        ctd = [d for d in sorted(glob.glob(sesdir + "/*")) if "CT" in Path(d).name.upper()
+               and "PET" not in Path(d).name.upper()]
+        convert_series(ctd[0], out)
+    return ses, out
+
+
+def cohort_main(a) -> int:
+    """--cohort: see the module docstring."""
+    import json
+    import statistics
+    from concurrent.futures import ThreadPoolExecutor
+
+    ph = a.phantom
+    work = a.workdir or tempfile.mkdtemp(prefix="gp_bench_")
+    os.makedirs(work, exist_ok=True)
+    subs = sorted(os.path.basename(p) for p in glob.glob(f"{ph}/dicom/*"))
+    refs = {sid: _ref_ct(ph, sid, work) for sid in subs}
+    atl = sorted(glob.glob(f"{ph}/atlases/*/"))
+    atlas_dicts = [dict(name=Path(p).name, ct=p + "ct.nii.gz", labels=p + "labels.nii.gz",
+                        label_table=p + "labels.tsv") for p in atl]
+    templates = {}
+    for n in a.atlases:
+        if "template" in a.registration:
+            if n > len(atlas_dicts):
+                print(f"template path: {n} atlases asked, {len(atlas_dicts)} in the phantom", file=sys.stderr)
+                return 2
+            r = run_step("template", 1, atlases=atlas_dicts[:n], cache_root=f"{work}/templates", workers=a.jobs)
+            if r["error"]:
+                print(f"template of {n} atlases failed: {r['error']}", file=sys.stderr)
+                return 1
+            templates[n] = r["result"]
+            print(f"template of {n} atlases: {r['result']['cpu_seconds']:.0f} CPU-s, {r['result']['seconds']:.0f} s "
+                  f"wall on {a.jobs} worker(s) (once per library; {r['result']['directory']})", flush=True)
+    tasks = [(reg, n, sid) for reg in a.registration for n in a.atlases for sid in subs]
+
+    def one(task):
+        reg, n, sid = task
+        ses, ct = refs[sid]
+        out = f"{work}/{sid}_{reg}_n{n}_dseg.nii.gz"
+        meta = out.replace(".nii.gz", ".json")
+        if os.path.exists(meta):
+            return task, json.loads(Path(meta).read_text()), True
+        use = [dict(d, name=d["name"] if n <= len(atlas_dicts) else f"{d['name']}_{i}")
+               for i, d in enumerate(atlas_dicts[i % len(atlas_dicts)] for i in range(n))]
+        kw = dict(subject_ct_path=ct, atlases=use, out_dseg=out, out_tsv=out.replace(".nii.gz", ".tsv"),
+                  fusion=a.fusion, threads=1, registration=reg)
+        if reg == "template":
+            kw["template"] = templates[n]["directory"]
+        r = run_step("segment", 1, **kw)
+        rec = {k: r[k] for k in ("seconds", "cpu_seconds", "peak_mib", "error")}
+        if not r["error"]:
+            rec["dice"] = _dice(ph, sid, ses, out)
+            res = r.get("result") or {}
+            rec["stage_seconds"] = res.get("seconds", {})
+            per_region: dict[str, float] = {}
+            for info in res.get("atlases", {}).values():
+                for rname, sec in info.get("regions", {}).items():
+                    per_region[rname] = round(per_region.get(rname, 0.0) + sec, 1)
+            rec["region_seconds"] = per_region  # wall seconds per region, summed over its atlases
+            rec["atlases_per_region"] = {k: v.get("atlases") for k, v in res.get("regions", {}).items()}
+        Path(meta).write_text(json.dumps(rec))
+        return task, rec, False
+
+    results = {}
+    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+        for (reg, n, sid), rec, cached in pool.map(one, tasks):
+            results[(reg, n, sid)] = rec
+            d = rec.get("dice", {})
+            print(f"  {reg:<9} n={n:<3} {sid}  {rec['cpu_seconds']:6.0f} CPU-s {rec['seconds']:6.0f} s "
+                  f"{rec['peak_mib']:6.0f} MiB  " + "  ".join(f"{k} {v:.3f}" for k, v in sorted(d.items()))
+                  + ("  (cached)" if cached else "") + (f"  {rec['error']}" if rec["error"] else ""), flush=True)
+    glands = ["parotid", "submandibular", "sublingual", "lacrimal", "tubarial"]
+    print(f"\n{len(subs)} subjects, reference sessions, fusion {a.fusion}, 1 ITK thread per subject, "
+          f"{a.jobs} side by side; median over subjects and sides")
+    print("| path | atlases | " + " | ".join(glands) + " | CPU-s / subject | 1,000 subjects (CPU-h) |")
+    print("|---|---|" + "---|" * (len(glands) + 2))
+    for reg in a.registration:
+        for n in a.atlases:
+            recs = [results[(reg, n, sid)] for sid in subs if not results[(reg, n, sid)]["error"]]
+            if not recs:
+                continue
+            med = []
+            for g in glands:
+                v = [x for r in recs for k, x in r["dice"].items() if k.startswith(g + "_")]
+                med.append(f"{statistics.median(v):.3f}" if v else "-")
+            cpu = statistics.median(r["cpu_seconds"] for r in recs)
+            once = templates.get(n, {}).get("cpu_seconds", 0.0) if reg == "template" else 0.0
+            est = (cpu * 1000 + once) / 3600.0
+            print(f"| {reg} | {n} | " + " | ".join(med) + f" | {cpu:.0f} | {est:.0f} |")
+    if templates:
+        print("template path: the library's template built once (" + ", ".join(
+            f"{n} atlases {t['cpu_seconds']:.0f} CPU-s" for n, t in templates.items()) + "), included in the estimate")
     return 0
 
 

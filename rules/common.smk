@@ -42,6 +42,12 @@ SUBJECTS = subject_ids(config, SUBJECT_SHEET)
 ATLASES = atlas_list(config, PHANTOM_ATLAS_DIR)
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
+# segmentation.atlas_registration: template -> the library's template, built once (rules/segment.smk)
+ATLAS_TEMPLATE = (
+    f"{RESULTS}/work/atlas_template/manifest.json"
+    if config["segmentation"]["atlas_registration"] == "template"
+    else None
+)
 SUV_DESC = f"suv{config['suv_type']}"
 SUBJECT_QC_PNG = layout.name_pattern("qc.png", session=None)  # sub-{subject}_qc.png
 plan_after_index(workflow, f"{RESULTS}/tables/series.parquet")
@@ -248,6 +254,8 @@ def segment_inputs(w):
     inputs = {"ct": ct_file(w.subject, w.session)}
     if w.session == ref:
         inputs["atlases"] = atlas_files(w)
+        if ATLAS_TEMPLATE:
+            inputs["template"] = ATLAS_TEMPLATE
     else:
         inputs["ref_dseg"] = ses_file(w.subject, ref, "dseg.nii.gz", space="ct")
         inputs["ref_dseg_table"] = ses_file(w.subject, ref, "dseg.tsv", space="ct")

@@ -10,6 +10,31 @@ if CORRECTIONS and workflow.is_main_process:
     check_corrections(CORRECTIONS, SUBJECTS, study_sessions, ct_file)
 
 
+# segmentation.atlas_registration: template -- each atlas registered once to the library's
+# template (glandpet/segmentation/atlas_template.py), here, once per library; every subject is then
+# registered once to it. Its registrations run side by side, one ITK thread each (the template does
+# not depend on the thread count).
+rule build_atlas_template:
+    input:
+        atlas_files,
+    output:
+        manifest=f"{RESULTS}/work/atlas_template/manifest.json",
+    log:
+        f"{LOGS}/build_atlas_template.log",
+    benchmark:
+        f"{BENCH}/build_atlas_template.tsv"
+    conda:
+        "../envs/ants.yaml"
+    threads: 2
+    resources:
+        mem_mb=per_attempt(4000),
+        runtime=per_attempt(120),
+    params:
+        atlases=ATLASES,
+    script:
+        "../scripts/build_atlas_template.py"
+
+
 rule segment_glands:
     input:
         unpack(segment_inputs),

@@ -106,6 +106,16 @@ def test_changing_the_atlas_set_reruns_segmentation_and_downstream_only(workflow
     assert not UPSTREAM_OF_SEGMENTATION & set(jobs), jobs
 
 
+def test_the_template_path_builds_one_template_and_reruns_segmentation_and_downstream_only(workflow_run):
+    """segmentation.atlas_registration: template -- one build_atlas_template job for the library,
+    the segmentation of every session and what reads it; nothing upstream (issue 21.1)."""
+    jobs = planned_jobs(workflow_run, segmentation={"atlas_registration": "template"})
+    assert jobs.get("build_atlas_template") == 1, jobs
+    assert jobs.get("segment_glands") == 3 and jobs.get("measure_glands") == 3, jobs
+    assert COHORT <= set(jobs), jobs
+    assert not UPSTREAM_OF_SEGMENTATION & set(jobs), jobs
+
+
 def incomplete_markers(workdir: Path) -> list[Path]:
     """Snakemake's markers of jobs started but not finished (.snakemake/incomplete)."""
     return [p for p in (workdir / ".snakemake" / "incomplete").rglob("*") if p.is_file()]

@@ -379,6 +379,9 @@ def test_preselect_atlases_keeps_the_most_similar_per_region_and_every_gland():
     assert every == {"a": [0, 1, 2, 3, 4], "b": [0, 1, 2, 3, 4]} and none_scored == {}
     few, _ = A.preselect_atlases(subject, cts[:2], [lab] * 2, holds[:2], {**regions, "c": [7]}, (2.0,) * 3, 2)
     assert few == {"a": [0, 1], "b": [0, 1]}  # no more holders than k; nobody holds region c
+    # k per region (the template path's default): region b every holder, region a the 2 best
+    per, _ = A.preselect_atlases(subject, cts, [lab] * 5, holds, regions, (2.0, 2.0, 2.0), {"a": 2, "b": 0})
+    assert per == {"a": [0, 1, 4], "b": [0, 1, 2, 3, 4]}
 
 
 def test_anatomy_translation_finds_the_head_in_a_shorter_shifted_scan(tmp_path):

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,6 +163,10 @@ ATLASES_PER_REGION = 0
 #: comparison: 0.875 / 0.646 / 0.695 / 0.532 / 0.514, 184 s.
 PRESELECT_DILATE_MM = 20.0
 
+#: with an atlas template (:mod:`glandpet.segmentation.atlas_template`), per region only this many
+#: atlases -- the most similar after the composed stage A -- get stage B (``atlases_per_region: 0``).
+TEMPLATE_ATLASES_PER_REGION = 4
+
 #: label value -> :class:`glandpet.glands.Label` of the default table (names in the metrics).
 LABEL_BY_INDEX = {lab.index: lab for lab in DEFAULT_LABELS}
 
@@ -255,7 +260,8 @@ def gland_voters(scores: dict[int, float], select: bool = True, top_k: int | Non
 
 
 def preselect_atlases(subject: np.ndarray, warped_cts: list[np.ndarray], warped_labels: list[np.ndarray],
-                      holds: list[set[int]], region_labels: dict[str, list[int]], spacing, k: int | None,
+                      holds: list[set[int]], region_labels: dict[str, list[int]], spacing,
+                      k: int | Mapping[str, int] | None,
                       dilate_mm: float = SCORE_DILATE_MM) -> tuple[dict[str, list[int]], dict[str, dict[int, float]]]:
     """Per region, the atlases that get the deformable registration (atlas preselection).
 
@@ -264,7 +270,8 @@ def preselect_atlases(subject: np.ndarray, warped_cts: list[np.ndarray], warped_
     one of its labels is scored by the local NCC within ``dilate_mm`` of the union of
     their warped labels of the region; for each label of the region its ``k`` best-scoring holders
     are kept (so a gland few atlases hold is not lost), the region keeping the union of those.
-    ``k`` None or 0, or no more holders than ``k``: every holder. Returns ``(region -> atlas
+    ``k`` None or 0, or no more holders than ``k``: every holder; a mapping: ``k`` per region
+    (a region it does not name, or names with 0: every holder). Returns ``(region -> atlas
     indices, region -> {atlas: score})``; regions no atlas holds are left out."""
     chosen: dict[str, list[int]] = {}
     scores: dict[str, dict[int, float]] = {}
@@ -272,7 +279,8 @@ def preselect_atlases(subject: np.ndarray, warped_cts: list[np.ndarray], warped_
         holders = [a for a in range(len(holds)) if any(L in holds[a] for L in labels)]
         if not holders:
             continue
-        if not k or len(holders) <= k:
+        kr = k.get(rname, 0) if isinstance(k, Mapping) else k
+        if not kr or len(holders) <= kr:
             chosen[rname] = holders
             continue
         union = np.zeros(subject.shape, bool)
@@ -282,7 +290,7 @@ def preselect_atlases(subject: np.ndarray, warped_cts: list[np.ndarray], warped_
         ranked = sorted(holders, key=lambda a: (-sc[a], a))
         keep: set[int] = set()
         for L in labels:
-            keep |= set([a for a in ranked if L in holds[a]][:k])
+            keep |= set([a for a in ranked if L in holds[a]][:kr])
         chosen[rname] = sorted(keep)
         scores[rname] = sc
     return chosen, scores
@@ -338,6 +346,17 @@ def lost_atlases(warped_labels: list[np.ndarray], holds: list[set[int]], spacing
 
 
 # ------------------------------------------------------------------ loading and warping atlases
+def atlas_head_neck_box(ct) -> tuple[np.ndarray, np.ndarray]:
+    """The voxel box of an atlas CT that stage A registers: its head and neck with 30 mm more margin
+    than a subject's (the subject's crop then lies inside the atlas's)."""
+    return field_of_view.head_neck_box(ct, margin_mm=field_of_view.HEAD_NECK_MARGIN_MM + 30)
+
+
+def atlas_head_neck(ct):
+    """An atlas CT cropped to :func:`atlas_head_neck_box`."""
+    return field_of_view.crop(ct, *atlas_head_neck_box(ct))
+
+
 def _load_atlas(atlas: dict):
     """An atlas's name, CT, label map in DEFAULT_LABELS values, the labels it holds and their volumes (mL)."""
     ants = transforms.load_ants()
@@ -401,6 +420,7 @@ class WholeField:
     plan: list[tuple[str, list[int], float, list[dict]]]  # :func:`_region_plan`
     chosen: dict[str, list[int]]  # region -> the atlases registered there (:func:`preselect_atlases`)
     per_atlas: dict[str, dict]  # atlas name -> metrics (seconds, selections)
+    template: dict | None = None  # the template path: its key and the subject's registration to it
 
     @property
     def all_labels(self) -> set[int]:
@@ -409,38 +429,64 @@ class WholeField:
 
 
 def register_whole_field(subj_glob, atlases: list[dict], regions: dict, spacing_mm: float,
-                         atlases_per_region: int | None, workdir: str, verbose: bool = False) -> WholeField:
+                         atlases_per_region: int | Mapping[str, int] | None, workdir: str, verbose: bool = False,
+                         template=None) -> WholeField:
     """Stage A of every atlas onto ``subj_glob`` (the subject's head-and-neck crop at ``spacing_mm``):
     rigid -> affine -> SyN (:data:`ATLAS_STAGES`); with more atlases than ``atlases_per_region``,
     the linear stages for all, then the SyN for the atlases some region preselects
     (:func:`preselect_atlases`). Atlas contours that are low volume outliers
     (:func:`glandpet.glands.volume_outliers`) or lost at registration (:func:`lost_atlases`) are
-    taken out of ``holds``. Transforms go to ``workdir``."""
-    preselect = bool(atlases_per_region) and len(atlases) > atlases_per_region
+    taken out of ``holds``. Transforms go to ``workdir``.
+
+    ``template`` (:class:`glandpet.segmentation.atlas_template.AtlasTemplate`, built from these
+    atlases): instead of one stage A per atlas, the subject is registered once to the template with
+    :data:`ATLAS_STAGES` and each atlas's stage A is the composition subject <- template <- atlas;
+    per region only ``atlases_per_region`` (0: :data:`TEMPLATE_ATLASES_PER_REGION`) atlases, the
+    most similar after it, go on to stage B."""
+    if template is not None and not atlases_per_region:
+        atlases_per_region = TEMPLATE_ATLASES_PER_REGION
+    ks = atlases_per_region.values() if isinstance(atlases_per_region, Mapping) else [atlases_per_region or 0]
+    preselect = any(0 < k < len(atlases) for k in ks)
     names, holds, a_cts, a_labs, fwdA, la_glob, per_atlas, a_vols = [], [], [], [], [], [], {}, []
     a_preps, warped_affine = [], []
+    to_template = None
+    if template is not None:  # the subject once to the template; each atlas through it
+        ta = time.perf_counter()
+        ants = transforms.load_ants()
+        rt = sessions.register_ct_to_ct(subj_glob, ants.image_read(str(template.image)),
+                                        os.path.join(workdir, "template_"), ATLAS_STAGES, init="search", verbose=verbose)
+        to_template = {"fwd": rt["fwdtransforms"], "seconds": time.perf_counter() - ta}
     for i, atlas in enumerate(atlases):
         ta = time.perf_counter()
         name, a_ct, a_lab, a_holds, vols = _load_atlas(atlas)
         a_vols.append(vols)
-        alo, ahi = field_of_view.head_neck_box(a_ct, margin_mm=field_of_view.HEAD_NECK_MARGIN_MM + 30)
+        alo, ahi = atlas_head_neck_box(a_ct)
         a_ct = field_of_view.crop(a_ct, alo, ahi)
         a_lab = field_of_view.crop(a_lab, alo, ahi)
-        a_prep = field_of_view.resample_iso(a_ct, spacing_mm)
-        ra = sessions.register_ct_to_ct(subj_glob, a_prep, os.path.join(workdir, f"a{i}_"),
-                                   ATLAS_LINEAR_STAGES if preselect else ATLAS_STAGES, init="search",
-                                   verbose=verbose)
+        if to_template is not None:
+            fwd = to_template["fwd"] + template.transforms_of(name)
+            if preselect:
+                warped_affine.append(transforms.load_ants().apply_transforms(subj_glob, a_ct, fwd,
+                                                                             interpolator="linear").numpy())
+        else:
+            a_prep = field_of_view.resample_iso(a_ct, spacing_mm)
+            ra = sessions.register_ct_to_ct(subj_glob, a_prep, os.path.join(workdir, f"a{i}_"),
+                                            ATLAS_LINEAR_STAGES if preselect else ATLAS_STAGES, init="search",
+                                            verbose=verbose)
+            fwd = ra["fwdtransforms"]
+            if preselect:
+                a_preps.append(a_prep)
+                warped_affine.append(ra["warped"].numpy())
         names.append(name)
         holds.append(a_holds)
         a_cts.append(a_ct)
         a_labs.append(a_lab)
-        if preselect:
-            a_preps.append(a_prep)
-            warped_affine.append(ra["warped"].numpy())
-        fwdA.append(ra["fwdtransforms"])
-        la_glob.append(_warp_labels(subj_glob, a_lab, ra["fwdtransforms"]))
+        fwdA.append(fwd)
+        la_glob.append(_warp_labels(subj_glob, a_lab, fwd))
         per_atlas[name] = {"seconds_stage_a": time.perf_counter() - ta, "seconds_stage_b": 0.0,
                            "labels_held": sorted(a_holds), "regions": {}}
+        if to_template is not None:
+            per_atlas[name]["via_template"] = True
 
     held_by = {L: sum(L in h for h in holds) for L in set().union(*holds)}  # for the confidence
     # an atlas whose contour of a gland is a low volume outlier (truncated) does not vote on it
@@ -464,7 +510,7 @@ def register_whole_field(subj_glob, atlases: list[dict], regions: dict, spacing_
             per_atlas[names[a]].setdefault("preselect_ncc", {})[rname] = round(v, 4)
     for a in range(len(names)):
         per_atlas[names[a]]["preselected_for"] = [r for r, vs in chosen.items() if a in vs]
-        if not preselect or not per_atlas[names[a]]["preselected_for"]:
+        if not preselect or to_template is not None or not per_atlas[names[a]]["preselected_for"]:
             continue
         ta = time.perf_counter()
         rs = transforms.run_registration(subj_glob, a_preps[a], [ATLAS_SYN], os.path.join(workdir, f"a{a}_syn_"),
@@ -473,7 +519,9 @@ def register_whole_field(subj_glob, atlases: list[dict], regions: dict, spacing_
         la_glob[a] = _warp_labels(subj_glob, a_labs[a], fwdA[a])
         per_atlas[names[a]]["seconds_stage_a"] += time.perf_counter() - ta
     return WholeField(names=names, holds=holds, held_by=held_by, cts=a_cts, labels=a_labs, transforms=fwdA,
-                      labels_whole_field=la_glob, plan=plan, chosen=chosen, per_atlas=per_atlas)
+                      labels_whole_field=la_glob, plan=plan, chosen=chosen, per_atlas=per_atlas,
+                      template=None if to_template is None else {
+                          "key": template.key[:16], "seconds_to_template": round(to_template["seconds"], 2)})
 
 
 # ------------------------------------------------------------------ stage B: one region

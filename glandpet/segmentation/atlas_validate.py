@@ -104,6 +104,17 @@ def choose_library(held_out: str, names: Sequence[str], n: int | None, seed: int
     return [others[i] for i in sorted(idx)]
 
 
+def choose_fixed_library(names: Sequence[str], n: int, seed: int = 0) -> list[str]:
+    """One library of ``n`` atlases for every held-out scan (drawn with ``seed``, in name order):
+    the other scans are held out from it. With a fixed library an atlas template
+    (:mod:`glandpet.segmentation.atlas_template`) is built once, as in a study."""
+    pool = sorted(names)
+    if not 1 <= n < len(pool):
+        raise UserError(f"a fixed library needs 1 to {len(pool) - 1} atlases, not {n}")
+    idx = keyed_rng(seed, "library").choice(len(pool), size=n, replace=False)
+    return [pool[i] for i in sorted(idx)]
+
+
 def estimate_cost(n_registrations: int, threads: int) -> dict[str, float]:
     """CPU-hours and wall minutes of ``n_registrations`` atlas-to-scan registrations (rough:
     :data:`CPU_SECONDS_PER_REGISTRATION`)."""
@@ -148,11 +159,13 @@ def validate_atlases(atlases: Sequence[Mapping[str, Any]], *, seg_config: Mappin
                      subjects: int | Sequence[str] | None = None, n_atlases: int | None = None, seed: int = 0,
                      threads: int = 2, out_tsv: str | Path | None = None, labels_dir: str | Path | None = None,
                      progress: bool = True, progress_stream: IO[str] | None = None,
-                     on_scan: Callable[[str, list[dict], dict], None] | None = None) -> pd.DataFrame:
+                     on_scan: Callable[[str, list[dict], dict], None] | None = None,
+                     library: Sequence[str] | None = None) -> pd.DataFrame:
     """Leave-one-out validation. ``atlases``: ``{name, ct, labels, label_table}`` (as
     :func:`glandpet.segmentation.segment_command.read_atlas_dir` returns). ``subjects``: the held-out names, or a
     count K (:func:`choose_subjects`), or None (all). ``n_atlases``: library size per held-out scan
-    (:func:`choose_library`). Writes ``out_tsv`` after every scan (a long run keeps its finished
+    (:func:`choose_library`); ``library``: instead, these atlases for every held-out scan (none of
+    them held out: :func:`choose_fixed_library`). Writes ``out_tsv`` after every scan (a long run keeps its finished
     scans). ``on_scan(name, rows, info)`` is called after each scan. A scan whose segmentation
     fails gets rows with the error message and no metrics; the others go on."""
     from glandpet.progress import Progress
@@ -169,6 +182,9 @@ def validate_atlases(atlases: Sequence[Mapping[str, Any]], *, seg_config: Mappin
     unknown = [h for h in held if h not in by_name]
     if unknown:
         raise UserError(f"unknown atlas(es) to hold out: {', '.join(unknown)}")
+    fixed = None if library is None else list(library)
+    if fixed is not None and (set(fixed) & set(held) or set(fixed) - set(by_name)):
+        raise UserError("a fixed library must be known atlases that are not held out")
     params = SegmentationParams.from_config(seg_config)
     prov = {"pipeline_version": _version(), "config_hash": config_hash(dict(seg_config or {}))}
     rows: list[dict] = []
@@ -178,22 +194,22 @@ def validate_atlases(atlases: Sequence[Mapping[str, Any]], *, seg_config: Mappin
     with tempfile.TemporaryDirectory(prefix="gp_validate_") as tmp, \
             Progress(len(held), "atlas validate", unit="scans", stream=progress_stream, quiet=not progress) as bar:
         for name in held:
-            library = choose_library(name, list(by_name), n_atlases, seed)
+            chosen = list(fixed) if fixed is not None else choose_library(name, list(by_name), n_atlases, seed)
             out_dir = keep or Path(tmp)
             dseg = out_dir / f"{name}_dseg.nii.gz"
             t0, c0 = time.perf_counter(), _cpu_seconds()
             error = None
             try:
-                segment_subject(by_name[name]["ct"], [_atlas_arg(by_name[x]) for x in library], dseg,
+                segment_subject(by_name[name]["ct"], [_atlas_arg(by_name[x]) for x in chosen], dseg,
                                 out_dir / f"{name}_dseg.tsv", params, threads=threads)
                 scored = score_scan(by_name[name]["labels"], by_name[name]["label_table"], dseg)
             except Exception as exc:  # one lost scan must not end a run of hours
                 error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 scored = [{"gland": g, "side": s} for g, s in _truth_glands(by_name[name])]
-            info = {"seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - c0, "library": library,
+            info = {"seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - c0, "library": chosen,
                     "error": error}
-            scan_rows = [{"atlas": name, **r, "n_atlases": len(library), "seconds": info["seconds"],
-                          "cpu_seconds": info["cpu_seconds"], "library": ",".join(library), "error": error, **prov}
+            scan_rows = [{"atlas": name, **r, "n_atlases": len(chosen), "seconds": info["seconds"],
+                          "cpu_seconds": info["cpu_seconds"], "library": ",".join(chosen), "error": error, **prov}
                          for r in scored]
             rows += scan_rows
             if out_tsv is not None:

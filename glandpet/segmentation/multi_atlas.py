@@ -43,7 +43,7 @@ from glandpet.segmentation.refinement import refine_segmentation
 
 def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv,
                     params: SegmentationParams = SegmentationParams(), threads: int = 1, *,
-                    workdir: str | None = None, verbose: bool = False) -> dict:
+                    workdir: str | None = None, verbose: bool = False, template=None) -> dict:
     """Segment the glands in one subject CT with a multi-atlas registration and label fusion.
 
     ``atlases``: list of ``{"name", "ct", "labels", "label_table"}`` (paths). ``params``: how
@@ -52,6 +52,9 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv,
     present in the union of the atlas tables). Returns metrics: seconds per step, per-atlas scores
     and selection, glands present/absent, volumes in mL. With ``workdir`` given, the transforms and
     each atlas's warped labels (``atlas_<name>_labels.nii.gz``, before fusion) are kept there.
+    ``template``: the atlases' template (:class:`glandpet.segmentation.atlas_template.AtlasTemplate`)
+    when ``params.atlas_registration`` is ``"template"``; None: read from (or built into) its cache
+    (:func:`glandpet.segmentation.atlas_template.template_for`).
     """
     method_of = fusion_per_gland(params.fusion)
     if not atlases:
@@ -60,6 +63,14 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv,
     ants = transforms.load_ants()
     t_all = time.perf_counter()
     timing: dict[str, float] = {}
+    if params.atlas_registration == "template" and template is None:
+        from glandpet.segmentation.atlas_template import template_for
+
+        t = time.perf_counter()
+        template = template_for(atlases, workers=threads)
+        timing["template"] = time.perf_counter() - t
+    elif params.atlas_registration != "template":
+        template = None
     tmp = workdir or tempfile.mkdtemp(prefix="gp_seg_")
     os.makedirs(tmp, exist_ok=True)
     try:
@@ -72,7 +83,7 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv,
 
         t = time.perf_counter()
         field = register_whole_field(subj_glob, atlases, params.regions, params.spacing_mm,
-                                     params.atlases_per_region, tmp, verbose)
+                                     params.atlases_per_region, tmp, verbose, template=template)
         timing["register_global"] = time.perf_counter() - t
         fused = np.zeros(subj_out.shape, np.uint8)
         timing.update({"register_regions": 0.0, "select": 0.0, "fuse": 0.0})
@@ -130,6 +141,8 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv,
         "preserve_volume": bool(params.preserve_volume),
         "refine_intensity": bool(params.refine_intensity),
         "n_atlases": len(atlases),
+        "atlas_registration": params.atlas_registration,
+        **({"template": field.template} if field.template else {}),
         "atlases": field.per_atlas,
         "regions": region_info,
         "labels_present": [lab.name for lab in present],
@@ -192,7 +205,7 @@ def _region_entry(region: RegionFit) -> dict:
     return {"labels": [LABEL_BY_INDEX[L].name for L in region.labels],
             "box_lps_mm": [list(map(float, field_of_view.world_coords(out_ref, np.zeros((1, 3)))[0])),
                            list(map(float, field_of_view.world_coords(out_ref, (np.array(out_ref.shape) - 1)[None])[0]))],
-            "grid": list(region.fix.shape)}
+            "grid": list(region.fix.shape), "atlases": len(region.atlases)}
 
 
 def _save_on_subject_grid(arr: np.ndarray, subject_ct_path, lo, hi, path) -> None:

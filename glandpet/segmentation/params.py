@@ -32,7 +32,11 @@ class SegmentationParams:
     (:data:`glandpet.segmentation.fusion.JLF_KEEPS_VOLUME`) are not left smaller than their
     voters' median volume; False: plain majority vote and JLF arg-max. ``refine_intensity``: each
     fused gland's boundary then moves by the subject's CT numbers
-    (:func:`glandpet.segmentation.refinement.intensity_refine`).
+    (:func:`glandpet.segmentation.refinement.intensity_refine`). ``atlas_registration``:
+    ``"pairwise"`` (every atlas registered to the subject) or ``"template"`` (each atlas once to the
+    library's template, the subject once to it, composed: :mod:`glandpet.segmentation.atlas_template`;
+    then ``atlases_per_region`` 0 means
+    :data:`glandpet.segmentation.atlas_registration.TEMPLATE_ATLASES_PER_REGION`).
     """
 
     fusion: str | Mapping[str, str] = "auto"
@@ -45,12 +49,14 @@ class SegmentationParams:
     atlases_per_region: int | None = ATLASES_PER_REGION
     preserve_volume: bool = True
     refine_intensity: bool = True
+    atlas_registration: str = "pairwise"
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | None = None) -> SegmentationParams:
         """The parameters of a study config's ``segmentation:`` section (config.schema.yaml; absent
         or None keys: the defaults): ``fusion``, ``refine_hu`` (``{gland: [lo, hi]}`` -> ``refine``),
-        ``atlases_per_gland``, ``atlases_per_region``, ``preserve_volume``, ``refine_intensity``;
+        ``atlases_per_gland``, ``atlases_per_region``, ``preserve_volume``, ``refine_intensity``,
+        ``atlas_registration``;
         the section's other keys (``corrections``, ``review_below``) belong to other steps. The one
         mapping, shared by the workflow's segment step (:func:`glandpet.workflow.steps.segment_glands`),
         ``glandpet segment`` and ``glandpet atlas validate``."""
@@ -64,4 +70,5 @@ class SegmentationParams:
             atlases_per_region=ATLASES_PER_REGION if per_region is None else int(per_region),
             preserve_volume=bool(c.get("preserve_volume", True)),
             refine_intensity=bool(c.get("refine_intensity", True)),
+            atlas_registration=str(c.get("atlas_registration") or "pairwise"),
         )

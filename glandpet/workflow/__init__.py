@@ -10,6 +10,7 @@ from glandpet.workflow.failures import log_to
 from glandpet.workflow.steps import (
     align_sessions,
     apply_correction,
+    build_atlas_template,
     cohort_figures,
     cohort_statistics,
     cohort_tables,
@@ -27,6 +28,7 @@ from glandpet.workflow.steps import (
 __all__ = [
     "align_sessions",
     "apply_correction",
+    "build_atlas_template",
     "cohort_figures",
     "cohort_statistics",
     "cohort_tables",

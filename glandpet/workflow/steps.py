@@ -386,6 +386,19 @@ def cohort_figures(inputs: Any, output: Any) -> None:
     Path(output.done).write_text("")
 
 
+def build_atlas_template(manifest: str, atlases: list[Mapping[str, str]], threads: int = 1) -> None:
+    """The atlas library's template (segmentation.atlas_registration: template), built into the
+    folder of ``manifest`` with ``threads`` registrations side by side
+    (:func:`glandpet.segmentation.atlas_template.build_template`)."""
+    from glandpet.segmentation.atlas_template import build_template
+
+    def progress(done: int, total: int) -> None:
+        log.info("atlas template: %d of %d registrations", done, total)
+
+    t = build_template([dict(a) for a in atlases], Path(manifest).parent, workers=threads, progress=progress)
+    log.info("atlas template of %d atlases: %s", len(atlases), t.build)
+
+
 def segment_glands(inputs: Any, output: Any, session: str, atlases: list[Mapping[str, str]], fusion: str,
                    refine_hu: Mapping[str, Any], threads: int = 1, atlases_per_gland: int | None = None,
                    atlases_per_region: int | None = None, preserve_volume: bool = True, refine_intensity: bool = True) -> None:
@@ -399,12 +412,17 @@ def segment_glands(inputs: Any, output: Any, session: str, atlases: list[Mapping
         from glandpet.segmentation.multi_atlas import segment_subject
         from glandpet.segmentation.params import SegmentationParams
 
+        template = None
+        if "template" in inputs.keys():  # segmentation.atlas_registration: template (rule build_atlas_template)
+            from glandpet.segmentation.atlas_template import load_template
+
+            template = load_template(Path(inputs.template).parent, [dict(a) for a in atlases])
         params = SegmentationParams.from_config(dict(
             fusion=fusion, refine_hu=refine_hu, atlases_per_gland=atlases_per_gland,
             atlases_per_region=atlases_per_region, preserve_volume=preserve_volume,
-            refine_intensity=refine_intensity))
+            refine_intensity=refine_intensity, atlas_registration="template" if template else "pairwise"))
         metrics = segment_subject(inputs.ct, [dict(a) for a in atlases], output.dseg, output.table, params,
-                                  threads=threads)
+                                  threads=threads, template=template)
         message = None
         missing = metrics.get("labels_absent")
         if missing:
