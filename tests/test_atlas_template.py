@@ -136,6 +136,8 @@ def test_cache_is_reused_and_keyed_by_the_atlases(library):
     # another library (one atlas fewer, or the same files in another order) has another key
     assert library_key(library["atlases"][:2]) != t.key
     assert library_key(library["atlases"][::-1]) != t.key
+    renamed = [dict(library["atlases"][0], name="other"), *library["atlases"][1:]]
+    assert library_key(renamed) != t.key  # the manifest finds transforms by atlas name
     with pytest.raises(ValueError, match="other atlases"):
         load_template(t.directory, library["atlases"][:2])
     # an atlas file changed on disk changes the key

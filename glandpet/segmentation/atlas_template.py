@@ -83,8 +83,9 @@ def _sha256(path: str | Path) -> str:
 
 
 def library_key(atlases: Sequence[Mapping[str, str]]) -> str:
-    """The key of a library's template: the checksums of each atlas's CT, labels and label table
-    (in the given order) and the building's parameters (grid, passes, stage schedules, version)."""
+    """The key of a library's template: each atlas's name and the checksums of its CT, labels and
+    label table (in the given order), and the building's parameters (grid, passes, stage
+    schedules, version)."""
     from glandpet.segmentation.atlas_registration import ATLAS_LINEAR_STAGES, ATLAS_STAGES
 
     h = hashlib.sha256()
@@ -92,6 +93,7 @@ def library_key(atlases: Sequence[Mapping[str, str]]) -> str:
                          "linear": ATLAS_LINEAR_STAGES, "stages": ATLAS_STAGES}, sort_keys=True,
                         default=str).encode())
     for a in atlases:
+        h.update(_atlas_name(a).encode())  # the manifest names each atlas's transforms
         for k in ("ct", "labels", "label_table"):
             h.update(_sha256(a[k]).encode())
     return h.hexdigest()
