@@ -186,8 +186,7 @@ def main(argv=None):
     dices = {}
     totals = {}
     for n in a.atlases:
-        use = [dict(d, name=f"{d['name']}_{i}") for i, d in enumerate(atlas_dicts[i % len(atlas_dicts)]
-                                                                      for i in range(n))]
+        use = _atlas_set(atlas_dicts, n)
         out = ses[ref] + f"_n{n}_dseg.nii.gz"
         r = run_step("segment", a.threads, subject_ct_path=ses[ref] + "_ct.nii.gz", atlases=use, out_dseg=out,
                      out_tsv=out.replace(".nii.gz", ".tsv"), fusion=a.fusion, threads=a.threads)
@@ -228,18 +227,16 @@ def main(argv=None):
 
 
 def _ref_ct(ph, sid, work):
-    """The reference session's CT of a phantom subject as NIfTI (PSMA, else the only session)."""
-    from glandpet.dicom.convert import convert_series
+    """The reference session (PSMA, else the only one) of a phantom subject and its CT as NIfTI."""
+    ses = _convert(ph, sid, work)
+    ref = "psma" if "psma" in ses else next(iter(ses))
+    return ref, ses[ref] + "_ct.nii.gz"
 
-    sesdirs = sorted(glob.glob(f"{ph}/dicom/{sid}/*"))
-    sesdir = next((d for d in sesdirs if "PSMA" in d.upper()), sesdirs[0])
-    ses = "psma" if "PSMA" in sesdir.upper() else "fapi"
-    out = f"{work}/{sid}_ses-{ses}_ct.nii.gz"
-    if not os.path.exists(out):
-        ctd = [d for d in sorted(glob.glob(sesdir + "/*")) if "CT" in Path(d).name.upper()
-               and "PET" not in Path(d).name.upper()]
-        convert_series(ctd[0], out)
-    return ses, out
+
+def _atlas_set(atlas_dicts, n):
+    """``n`` atlases of the phantom's set, reused cyclically (renamed) when it holds fewer."""
+    return [dict(d, name=f"{d['name']}_{i}") for i, d in enumerate(atlas_dicts[i % len(atlas_dicts)]
+                                                                   for i in range(n))]
 
 
 def cohort_main(a) -> int:
@@ -278,8 +275,7 @@ def cohort_main(a) -> int:
         meta = out.replace(".nii.gz", ".json")
         if os.path.exists(meta):
             return task, json.loads(Path(meta).read_text()), True
-        use = [dict(d, name=d["name"] if n <= len(atlas_dicts) else f"{d['name']}_{i}")
-               for i, d in enumerate(atlas_dicts[i % len(atlas_dicts)] for i in range(n))]
+        use = atlas_dicts[:n] if n <= len(atlas_dicts) else _atlas_set(atlas_dicts, n)
         kw = dict(subject_ct_path=ct, atlases=use, out_dseg=out, out_tsv=out.replace(".nii.gz", ".tsv"),
                   fusion=a.fusion, threads=1, registration=reg)
         if reg == "template":

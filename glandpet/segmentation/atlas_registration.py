@@ -363,10 +363,15 @@ def atlas_head_neck(ct):
     return field_of_view.crop(ct, *atlas_head_neck_box(ct))
 
 
+def atlas_name(atlas: dict) -> str:
+    """An atlas's name: its ``name``, else its folder's."""
+    return str(atlas.get("name") or Path(atlas["ct"]).parent.name)
+
+
 def _load_atlas(atlas: dict):
     """An atlas's name, CT, label map in DEFAULT_LABELS values, the labels it holds and their volumes (mL)."""
     ants = transforms.load_ants()
-    name = str(atlas.get("name") or Path(atlas["ct"]).parent.name)
+    name = atlas_name(atlas)
     ct = ants.image_read(str(atlas["ct"])).clone("float")
     lab = ants.image_read(str(atlas["labels"]))
     table = read_label_table(atlas["label_table"])

@@ -26,8 +26,8 @@ The template's shape is the reference's up to the affine (no shape-averaging upd
 registration hub, not an anatomical average, and a subject reaches it with the same stages as it
 would reach an atlas.
 
-Cache (:func:`template_for`): a folder named by :func:`library_key` (the checksums of every atlas's
-CT, labels and label table, in order, and the building's parameters), beside the library
+Cache (:func:`template_for`): a folder named by :func:`library_key` (every atlas's name and the
+checksums of its CT, labels and label table, in order, and the building's parameters), beside the library
 (``<the atlases' common parent>/.glandpet-templates/``) when that is writable, else under
 ``~/.cache/glandpet/atlas-templates/``; written to a temporary folder and renamed, so two jobs that
 build it at once leave one whole copy. ``manifest.json`` lists the template, each atlas's forward
@@ -86,21 +86,17 @@ def library_key(atlases: Sequence[Mapping[str, str]]) -> str:
     """The key of a library's template: each atlas's name and the checksums of its CT, labels and
     label table (in the given order), and the building's parameters (grid, passes, stage
     schedules, version)."""
-    from glandpet.segmentation.atlas_registration import ATLAS_LINEAR_STAGES, ATLAS_STAGES
+    from glandpet.segmentation.atlas_registration import ATLAS_LINEAR_STAGES, ATLAS_STAGES, atlas_name
 
     h = hashlib.sha256()
     h.update(json.dumps({"version": TEMPLATE_VERSION, "spacing_mm": TEMPLATE_SPACING_MM, "passes": TEMPLATE_PASSES,
                          "linear": ATLAS_LINEAR_STAGES, "stages": ATLAS_STAGES}, sort_keys=True,
                         default=str).encode())
     for a in atlases:
-        h.update(_atlas_name(a).encode())  # the manifest names each atlas's transforms
+        h.update(atlas_name(a).encode())  # the manifest names each atlas's transforms
         for k in ("ct", "labels", "label_table"):
             h.update(_sha256(a[k]).encode())
     return h.hexdigest()
-
-
-def _atlas_name(atlas: Mapping[str, str]) -> str:
-    return str(atlas.get("name") or Path(atlas["ct"]).parent.name)
 
 
 # ------------------------------------------------------------------ building
@@ -171,14 +167,12 @@ def _run_pass(jobs: list[dict], workers: int, progress=None, done: int = 0, tota
             errors.append((err or "").strip().splitlines()[-1:] or [f"exit code {p.returncode}"])
     if errors:
         raise RuntimeError(f"atlas template: a registration failed: {errors[0][0]}")
-    ants = None
+    from glandpet.registration import transforms
+
+    ants = transforms.load_ants()
     results = []
     for job in jobs:
         r = json.loads(Path(job["prefix"] + "result.json").read_text())
-        if ants is None:
-            from glandpet.registration import transforms
-
-            ants = transforms.load_ants()
         r["warped"] = ants.image_read(job["prefix"] + "warped.nii.gz").numpy()
         r["cover"] = ants.image_read(job["prefix"] + "cover.nii.gz").numpy()
         results.append(r)
@@ -201,9 +195,10 @@ def build_template(atlases: Sequence[Mapping[str, str]], out_dir: str | Path, *,
     folder renamed at the end). ``workers``: registrations side by side (one ITK thread each).
     ``progress(done, total)`` is called after every registration."""
     from glandpet.registration import transforms
+    from glandpet.segmentation.atlas_registration import atlas_name
 
     ants = transforms.load_ants()
-    names = [_atlas_name(a) for a in atlases]
+    names = [atlas_name(a) for a in atlases]
     if len(set(names)) != len(names):
         raise ValueError("atlas names must be unique to build a template")
     if len(atlases) < 2:
