@@ -62,6 +62,7 @@ rule segment_glands:
         atlases_per_region=config["segmentation"]["atlases_per_region"],
         preserve_volume=config["segmentation"]["preserve_volume"],
         refine_intensity=config["segmentation"]["refine_intensity"],
+        linear_stage=config["segmentation"]["linear_stage"],
     script:
         "../scripts/segment_glands.py"
 

@@ -163,15 +163,23 @@ def cohort(tmp_path_factory):
     return d, subj, truth, atlases
 
 
-@pytest.mark.parametrize("fusion, per_region", [("majority", 0), ("jlf", 2)])
-def test_segment_subject_small(cohort, fusion, per_region):
+@pytest.mark.parametrize("fusion, per_region, linear_stage", [("majority", 0, "gland_box"), ("jlf", 2, "whole_crop")])
+def test_segment_subject_small(cohort, fusion, per_region, linear_stage):
     """End to end on 3 small atlases; the JLF run also preselects 2 atlases per region for the
-    deformable stages (the lacrimal glands, which one atlas holds, keep that atlas)."""
+    deformable stages (the lacrimal glands, which one atlas holds, keep that atlas); the majority
+    run's stage A is the gland-box linear stage (``linear_stage: gland_box``), whose start and
+    CT match per atlas the metrics record."""
     d, subj, truth, atlases = cohort
     out = d / f"dseg_{fusion}.nii.gz"
     tsv = d / f"dseg_{fusion}.tsv"
     m = S.segment_subject(subj, atlases, out, tsv, SegmentationParams(
-        fusion=fusion, spacing_mm=3.0, region_spacing_mm=3.0, atlases_per_region=per_region), threads=2)
+        fusion=fusion, spacing_mm=3.0, region_spacing_mm=3.0, atlases_per_region=per_region,
+        linear_stage=linear_stage), threads=2)
+    for a in ("a0", "a1", "a2"):
+        if linear_stage == "gland_box":
+            assert m["atlases"][a]["start"] in ("scan", "glands") and -1.0 <= m["atlases"][a]["linear_ncc"]["scan"] <= 1.0
+        else:
+            assert "start" not in m["atlases"][a]
     if per_region:
         assert {"orbit_left", "orbit_right"} <= set(m["atlases"]["a0"]["preselected_for"])
         upper = [a for a in ("a0", "a1", "a2") if "upper" in m["atlases"][a]["preselected_for"]]
@@ -412,6 +420,11 @@ def test_anatomy_translation_finds_the_head_in_a_shorter_shifted_scan(tmp_path):
     t = sessions.anatomy_translation(f, m)
     assert np.linalg.norm(com - t_true) > 25.0  # the old start: far outside the rigid stage's reach
     assert np.linalg.norm(t - t_true) <= sessions.SEARCH_SPACING_MM, (t, t_true)
+    # the search for a region of the moving scan alone (an atlas's glands): the same translation,
+    # on the finer grid, whatever lies outside the region
+    centre = field_of_view.world_coords(m, (np.array(m.shape) - 1)[None] / 2.0)[0]
+    t_box = sessions.anatomy_translation(f, m, spacing_mm=A.ATLAS_SPACING_MM, moving_box=(centre - 40.0, centre + 40.0))
+    assert np.linalg.norm(t_box - t_true) <= A.ATLAS_SPACING_MM * 1.5, (t_box, t_true)
 
 
 def test_lost_atlases_flags_a_gland_far_from_the_consensus():

@@ -109,7 +109,7 @@ def _search_features(hu: np.ndarray) -> list[np.ndarray]:
 
 
 def anatomy_translation(fixed, moving, spacing_mm: float = SEARCH_SPACING_MM,
-                        min_overlap: float = SEARCH_MIN_OVERLAP) -> np.ndarray:
+                        min_overlap: float = SEARCH_MIN_OVERLAP, moving_box=None) -> np.ndarray:
     """Translation ``t`` (LPS mm, fixed point x -> moving point x + t) that best superposes the
     anatomy of two CTs, found from the images alone (no shared world frame needed).
 
@@ -123,7 +123,12 @@ def anatomy_translation(fixed, moving, spacing_mm: float = SEARCH_SPACING_MM,
     ``min_overlap`` of the smaller scan's body (on either side) are not considered, so that a
     sliver of overlap cannot win. Measured on 60 random pairs of 24 real planning CTs (error of the
     translation at the parotids' midpoint): median 20 mm, 90th percentile 35 mm, against 32 / 77 mm
-    for the body centres of mass; the rigid and affine stages started from it do the rest."""
+    for the body centres of mass; the rigid and affine stages started from it do the rest.
+
+    ``moving_box`` (world LPS ``(lo, hi)``): only the moving scan's anatomy inside it is searched
+    for (a region of interest, e.g. an atlas's glands with a margin), and a candidate must overlap
+    ``min_overlap`` of that region; used by
+    :func:`glandpet.segmentation.atlas_registration.register_atlas_linear`."""
     ants = load_ants()
     f = resample_iso(as_float(fixed), spacing_mm)
     mv = resample_iso(as_float(moving), spacing_mm)
@@ -139,12 +144,18 @@ def anatomy_translation(fixed, moving, spacing_mm: float = SEARCH_SPACING_MM,
     m = ants.resample_image_to_target(mv, ref, interp_type="linear").numpy().astype(np.float64)
     valid = ants.resample_image_to_target(mv * 0 + 1, ref, interp_type="linear").numpy() > 0.5
     m[~valid] = -1000.0
+    if moving_box is not None:
+        w = world_coords(ref, np.argwhere(np.ones(m.shape, bool))).reshape(m.shape + (3,))
+        valid &= ((w >= np.asarray(moving_box[0], float)) & (w <= np.asarray(moving_box[1], float))).all(-1)
     fa = f.numpy().astype(np.float64)
     mf, mm = np.ones(fa.shape), valid.astype(np.float64)
     score = sum(_masked_ncc(a, mf, b, mm) for a, b in zip(_search_features(fa), _search_features(m))) / 2.0
-    bf, bm = (fa > BODY_HU).astype(np.float64), ((m > BODY_HU) & valid).astype(np.float64)
-    need = min_overlap * min(bf.sum(), bm.sum())
-    score[(_correlate(mm, bf) < need) | (_correlate(bm, mf) < need)] = -np.inf
+    if moving_box is not None:
+        score[_correlate(mm, mf) < min_overlap * mm.sum()] = -np.inf
+    else:
+        bf, bm = (fa > BODY_HU).astype(np.float64), ((m > BODY_HU) & valid).astype(np.float64)
+        need = min_overlap * min(bf.sum(), bm.sum())
+        score[(_correlate(mm, bf) < need) | (_correlate(bm, mf) < need)] = -np.inf
     k = np.array(np.unravel_index(int(np.argmax(score)), score.shape))
     shift = k - (np.array(fa.shape) - 1)
     return np.asarray(ref.origin, float) - np.asarray(f.origin, float) + d @ (shift * spacing_mm)

@@ -83,7 +83,8 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv,
 
         t = time.perf_counter()
         field = register_whole_field(subj_glob, atlases, params.regions, params.spacing_mm,
-                                     params.atlases_per_region, tmp, verbose, template=template)
+                                     params.atlases_per_region, tmp, verbose, template=template,
+                                     linear_stage=params.linear_stage)
         timing["register_global"] = time.perf_counter() - t
         fused = np.zeros(subj_out.shape, np.uint8)
         timing.update({"register_regions": 0.0, "select": 0.0, "fuse": 0.0})

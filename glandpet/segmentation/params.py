@@ -8,7 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from glandpet.segmentation.atlas_registration import ATLAS_SPACING_MM, ATLASES_PER_GLAND, ATLASES_PER_REGION, REGION_SPACING_MM, REGIONS
+from glandpet.segmentation.atlas_registration import (ATLAS_SPACING_MM, ATLASES_PER_GLAND, ATLASES_PER_REGION, LINEAR_STAGES,
+                                                      REGION_SPACING_MM, REGIONS)
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,9 @@ class SegmentationParams:
     ``"pairwise"`` (every atlas registered to the subject) or ``"template"`` (each atlas once to the
     library's template, the subject once to it, composed: :mod:`glandpet.segmentation.atlas_template`;
     then ``atlases_per_region`` 0 means
-    :data:`glandpet.segmentation.atlas_registration.TEMPLATE_ATLASES_PER_REGION`).
+    :data:`glandpet.segmentation.atlas_registration.TEMPLATE_ATLASES_PER_REGION`). ``linear_stage``
+    (pairwise): ``"whole_crop"`` or ``"gland_box"``
+    (:func:`glandpet.segmentation.atlas_registration.register_whole_field`).
     """
 
     fusion: str | Mapping[str, str] = "auto"
@@ -50,13 +53,14 @@ class SegmentationParams:
     preserve_volume: bool = True
     refine_intensity: bool = True
     atlas_registration: str = "pairwise"
+    linear_stage: str = LINEAR_STAGES[0]
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | None = None) -> SegmentationParams:
         """The parameters of a study config's ``segmentation:`` section (config.schema.yaml; absent
         or None keys: the defaults): ``fusion``, ``refine_hu`` (``{gland: [lo, hi]}`` -> ``refine``),
         ``atlases_per_gland``, ``atlases_per_region``, ``preserve_volume``, ``refine_intensity``,
-        ``atlas_registration``;
+        ``atlas_registration``, ``linear_stage``;
         the section's other keys (``corrections``, ``review_below``) belong to other steps. The one
         mapping, shared by the workflow's segment step (:func:`glandpet.workflow.steps.segment_glands`),
         ``glandpet segment`` and ``glandpet atlas validate``."""
@@ -71,4 +75,5 @@ class SegmentationParams:
             preserve_volume=bool(c.get("preserve_volume", True)),
             refine_intensity=bool(c.get("refine_intensity", True)),
             atlas_registration=str(c.get("atlas_registration") or "pairwise"),
+            linear_stage=str(c.get("linear_stage") or LINEAR_STAGES[0]),
         )
