@@ -197,6 +197,8 @@ def gland_rows(records: list[dict], conf_fn=None) -> list[dict]:
                 rows.append({"scan": r["key"], "gland": g, "dice": d, "conf": 0.0, "signals": {}})
                 continue
             c = conf_fn(e["signals"], e.get("volume_ml"))[0] if conf_fn else e["confidence"]
+            if c is None:  # one voter: unknown, flagged review and ranked lowest (as the review queue does)
+                c = 0.0
             rows.append({"scan": r["key"], "gland": g, "dice": d, "conf": c, "signals": e["signals"],
                          "reasons": e.get("reasons", [])})
     return rows

@@ -131,7 +131,8 @@ def _measure_subject(cohort: Path, root: Path, sub: str, atlases: list[dict], th
     for lab in DEFAULT_LABELS:
         dice_rows.append(dict(subject_id=sub, gland=lab.gland, side=lab.side,
                               dice=_dice(truth == lab.index, seg == lab.index),
-                              confidence=(m.get("glands", {}).get(lab.name) or {}).get("confidence", 0.0)))
+                              # None (one voter: unknown) is flagged review and ranks lowest, as in the review queue
+                              confidence=(m.get("glands", {}).get(lab.name) or {}).get("confidence") or 0.0))
     return dict(pet=pet_rows, sessions=ses_rows, dice=dice_rows, seconds=seconds)
 
 

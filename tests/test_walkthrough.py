@@ -223,6 +223,21 @@ def test_every_session_is_aligned_to_the_baseline_and_measured(walkthrough):
     assert gi.loc[gi["gland"] == "parotid", "voxel_spearman_rho"].notna().all()
 
 
+def test_one_atlas_study_sends_every_gland_to_review(walkthrough):
+    """The walkthrough segments with one atlas: no second atlas to check it against, so every
+    segmented gland has no confidence and is in the review queue (qc.parquet, stage
+    segment_review), saying why (issue 18; glandpet.segmentation.confidence.MIN_VOTERS)."""
+    assert walkthrough["snakemake"].returncode == 0, "the workflow did not finish"
+    results = walkthrough["dir"] / "study" / "results"
+    gs = pd.read_parquet(results / "tables" / "gland_stats.parquet")
+    seg = gs[gs["volume_ml"] > 0]
+    assert len(seg) and seg["seg_confidence"].isna().all() and set(seg["seg_flag"]) == {"review"}
+    qc = pd.read_parquet(results / "tables" / "qc.parquet")
+    review = qc[qc["stage"] == "segment_review"]
+    assert set(review["status"]) == {"warning"} and len(review) == int((gs["seg_flag"] == "review").sum())
+    assert review["message"].str.contains("one atlas voted").all()
+
+
 def test_gland_change_recovers_the_planted_change(walkthrough):
     """The change of the partial-volume-corrected SUVmean (the value the index is computed from) is
     recovered to within the test-retest variability of a repeated PSMA-11 scan (10 percentage points,

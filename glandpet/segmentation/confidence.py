@@ -76,6 +76,12 @@ NOTES = {
 #: with the Dice was -0.06: well-segmented parotids (Dice 0.72-0.83) had contrasts of 0.06-0.37.
 #: reasons reported under these levels (the penalty's ``good`` ends) or above them
 AGREEMENT_LOW = 0.6
+#: a gland on which fewer atlases voted has no agreement to measure: one voter's Dice to a fusion
+#: of itself is ~1 wherever it put the gland. Its confidence is unknown (None: flagged ``review``,
+#: first in the review queue). Measured on the README walkthrough's one-atlas segmentation (a
+#: parametric phantom subject): confidences 0.87-1.00 on all 10 glands while the submandibular
+#: glands had Dice 0.12 / 0.22 against the phantom's truth.
+MIN_VOTERS = 2
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -162,16 +168,19 @@ def _penalty(value: float, good: float, bad: float) -> float:
     return max(0.25, 1.0 - 0.5 * t)
 
 
-def confidence(signals: dict, volume_ml: float | None = None) -> tuple[float, list[str]]:
+def confidence(signals: dict, volume_ml: float | None = None) -> tuple[float | None, list[str]]:
     """Confidence in [0, 1] and the reasons it is low, from a gland's ``signals``.
 
     The agreement (median voter Dice to the fusion) times the penalties of :data:`PENALTIES`
-    (reasons also from :data:`NOTES`); an empty gland has confidence 0."""
+    (reasons also from :data:`NOTES`); an empty gland has confidence 0; a gland fewer than
+    :data:`MIN_VOTERS` atlases voted on has none (None: nothing to judge it by)."""
     reasons: list[str] = []
     if volume_ml is not None and volume_ml <= 0:
         return 0.0, ["empty label"]
     if not signals.get("n_voters"):
         return 0.0, ["no atlas voted"]
+    if int(signals["n_voters"]) < MIN_VOTERS:
+        return None, ["one atlas voted: no second atlas to check it against"]
     agr = float(signals.get("agreement", 0.0))
     conf = agr
     if agr < AGREEMENT_LOW:
@@ -206,7 +215,7 @@ def gland_entry(entry: dict) -> dict:
     """Finish a gland's metrics entry: round the signals, add ``confidence`` and ``reasons``."""
     sig = entry.get("signals", {})
     conf, reasons = confidence(sig, entry.get("volume_ml"))
-    out = {"confidence": round(conf, 4), "reasons": reasons,
+    out = {"confidence": None if conf is None else round(conf, 4), "reasons": reasons,
            "volume_ml": round(float(entry.get("volume_ml", 0.0)), 4),
            "atlas_volumes_ml": [round(v, 4) for v in entry.get("atlas_volumes_ml", [])],
            "signals": {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else
