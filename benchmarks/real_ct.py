@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"real_ct: {len(names)} scans in {args.data}; {len(held)} held out ({', '.join(held)}); libraries of "
           f"{', '.join(map(str, args.atlases))} atlases; {n_reg} registrations, estimated "
           f"{cost['wall_minutes']:.0f} min on {args.threads} thread(s) ({cost['cpu_hours']:.2f} CPU-hours)", flush=True)
+    defaults = load_segmentation_config(None)
+    changed = {k: v for k, v in seg.items() if defaults.get(k) != v}
+    print(f"real_ct: segmentation settings: {changed if changed else 'the defaults'}", flush=True)
     summary = []
     for n in args.atlases:
         n_eff = len(fixed or choose_library(held[0], names, n, args.seed))
