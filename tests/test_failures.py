@@ -307,3 +307,11 @@ def test_faulty_cohort_ends_in_one_keep_going_run_and_a_fixed_job_is_taken_up(sm
     qc = pd.read_parquet(tables / "qc.parquet")
     assert set(qc.loc[qc["status"] == "failed", "subject_id"]) == {"S001"}
     assert not list((results / "work" / "failed").rglob("*.json"))
+    # issue 18: one atlas segments this cohort, and nothing can check it (no second atlas): every
+    # segmented gland has no confidence and is in the review queue saying why
+    # (glandpet.segmentation.confidence.MIN_VOTERS)
+    seg = stats[stats["volume_ml"] > 0]
+    assert len(seg) and seg["seg_confidence"].isna().all() and set(seg["seg_flag"]) == {"review"}
+    review = qc[qc["stage"] == "segment_review"]
+    assert set(review["status"]) == {"warning"} and len(review) == int((stats["seg_flag"] == "review").sum())
+    assert review["message"].str.contains("one atlas voted").all()

@@ -238,10 +238,10 @@ def test_segmentation_config(tmp_path, capsys, tiny):
     kw = SegmentationParams.from_config(seg)
     assert kw.fusion == "majority" and kw.refine == {"parotid": {"hu": [-100, 80]}}
     keys_only = tmp_path / "seg.yaml"
-    keys_only.write_text("atlases_per_gland: 0\nrefine_intensity: false\nlinear_stage: gland_box\n")
+    keys_only.write_text("atlases_per_gland: 0\nrefine_intensity: false\nlinear_stage: whole_crop\n")
     kw = SegmentationParams.from_config(load_segmentation_config(keys_only))
     assert kw.atlases_per_gland == 0 and kw.refine_intensity is False and kw.fusion == "auto"
-    assert kw.linear_stage == "gland_box" and SegmentationParams.from_config({}).linear_stage == "whole_crop"
+    assert kw.linear_stage == "whole_crop" and SegmentationParams.from_config({}).linear_stage == "gland_box"
     bad = tmp_path / "bad.yaml"
     bad.write_text("segmentation:\n  fusion: best\n")
     _, ct, good = tiny

@@ -4,7 +4,7 @@ README.md (section "Your own study"), so the walkthrough and this test cannot dr
 
 ONE run (the session fixture `walkthrough`): the small phantom cohort (a pSS patient with PSMA and
 FAPI sessions and a follow-up of each ~180 days later, with a planted change of the glands' uptake; a
-control with FAPI only; one label-map atlas) -> PACS-style export -> `glandpet init` (which drafts the
+control with FAPI only; three atlases from planning CTs + RTSTRUCTs) -> PACS-style export -> `glandpet init` (which drafts the
 follow-ups from the scan dates) -> the test fills the group column -> `glandpet check` -> `snakemake`
 -> tables, `gland_change` among them (issue 19.4: follow-up scans end to end)."""
 
@@ -42,11 +42,16 @@ def walkthrough_text() -> str:
     return text[start:end if end > 0 else None]
 
 
+def commands(prefix: str) -> list[list[str]]:
+    """The commands of the walkthrough that start with `prefix`, in order."""
+    return [shlex.split(ln.strip()) for b in blocks("bash") for ln in b.splitlines() if ln.strip().startswith(prefix)]
+
+
 def command(prefix: str) -> list[str]:
     """The one command of the walkthrough that starts with `prefix`."""
-    lines = [ln.strip() for b in blocks("bash") for ln in b.splitlines() if ln.strip().startswith(prefix)]
-    assert len(lines) == 1, f"expected one '{prefix}' command in {DOC.name}, found {lines}"
-    return shlex.split(lines[0])
+    found = commands(prefix)
+    assert len(found) == 1, f"expected one '{prefix}' command in {DOC.name}, found {found}"
+    return found[0]
 
 
 def _env() -> dict[str, str]:
@@ -83,17 +88,20 @@ def walkthrough(small_cohort, tmp_path_factory) -> dict:
     cohort = w / "cohort"
     generate_cohort(cohort, 2, seed=5, n_atlases=0, followups=1, progress=False)
     build_pacs_export(cohort / "dicom", w / "export", patients_per_date=2, seed=7)
-    # step 2: the atlas comes from a planning CT + RTSTRUCT: the phantom's atlas individual written as
-    # DICOM (make_atlas is deterministic: the same individual as small_cohort's atlas01)
+    # step 2: the atlases come from planning CTs + RTSTRUCTs: three phantom atlas individuals written
+    # as DICOM (make_atlas is deterministic: hn01 is the same individual as small_cohort's atlas01)
     from glandpet.phantom.cohort import make_atlas
 
-    make_atlas(w / "rt_source", 0, 5, dicom=True)
-    src = w / "rt_source" / "atlases" / "atlas01" / "dicom"
-    shutil.copytree(src / "ct", w / "planning" / "hn01" / "ct")
-    shutil.copy2(src / "rtstruct.dcm", w / "planning" / "hn01" / "RS.dcm")
+    adds = commands("glandpet atlas add")
+    for j in range(len(adds)):
+        make_atlas(w / "rt_source", j, 5, dicom=True)
+        src = w / "rt_source" / "atlases" / f"atlas{j + 1:02d}" / "dicom"
+        shutil.copytree(src / "ct", w / "planning" / f"hn{j + 1:02d}" / "ct")
+        shutil.copy2(src / "rtstruct.dcm", w / "planning" / f"hn{j + 1:02d}" / "RS.dcm")
     out: dict = {"dir": w, "labelmap_atlas": small_cohort / "atlases" / "atlas01", "cohort": cohort}
-    out["atlas_add"] = run(command("glandpet atlas add"), w)
-    assert out["atlas_add"].returncode == 0, out["atlas_add"].stdout + out["atlas_add"].stderr
+    for add in adds:
+        out["atlas_add"] = run(add, w)
+        assert out["atlas_add"].returncode == 0, out["atlas_add"].stdout + out["atlas_add"].stderr
 
     init = command("glandpet init")
     out["init"] = run(init, w)
@@ -223,21 +231,6 @@ def test_every_session_is_aligned_to_the_baseline_and_measured(walkthrough):
     assert gi.loc[gi["gland"] == "parotid", "voxel_spearman_rho"].notna().all()
 
 
-def test_one_atlas_study_sends_every_gland_to_review(walkthrough):
-    """The walkthrough segments with one atlas: no second atlas to check it against, so every
-    segmented gland has no confidence and is in the review queue (qc.parquet, stage
-    segment_review), saying why (issue 18; glandpet.segmentation.confidence.MIN_VOTERS)."""
-    assert walkthrough["snakemake"].returncode == 0, "the workflow did not finish"
-    results = walkthrough["dir"] / "study" / "results"
-    gs = pd.read_parquet(results / "tables" / "gland_stats.parquet")
-    seg = gs[gs["volume_ml"] > 0]
-    assert len(seg) and seg["seg_confidence"].isna().all() and set(seg["seg_flag"]) == {"review"}
-    qc = pd.read_parquet(results / "tables" / "qc.parquet")
-    review = qc[qc["stage"] == "segment_review"]
-    assert set(review["status"]) == {"warning"} and len(review) == int((gs["seg_flag"] == "review").sum())
-    assert review["message"].str.contains("one atlas voted").all()
-
-
 def test_gland_change_recovers_the_planted_change(walkthrough):
     """The change of the partial-volume-corrected SUVmean (the value the index is computed from) is
     recovered to within the test-retest variability of a repeated PSMA-11 scan (10 percentage points,
@@ -282,8 +275,8 @@ def test_walkthrough_folders_are_ignored_by_git():
     included) inside the clone: git must not offer any of it for a commit (issue 17)."""
     if not (REPO / ".git").exists() or shutil.which("git") is None:
         pytest.skip("not a git checkout")
-    paths = [a for prefix in ("glandpet init", "glandpet atlas add") for a in command(prefix)[len(prefix.split()):]
-             if not a.startswith("-")]
+    paths = [a for prefix in ("glandpet init", "glandpet atlas add") for cmd in commands(prefix)
+             for a in cmd[len(prefix.split()):] if not a.startswith("-")]
     folders = sorted({Path(a).parts[0] for a in paths})
     assert {"export", "study", "atlases", "planning"} <= set(folders), folders
     for folder in folders:

@@ -7,10 +7,10 @@ that register and vote in each region and on each gland.
    (:func:`glandpet.registration.sessions.anatomy_translation`: scans of different patients share no world
    frame and their fields of view differ -- one stops just above the parotids, another runs from
    the chest to the vertex -- so the body's centre of mass or top is no landmark; every translation
-   is scored by the NCC of soft-tissue and bone images over the overlap) -> rigid -> affine -> SyN
-   (Mattes MI) at the 8 and 4 mm levels, one ``antsRegistration`` call with explicit schedules
-   (``linear_stage: gland_box``: the rigid + affine masked to the atlas's glands' box and started
-   twice, :func:`register_atlas_linear`, then the SyN in a second call). ANTsPy's ``SyN`` presets run a fixed
+   is scored by the NCC of soft-tissue and bone images over the overlap) -> rigid -> affine
+   (Mattes MI, masked to the atlas's glands' box and started twice: :func:`register_atlas_linear`;
+   ``linear_stage: whole_crop``: over the whole crops, in one call with the SyN) -> SyN (Mattes MI)
+   at the 8 and 4 mm levels, ``antsRegistration`` calls with explicit schedules. ANTsPy's ``SyN`` presets run a fixed
    2100x1200x1200 affine and ignore the affine iterations; driving the stages directly keeps the
    schedule under control. With a large atlas library (``atlases_per_region``) the linear stages
    run for every atlas first; per region only the atlases most similar to the subject after them
@@ -101,16 +101,15 @@ ATLAS_LINEAR_STAGES = [ATLAS_RIGID, ATLAS_AFFINE]
 #: soft tissue within the gland box as it maps it) is kept: :func:`register_atlas_linear`.
 #: Measured on 26 pairs of the 24 real OpenKBP CTs (error at the parotids' midpoint after the
 #: affine, mm): one start, unmasked: median 17.4, 90th percentile 53.8, 9 pairs over 30 mm; masked,
-#: the better of two starts: 9.7 / 21.8, 1 over 30 mm. It is the option ``linear_stage:
-#: gland_box``, not (yet) the default: with it the README walkthrough's one-atlas segmentation
-#: moved a planted +25 % submandibular change to +36 % (tests/test_walkthrough.py), although that
-#: gland's Dice rose there (0.12 / 0.22 -> 0.31 / 0.36; with each of 3 other phantom atlases alone
-#: 0.35 / 0.23 -> 0.57 / 0.31, 0.26 / 0.16 -> 0.56 / 0.39, 0.81 / 0.60 -> 0.81 / 0.69).
+#: the better of two starts: 9.7 / 21.8, 1 over 30 mm. On a one-atlas phantom segmentation
+#: (the README walkthrough's subject) the submandibular Dice rose with it too: 0.12 / 0.22 -> 0.31 /
+#: 0.36, and with each of 3 other phantom atlases alone 0.35 / 0.23 -> 0.57 / 0.31, 0.26 / 0.16 ->
+#: 0.56 / 0.39, 0.81 / 0.60 -> 0.81 / 0.69.
 LINEAR_ROI_MARGIN_MM = 30.0
 LINEAR_SEARCH_MARGIN_MM = 40.0
-#: ``segmentation.linear_stage``: ``whole_crop`` (the default) or ``gland_box``
-#: (:func:`register_atlas_linear`); the README's "Segmentation" gives the measurements of both.
-LINEAR_STAGES = ("whole_crop", "gland_box")
+#: ``segmentation.linear_stage``: ``gland_box`` (the default, :func:`register_atlas_linear`) or
+#: ``whole_crop`` (the method before it); the README's "Segmentation" gives the measurements of both.
+LINEAR_STAGES = ("gland_box", "whole_crop")
 
 #: stage B grid and schedules, started from stage A (the stage-A-warped atlas CT on the region's
 #: 2 mm grid). The deformable part is SyN with the local cross-correlation metric (CT to CT: same
@@ -525,7 +524,7 @@ class WholeField:
 
 def register_whole_field(subj_glob, atlases: list[dict], regions: dict, spacing_mm: float,
                          atlases_per_region: int | Mapping[str, int] | None, workdir: str, verbose: bool = False,
-                         template=None, linear_stage: str = "whole_crop") -> WholeField:
+                         template=None, linear_stage: str = LINEAR_STAGES[0]) -> WholeField:
     """Stage A of every atlas onto ``subj_glob`` (the subject's head-and-neck crop at ``spacing_mm``):
     rigid -> affine -> SyN (:data:`ATLAS_STAGES`); with more atlases than ``atlases_per_region``,
     the linear stages for all, then the SyN for the atlases some region preselects
@@ -539,10 +538,10 @@ def register_whole_field(subj_glob, atlases: list[dict], regions: dict, spacing_
     per region only ``atlases_per_region`` (0: :data:`TEMPLATE_ATLASES_PER_REGION`) atlases, the
     most similar after it, go on to stage B.
 
-    ``linear_stage`` (pairwise only): ``"whole_crop"`` -- rigid + affine + SyN over the two
-    head-and-neck crops, started from the whole-scan search
-    (:func:`glandpet.registration.sessions.register_ct_to_ct`); ``"gland_box"`` -- the rigid + affine
-    of :func:`register_atlas_linear` (masked to the atlas's glands, two starts), then the SyN from it."""
+    ``linear_stage`` (pairwise only): ``"gland_box"`` -- the rigid + affine of
+    :func:`register_atlas_linear` (masked to the atlas's glands, two starts), then the SyN from it;
+    ``"whole_crop"`` -- rigid + affine + SyN over the two head-and-neck crops, started from the
+    whole-scan search (:func:`glandpet.registration.sessions.register_ct_to_ct`)."""
     if linear_stage not in LINEAR_STAGES:
         raise ValueError(f"linear_stage must be one of {LINEAR_STAGES}, not {linear_stage!r}")
     if template is not None and not atlases_per_region:

@@ -38,7 +38,7 @@ class SegmentationParams:
     library's template, the subject once to it, composed: :mod:`glandpet.segmentation.atlas_template`;
     then ``atlases_per_region`` 0 means
     :data:`glandpet.segmentation.atlas_registration.TEMPLATE_ATLASES_PER_REGION`). ``linear_stage``
-    (pairwise): ``"whole_crop"`` or ``"gland_box"``
+    (pairwise): ``"gland_box"`` or ``"whole_crop"``
     (:func:`glandpet.segmentation.atlas_registration.register_whole_field`).
     """
 
