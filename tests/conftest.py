@@ -10,6 +10,27 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
 
 
+#: the session-scoped fixtures that take minutes (whole workflow runs, a phantom cohort). Under
+#: pytest-xdist (README, "Tests": ``pytest -n 2``; ``--dist loadgroup`` in pyproject.toml) every
+#: test that uses one goes to the same worker, so each is built once; any other test goes with its
+#: module, so module-scoped fixtures are built once too.
+SHARED_RUNS = ("workflow_run", "walkthrough", "small_cohort")
+#: the longest groups (minutes; a clean-checkout CI run, 2 cores) start first, so that the two
+#: workers end together instead of one starting the accuracy cohort when the other is done
+FIRST = ("workflow_run", "tests/test_segmentation_accuracy.py", "walkthrough", "tests/test_segmentation_real_ct.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def group(item) -> str:
+        names = getattr(item, "fixturenames", ())
+        return next((n for n in SHARED_RUNS if n in names), item.nodeid.split("::")[0])
+
+    groups = {item.nodeid: group(item) for item in items}
+    items.sort(key=lambda it: FIRST.index(groups[it.nodeid]) if groups[it.nodeid] in FIRST else len(FIRST))
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
