@@ -11,8 +11,7 @@ SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
 
 
 #: the session-scoped fixtures that take minutes (whole workflow runs, a phantom cohort). Under
-#: pytest-xdist (README, "Tests": ``pytest -n 2``; ``--dist loadgroup`` in pyproject.toml) every
-#: test that uses one goes to the same worker, so each is built once; any other test goes with its
+#: pytest-xdist (README: ``pytest -n 2 --dist loadgroup``, as .ci/run) every test that uses one goes to the same worker, so each is built once; any other test goes with its
 #: module, so module-scoped fixtures are built once too.
 SHARED_RUNS = ("workflow_run", "walkthrough", "small_cohort")
 #: the longest groups (minutes; a clean-checkout CI run, 2 cores) start first, so that the two
@@ -25,6 +24,8 @@ def pytest_collection_modifyitems(config, items):
         names = getattr(item, "fixturenames", ())
         return next((n for n in SHARED_RUNS if n in names), item.nodeid.split("::")[0])
 
+    if not config.pluginmanager.has_plugin("xdist"):
+        return
     groups = {item.nodeid: group(item) for item in items}
     items.sort(key=lambda it: FIRST.index(groups[it.nodeid]) if groups[it.nodeid] in FIRST else len(FIRST))
     for item in items:
