@@ -189,6 +189,8 @@ def recompute_final(rec: dict, cache_dir: Path) -> dict:
 def gland_rows(records: list[dict], conf_fn=None) -> list[dict]:
     """One row per gland with truth: scan, gland, dice, confidence (recomputed from the signals by
     ``conf_fn(signals, volume_ml)`` when given), signals."""
+    from glandpet.segmentation import confidence as SC
+
     rows = []
     for r in records:
         for g, d in r["dice"].items():
@@ -197,9 +199,8 @@ def gland_rows(records: list[dict], conf_fn=None) -> list[dict]:
                 rows.append({"scan": r["key"], "gland": g, "dice": d, "conf": 0.0, "signals": {}})
                 continue
             c = conf_fn(e["signals"], e.get("volume_ml"))[0] if conf_fn else e["confidence"]
-            if c is None:  # one voter: unknown, flagged review and ranked lowest (as the review queue does)
-                c = 0.0
-            rows.append({"scan": r["key"], "gland": g, "dice": d, "conf": c, "signals": e["signals"],
+            # one voter: no confidence, flagged review and ranked lowest (as the review queue does)
+            rows.append({"scan": r["key"], "gland": g, "dice": d, "conf": SC.rank_key(c), "signals": e["signals"],
                          "reasons": e.get("reasons", [])})
     return rows
 

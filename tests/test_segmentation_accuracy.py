@@ -33,6 +33,7 @@ import pandas as pd
 import pytest
 
 from glandpet.glands import DEFAULT_LABELS
+from glandpet.segmentation.confidence import rank_key
 
 pytestmark = pytest.mark.slow
 
@@ -132,7 +133,7 @@ def _measure_subject(cohort: Path, root: Path, sub: str, atlases: list[dict], th
         dice_rows.append(dict(subject_id=sub, gland=lab.gland, side=lab.side,
                               dice=_dice(truth == lab.index, seg == lab.index),
                               # None (one voter: unknown) is flagged review and ranks lowest, as in the review queue
-                              confidence=(m.get("glands", {}).get(lab.name) or {}).get("confidence") or 0.0))
+                              confidence=rank_key((m.get("glands", {}).get(lab.name) or {}).get("confidence"))))
     return dict(pet=pet_rows, sessions=ses_rows, dice=dice_rows, seconds=seconds)
 
 

@@ -70,6 +70,8 @@ def test_one_voter_has_no_confidence_and_is_flagged():
     assert e["confidence"] is None and json.loads(json.dumps(e))["confidence"] is None
     assert SC.flag(e["confidence"]) == "review"
     assert SC.confidence(_signals([0, 1])["signals"])[0] is not None
+    # ranked first for review, below an empty gland's 0
+    assert [SC.rank_key(c) for c in (None, float("nan"), 0.0, 0.3)] == [-1.0, -1.0, 0.0, 0.3]
 
 
 def test_gland_entry_is_json_and_flag_uses_the_threshold():

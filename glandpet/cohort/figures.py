@@ -63,6 +63,7 @@ import pandas as pd
 
 from glandpet.geometry import transform_lps_to_ras
 from glandpet.glands import DEFAULT_LABELS, GLANDS, SIDES
+from glandpet.segmentation.confidence import rank_key
 
 log = logging.getLogger(__name__)
 
@@ -872,7 +873,7 @@ def qc_montage(ct_path, pet_paths: Mapping[str, str | Path], dseg_path, out_png,
             lax.text(0.02, 0.95, "no gland labels in the label map", va="top", fontsize=9, **text_kw)
         if review:
             items = [f"{name.replace('_', ' ')} {'(none)' if c is None or not np.isfinite(c) else f'{c:.2f}'}"
-                     for name, c in sorted(review.items(), key=lambda kv: (-1 if kv[1] is None else kv[1], kv[0]))]
+                     for name, c in sorted(review.items(), key=lambda kv: (rank_key(kv[1]), kv[0]))]
             lines = [", ".join(items[i:i + 2]) for i in range(0, len(items), 2)]
             lax.text(0.02, 0.60, "REVIEW (dashed red), confidence:\n" + "\n".join(lines), va="top", ha="left",
                      fontsize=8, color=REVIEW_COLOUR, fontweight="bold", transform=lax.transAxes)

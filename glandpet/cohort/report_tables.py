@@ -14,6 +14,7 @@ import json
 import pandas as pd
 
 from glandpet import layout
+from glandpet.segmentation.confidence import rank_key
 from glandpet.tables import atomic_path
 
 _STYLE = """<style>
@@ -147,7 +148,7 @@ def review_queue(qc: pd.DataFrame) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=cols)
     if df.empty:
         return df
-    df["_c"] = df["confidence"].astype(float).fillna(-1.0)
+    df["_c"] = df["confidence"].map(rank_key)
     return df.sort_values(["_c", "subject_id", "session", "gland", "side"]).drop(columns="_c").reset_index(drop=True)
 
 

@@ -206,6 +206,13 @@ def confidence(signals: dict, volume_ml: float | None = None) -> tuple[float | N
     return float(min(1.0, max(0.0, conf))), reasons
 
 
+def rank_key(conf: float | None) -> float:
+    """A confidence as a sort key, worst first: a gland without one (None or NaN: one voter, or no
+    record) is flagged review and ranks below every gland that has one (-1). The review queue,
+    the QC montage's list and the confidence benchmarks all rank by it."""
+    return -1.0 if conf is None or not math.isfinite(float(conf)) else float(conf)
+
+
 def flag(conf: float | None, review_below: float = REVIEW_BELOW) -> str:
     """``'review'`` for a confidence under ``review_below`` (or none recorded), else ``'ok'``."""
     return "review" if conf is None or not math.isfinite(conf) or conf < review_below else "ok"

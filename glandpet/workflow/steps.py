@@ -13,7 +13,7 @@ from glandpet.layout import path as layout_path
 from glandpet.layout import transform_prefix_of
 from glandpet.measure.gland_index import index_pairs, voxel_correlations
 from glandpet.registration.transforms import ct_to_pet_affine, set_threads
-from glandpet.segmentation.confidence import seg_confidence_columns
+from glandpet.segmentation.confidence import rank_key, seg_confidence_columns
 from glandpet.suv.image import suv_image
 from glandpet.workflow.failures import failure_records
 from glandpet.problems import Problem, qc_record
@@ -227,7 +227,7 @@ def review_rows(stats: Any, qc_paths: list[str]) -> list[dict]:
             metrics = json.loads(Path(path).read_text()).get("metrics") or {}
             seg[(m["subject"], m["session"])] = metrics.get("glands") or {}
     flagged = stats[stats["seg_flag"] == "review"].copy()
-    flagged["_c"] = flagged["seg_confidence"].astype(float).fillna(-1.0)
+    flagged["_c"] = flagged["seg_confidence"].map(rank_key)
     rows = []
     for r in flagged.sort_values(["_c", "subject_id", "session", "gland", "side"]).to_dict("records"):
         name = f"{r['gland']}_{r['side']}"
