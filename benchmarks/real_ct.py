@@ -55,7 +55,7 @@ def scan_line(name: str, rows: list[dict], info: dict) -> str:
     for r in sorted(rows, key=lambda r: (r["gland"], r["side"])):
         parts.append(f"{r['gland']}_{r['side']}: Dice {r['dice']:.3f} MSD {r['msd_mm']:5.2f} mm "
                      f"HD95 {r['hd95_mm']:5.1f} mm vol {r['volume_auto_ml']:5.1f}/{r['volume_contour_ml']:5.1f} mL "
-                     f"({r['volume_error_pct']:+5.1f} %)")
+                     f"({r['volume_error_pct']:+5.1f} %; atlases {r.get('volume_atlases_ml') or float('nan'):5.1f} mL)")
     return (f"  {name:<14} " + " | ".join(parts)
             + f"  [{info['seconds']:.0f} s wall, {info['cpu_seconds']:.0f} CPU-s]")
 

@@ -199,6 +199,10 @@ ATLAS_VALIDATION = pa.schema(
         pa.field("volume_contour_ml", pa.float64()),
         pa.field("volume_auto_ml", pa.float64()),
         pa.field("volume_error_pct", pa.float64()),
+        # the median volume of the gland as the atlases' registrations put it, before fusion (the
+        # library's prior: a volume error already there is the atlases', not the fusion's)
+        pa.field("volume_atlases_ml", pa.float64()),
+        pa.field("confidence", pa.float64()),  # the segmentation's confidence in the gland (None: one voter)
         pa.field("seconds", pa.float64()),
         pa.field("cpu_seconds", pa.float64()),
         pa.field("library", pa.string()),

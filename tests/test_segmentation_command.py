@@ -110,6 +110,9 @@ def test_atlas_validate_real_ct(shared_data, tmp_path, capsys):
         if r.dice > 0:  # surface distances in mm on 4-5 mm voxels: from a few to a few tens of mm
             assert 0 < r.msd_mm < 60 and r.msd_mm <= r.hd95_mm < 150
         assert r.seconds > 0 and r.cpu_seconds > 0
+        # the one atlas's warped volume before fusion; one voter: no confidence
+        assert r.volume_atlases_ml > 0 and pd.isna(r.confidence)
+    assert any("atlases vol err %" in line for line in out)
 
 
 # ------------------------------------------------------------------------------ error paths (instant)

@@ -411,11 +411,10 @@ def _load_atlas(atlas: dict):
 
 def _gland_box_world(lab_img) -> tuple[np.ndarray, np.ndarray]:
     """World (LPS) box of every gland in an atlas's label map; the whole image if it holds none."""
-    idx = np.argwhere(lab_img.numpy() > 0)
-    if not len(idx):
-        idx = np.array([[0, 0, 0], np.array(lab_img.shape) - 1])
-    w = field_of_view.world_coords(lab_img, idx[:: max(1, len(idx) // 20000)])
-    return w.min(0), w.max(0)
+    mask = lab_img.numpy() > 0
+    if not mask.any():
+        mask = np.ones(mask.shape, bool)
+    return _world_box(lab_img, *box_from_mask(mask, lab_img, 0.0))
 
 
 def _box_mask(img, lo, hi, shift=None):

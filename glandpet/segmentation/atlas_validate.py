@@ -6,7 +6,9 @@ through :meth:`glandpet.segmentation.params.SegmentationParams.from_config`) wit
 (all of them, or ``n_atlases`` of them chosen per held-out scan by a seeded draw), and its automatic
 labels are compared with its own contours (:func:`glandpet.segmentation.metrics.mask_metrics`): Dice,
 symmetric mean surface distance and HD95 in mm, contour and automatic volume and the relative volume
-error. One row per held-out atlas x gland x side (:data:`glandpet.tables.ATLAS_VALIDATION`), medians
+error; beside them the atlases' median volume of the gland before fusion and the gland's confidence
+(how much of a volume error the library itself brings, and whether the confidence tracks the
+error on this team's scans). One row per held-out atlas x gland x side (:data:`glandpet.tables.ATLAS_VALIDATION`), medians
 per gland.
 """
 
@@ -200,9 +202,10 @@ def validate_atlases(atlases: Sequence[Mapping[str, Any]], *, seg_config: Mappin
             t0, c0 = time.perf_counter(), _cpu_seconds()
             error = None
             try:
-                segment_subject(by_name[name]["ct"], [_atlas_arg(by_name[x]) for x in chosen], dseg,
-                                out_dir / f"{name}_dseg.tsv", params, threads=threads)
-                scored = score_scan(by_name[name]["labels"], by_name[name]["label_table"], dseg)
+                m = segment_subject(by_name[name]["ct"], [_atlas_arg(by_name[x]) for x in chosen], dseg,
+                                    out_dir / f"{name}_dseg.tsv", params, threads=threads)
+                scored = [{**r, **_gland_metrics(m, r["gland"], r["side"])}
+                          for r in score_scan(by_name[name]["labels"], by_name[name]["label_table"], dseg)]
             except Exception as exc:  # one lost scan must not end a run of hours
                 error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 scored = [{"gland": g, "side": s} for g, s in _truth_glands(by_name[name])]
@@ -220,6 +223,16 @@ def validate_atlases(atlases: Sequence[Mapping[str, Any]], *, seg_config: Mappin
     from glandpet.tables import to_table
 
     return to_table(rows, ATLAS_VALIDATION).to_pandas() if rows else ATLAS_VALIDATION.empty_table().to_pandas()
+
+
+def _gland_metrics(metrics: Mapping[str, Any], gland: str, side: str) -> dict[str, Any]:
+    """``volume_atlases_ml`` (the median of the gland's volumes as the atlases' registrations put it,
+    before fusion) and ``confidence`` of one gland from :func:`segment_subject`'s metrics."""
+    import numpy as np
+
+    e = (metrics.get("glands") or {}).get(f"{gland}_{side}") or {}
+    vols = [v for v in e.get("atlas_volumes_ml") or [] if v > 0]
+    return {"volume_atlases_ml": float(np.median(vols)) if vols else None, "confidence": e.get("confidence")}
 
 
 def _version() -> str:
@@ -254,7 +267,8 @@ def write_tsv(rows: list[dict] | pd.DataFrame, path: str | Path) -> None:
 # ------------------------------------------------------------------------------ summary
 def medians_per_gland(df: pd.DataFrame) -> pd.DataFrame:
     """Per gland (both sides together): number of contours, and the medians of Dice, MSD, HD95,
-    |volume error| and the signed volume error. Failed scans are left out (counted in n_failed)."""
+    |volume error|, the signed volume error and the signed volume error the atlases' median volume
+    (before fusion) would have had. Failed scans are left out (counted in n_failed)."""
     import pandas as pd
 
     from glandpet.glands import GLANDS
@@ -266,15 +280,18 @@ def medians_per_gland(df: pd.DataFrame) -> pd.DataFrame:
         out.append({"gland": gland, "n": len(ok), "n_failed": len(d) - len(ok),
                     "dice": ok["dice"].median(), "msd_mm": ok["msd_mm"].median(), "hd95_mm": ok["hd95_mm"].median(),
                     "abs_volume_error_pct": ok["volume_error_pct"].abs().median(),
-                    "volume_error_pct": ok["volume_error_pct"].median()})
+                    "volume_error_pct": ok["volume_error_pct"].median(),
+                    "atlases_volume_error_pct": (100.0 * (ok["volume_atlases_ml"] / ok["volume_contour_ml"] - 1.0)).median()
+                    if "volume_atlases_ml" in ok else float("nan")})
     return pd.DataFrame(out)
 
 
 def format_medians(med: pd.DataFrame) -> str:
-    lines = [f"{'gland':<14}{'n':>4}{'Dice':>8}{'MSD mm':>9}{'HD95 mm':>9}{'|vol err| %':>13}{'vol err %':>11}"]
+    lines = [f"{'gland':<14}{'n':>4}{'Dice':>8}{'MSD mm':>9}{'HD95 mm':>9}{'|vol err| %':>13}{'vol err %':>11}"
+             f"{'atlases vol err %':>19}"]
     for r in med.itertuples():
         lines.append(f"{r.gland:<14}{r.n:>4}{r.dice:>8.3f}{r.msd_mm:>9.2f}{r.hd95_mm:>9.2f}"
-                     f"{r.abs_volume_error_pct:>13.1f}{r.volume_error_pct:>+11.1f}"
+                     f"{r.abs_volume_error_pct:>13.1f}{r.volume_error_pct:>+11.1f}{r.atlases_volume_error_pct:>+19.1f}"
                      + (f"   ({r.n_failed} failed)" if r.n_failed else ""))
     return "\n".join(lines)
 
