@@ -19,6 +19,7 @@ SHARED_RUNS = ("workflow_run", "walkthrough", "small_cohort")
 FIRST = ("workflow_run", "tests/test_segmentation_accuracy.py", "walkthrough", "tests/test_segmentation_real_ct.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the marks
 def pytest_collection_modifyitems(config, items):
     def group(item) -> str:
         names = getattr(item, "fixturenames", ())
