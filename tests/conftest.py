@@ -10,9 +10,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
 
 
-#: the session-scoped fixtures that take minutes (whole workflow runs, a phantom cohort). Under
-#: pytest-xdist (README: ``pytest -n 2 --dist loadgroup``, as .ci/run) every test that uses one goes to the same worker, so each is built once; any other test goes with its
-#: module, so module-scoped fixtures are built once too.
+#: the session-scoped fixtures that take minutes (whole workflow runs, a phantom cohort), in order
+#: of precedence. Under pytest-xdist (README: ``pytest -n 2 --dist loadgroup``, as .ci/run) a test
+#: module goes to one worker whole (its module-scoped fixtures are built once), and every module
+#: with a test that uses one of these runs goes to the same worker as the others that use it (the
+#: run is built once).
 SHARED_RUNS = ("workflow_run", "walkthrough", "small_cohort")
 #: the longest groups (minutes; a clean-checkout CI run, 2 cores) start first, so that the two
 #: workers end together instead of one starting the accuracy cohort when the other is done
@@ -21,16 +23,17 @@ FIRST = ("workflow_run", "tests/test_segmentation_accuracy.py", "walkthrough", "
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the marks
 def pytest_collection_modifyitems(config, items):
-    def group(item) -> str:
-        names = getattr(item, "fixturenames", ())
-        return next((n for n in SHARED_RUNS if n in names), item.nodeid.split("::")[0])
-
     if not config.pluginmanager.has_plugin("xdist"):
         return
-    groups = {item.nodeid: group(item) for item in items}
-    items.sort(key=lambda it: FIRST.index(groups[it.nodeid]) if groups[it.nodeid] in FIRST else len(FIRST))
+    module_of = {item.nodeid: item.nodeid.split("::")[0] for item in items}
+    uses: dict[str, set[str]] = {}
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
+        uses.setdefault(module_of[item.nodeid], set()).update(getattr(item, "fixturenames", ()))
+    group = {m: next((n for n in SHARED_RUNS if n in names), m) for m, names in uses.items()}
+    rank = {g: FIRST.index(g) if g in FIRST else len(FIRST) for g in group.values()}
+    items.sort(key=lambda it: rank[group[module_of[it.nodeid]]])
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group[module_of[item.nodeid]]))
 
 
 @pytest.fixture(scope="session")
