@@ -413,7 +413,7 @@ def _gland_box_world(lab_img) -> tuple[np.ndarray, np.ndarray]:
     """World (LPS) box of every gland in an atlas's label map; the whole image if it holds none."""
     mask = lab_img.numpy() > 0
     if not mask.any():
-        mask = np.ones(mask.shape, bool)
+        return _world_box(lab_img, np.zeros(3, int), np.array(lab_img.shape) - 1)
     return _world_box(lab_img, *box_from_mask(mask, lab_img, 0.0))
 
 
