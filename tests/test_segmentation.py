@@ -353,6 +353,25 @@ def test_intensity_refine_leaves_the_boundary_where_the_ct_shows_none():
     assert abs(int((out == 1).sum()) - int((fused == 1).sum())) < 0.1 * (fused == 1).sum()
 
 
+def test_intensity_refine_keeps_a_lobulated_gland_whole():
+    """A real parotid is lobulated with fat (OpenKBP scans: 1-14 % of its core beyond 3 robust SDs)
+    and sits in a fat/muscle mix. The fused label is the truth here: the refinement must not push
+    the lobules at its edge out (the plain normal gland model did: volume 92-93 %, Dice 0.945-0.953)."""
+    sp = (1.0, 1.0, 3.0)
+    shp = (64, 64, 20)
+    truth = np.zeros(shp, np.uint8)
+    truth[_ellipsoid(shp, (32, 32, 30), (14, 10, 18), sp)] = 1
+    for seed in (0, 1):
+        rng = np.random.default_rng(seed)
+        around = np.where(rng.random(shp) < 0.5, -90.0, 45.0)
+        gland = np.where(rng.random(shp) < 0.2, -90.0, 5.0)  # a fifth of it fat lobules
+        ct = (np.where(truth == 1, gland, around) + rng.normal(0, 10, shp)).astype(np.float32)
+        out, info = RF.intensity_refine(truth, ct, sp)
+        assert (out == 1).sum() >= 0.95 * (truth == 1).sum()
+        assert dice(out == 1, truth == 1) > 0.96
+        assert 0.1 < info["parotid_left"]["gland_contamination"] < 0.3
+
+
 def test_intensity_refine_skips_thin_glands():
     sp = (1.0, 1.0, 3.0)
     shp = (40, 40, 12)

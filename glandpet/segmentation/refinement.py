@@ -85,6 +85,19 @@ REFINE_BAND_MM = 4.0
 REFINE_SMOOTH_MM = 0.5
 REFINE_CORE_MM = 2.0
 REFINE_MIN_CORE_FRACTION = 1.0 / 3.0
+#: the gland's CT numbers are a normal contaminated by its surroundings' (:func:`gland_log_density`),
+#: the contamination the share of its core beyond 3 robust SDs (:func:`gland_contamination`), at
+#: least this (a homogeneous gland: the plain normal, as before). A plain normal pushed a real
+#: parotid's fat lobules out at its edge: on real CT the refinement shrank the gland. Measured on
+#: the same fused labels (docs/validation.md, "Intensity refinement on real CT"), median Dice /
+#: volume error, unrefined -> plain normal -> contaminated: real CT (6 scans, 5 atlases, 12
+#: parotids) 0.767 / -19.9 % -> 0.764 / -25.1 % -> 0.767 / -20.6 %; real-anatomy phantom (4
+#: subjects, 3 atlases), Dice: parotid 0.801 -> 0.805 -> 0.806, submandibular 0.661 -> 0.724 ->
+#: 0.718, sublingual 0.693 -> 0.766 -> 0.767, lacrimal 0.522 -> 0.556 -> 0.555. Tried too: keeping
+#: every gland at least at its fused volume (real CT 0.772 / -19.9 %, phantom submandibular 0.707:
+#: it undoes the phantom's true shrinkage) and a kernel density for the gland (real CT as
+#: unrefined, phantom submandibular 0.704).
+REFINE_MIN_CONTAMINATION = 1e-3
 
 
 def _hu_density(values: np.ndarray, bins: np.ndarray, bandwidth_hu: float) -> np.ndarray:
@@ -94,13 +107,30 @@ def _hu_density(values: np.ndarray, bins: np.ndarray, bandwidth_hu: float) -> np
     return dens / dens.sum()
 
 
+def gland_contamination(core_hu: np.ndarray, mu: float, sigma: float) -> float:
+    """The share of a gland's core CT numbers beyond 3 robust SDs of its median (a parotid's fat
+    lobules), within [:data:`REFINE_MIN_CONTAMINATION`, 1/2]."""
+    beyond = float(np.mean(np.abs(core_hu - mu) > 3.0 * sigma)) if core_hu.size else 0.0
+    return float(np.clip(beyond, REFINE_MIN_CONTAMINATION, 0.5))
+
+
+def gland_log_density(hu: np.ndarray, mu: float, sigma: float, eps: float, surroundings: np.ndarray) -> np.ndarray:
+    """Log-density of CT numbers in the gland: ``(1 - eps) N(mu, sigma) + eps p_surroundings``. The
+    contamination bounds the likelihood ratio gland : surroundings below by ``eps``, so a voxel
+    with a CT number the gland's core also holds now and then (fat in a lobulated parotid) is not
+    pushed out by the normal's tail; it leaves the gland only where the prior is weak too."""
+    normal = np.exp(-0.5 * ((hu - mu) / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi))
+    return np.log((1.0 - eps) * normal + eps * surroundings)
+
+
 def intensity_refine(dseg: np.ndarray, ct: np.ndarray, spacing, labels: list[int] | None = None) -> tuple[np.ndarray, dict]:
     """Move each fused gland's boundary by the subject's own CT numbers (Bayesian, per voxel).
 
     Prior: the fused label, its boundary uncertain by :data:`REFINE_PRIOR_MM` (logistic in the
     signed distance). Likelihoods, learnt from this subject and gland, no fixed HU window: the
     gland's CT numbers (a robust normal from its core, the voxels deeper than
-    :data:`REFINE_CORE_MM`) against its surroundings' (a kernel density of the shell 2-6 mm
+    :data:`REFINE_CORE_MM`, contaminated by the share of the core beyond it:
+    :func:`gland_log_density`) against its surroundings' (a kernel density of the shell 2-6 mm
     outside, :func:`_hu_density`). Within :data:`REFINE_BAND_MM` of the boundary a voxel is gland when the posterior exceeds 1/2; it
     never takes another gland's voxel; only parts connected to the core are kept, holes filled.
     Where the CT cannot tell the gland from its surroundings the likelihood ratio is ~1 and the
@@ -136,13 +166,15 @@ def intensity_refine(dseg: np.ndarray, ct: np.ndarray, spacing, labels: list[int
         g = h[core]
         mu = float(np.median(g))
         sigma = max(1.4826 * float(np.median(np.abs(g - mu))), 1.0)
-        # the gland: one tissue, a robust normal (fat lobules at its edge count as outside; inside
-        # it the hole filling keeps them); its surroundings: any mixture, a kernel density whose
-        # width (Silverman's rule on the core) is small beside the spread, so that equal CT
-        # numbers inside and around give a likelihood ratio of ~1 and leave the boundary alone
-        log_gl = -0.5 * ((h - mu) / sigma) ** 2 - np.log(sigma * np.sqrt(2 * np.pi))
+        # the surroundings: any mixture, a kernel density whose width (Silverman's rule on the
+        # core) is small beside the spread, so that equal CT numbers inside and around give a
+        # likelihood ratio of ~1 and leave the boundary alone; the gland: one tissue, a robust
+        # normal, contaminated (:func:`gland_log_density`) by what its core holds beyond it
         at = np.clip(np.floor(h - bins[0]).astype(int), 0, len(bins) - 2)
-        log_bg = np.log(_hu_density(h[shell], bins, 0.9 * sigma * g.size ** -0.2))[at]
+        bg = _hu_density(h[shell], bins, 0.9 * sigma * g.size ** -0.2)[at]
+        eps = gland_contamination(g, mu, sigma)
+        log_gl = gland_log_density(h, mu, sigma, eps, bg)
+        log_bg = np.log(bg)
         log_prior = -sd / REFINE_PRIOR_MM  # logit of the logistic prior
         new = ((log_prior + log_gl - log_bg > 0) & (np.abs(sd) <= REFINE_BAND_MM)) | (sd < -REFINE_BAND_MM)
         new &= ~others
@@ -150,7 +182,8 @@ def intensity_refine(dseg: np.ndarray, ct: np.ndarray, spacing, labels: list[int
         keep = np.unique(comp[core & new])
         new = ndi.binary_fill_holes(np.isin(comp, keep[keep > 0])) & ~others
         n1 = int(new.sum())
-        det = {"voxels_before": n0, "voxels_after": n1, "gland_hu_median": round(mu, 1), "gland_hu_sd": round(sigma, 1)}
+        det = {"voxels_before": n0, "voxels_after": n1, "gland_hu_median": round(mu, 1), "gland_hu_sd": round(sigma, 1),
+               "gland_contamination": round(eps, 3)}
         if not 0.5 * n0 <= n1 <= 2.0 * n0:
             det.update(voxels_after=n0, rejected=True)
         else:
