@@ -89,14 +89,14 @@ REFINE_MIN_CORE_FRACTION = 1.0 / 3.0
 #: the contamination the share of its core beyond 3 robust SDs (:func:`gland_contamination`), at
 #: least this (a homogeneous gland: the plain normal, as before). A plain normal pushed a real
 #: parotid's fat lobules out at its edge: on real CT the refinement shrank the gland. Measured on
-#: the same fused labels (docs/validation.md, "Intensity refinement on real CT"), median Dice /
-#: volume error, unrefined -> plain normal -> contaminated: real CT (6 scans, 5 atlases, 12
-#: parotids) 0.767 / -19.9 % -> 0.764 / -25.1 % -> 0.767 / -20.6 %; real-anatomy phantom (4
-#: subjects, 3 atlases), Dice: parotid 0.801 -> 0.805 -> 0.806, submandibular 0.661 -> 0.724 ->
-#: 0.718, sublingual 0.693 -> 0.766 -> 0.767, lacrimal 0.522 -> 0.556 -> 0.555. Tried too: keeping
-#: every gland at least at its fused volume (real CT 0.772 / -19.9 %, phantom submandibular 0.707:
-#: it undoes the phantom's true shrinkage) and a kernel density for the gland (real CT as
-#: unrefined, phantom submandibular 0.704).
+#: the same fused labels (docs/validation.md, the real-CT row "with and without the intensity
+#: refinement"), median Dice / volume error, unrefined -> plain normal -> contaminated: real CT (6
+#: scans, 5 atlases, 12 parotids) 0.767 / -19.9 % -> 0.764 / -25.1 % -> 0.767 / -20.6 %;
+#: real-anatomy phantom (4 subjects, 3 atlases), Dice: parotid 0.801 -> 0.805 -> 0.806,
+#: submandibular 0.661 -> 0.724 -> 0.718, sublingual 0.693 -> 0.766 -> 0.767, lacrimal 0.522 ->
+#: 0.556 -> 0.555. Tried too: keeping every gland at least at its fused volume (real CT 0.772 /
+#: -19.9 %, phantom submandibular 0.707: it undoes the phantom's true shrinkage) and a kernel
+#: density for the gland (real CT as unrefined, phantom submandibular 0.704).
 REFINE_MIN_CONTAMINATION = 1e-3
 
 
