@@ -3,6 +3,8 @@ planning CTs with clinical parotid contours, in atlas layout), with libraries of
 
     python benchmarks/real_ct.py [--data DIR] [--cases K] [--atlases 5 10 23] [--seed 0]
                                  [--threads 2] [--config CONFIG] [--out DIR] [--library N]
+                                 [--scans NAME [NAME ...]]
+    python benchmarks/real_ct.py --summarise TABLE.tsv [TABLE.tsv ...]
 
 Each held-out scan (all, or K chosen by a seeded draw: ``--cases``) is segmented with N of the
 other scans (a seeded draw per held-out scan, the same for every run; N >= 23: all the others),
@@ -13,6 +15,17 @@ parotid and the scan's wall and CPU time; per N the medians, the time per scan a
 (and what the full 24-scan run would cost); at the end one summary row per N beside the issue's
 target (median Dice >= 0.82, median |volume error| <= 12 %). The per-scan tables go to
 ``--out`` (default: a temporary folder) as ``real_ct_<N>atlases.tsv``.
+
+``--scans``: hold out these scans only (by name), e.g. to split the full leave-one-out between
+processes or machines: a scan's library depends only on its name and the seed, so the parts give
+the rows the whole run would give.
+
+``--summarise``: no segmentation; the per-scan tables of one or more runs (e.g. the parts of a
+split run) read together: the medians per gland, whether the automatic volume follows the contour's
+(Spearman) beside a predictor that ignores the image (each held-out gland given the median contour
+volume of the other scans), and how well the confidence ranks the Dice (Spearman; the glands of
+Dice < 0.6 caught by ``review_below`` 0.6 and the share flagged), as ``benchmarks/seg_confidence.py``
+scores it.
 
 ``--library N``: one fixed library of N scans (a seeded draw) segments every held-out scan, drawn
 from the other scans -- a study's set-up, and the one where an atlas template
@@ -60,6 +73,49 @@ def scan_line(name: str, rows: list[dict], info: dict) -> str:
             + f"  [{info['seconds']:.0f} s wall, {info['cpu_seconds']:.0f} CPU-s]")
 
 
+def summarise(tables: list[Path]) -> int:
+    """Print the medians, the volume tracking and the confidence figures of per-scan tables."""
+    import numpy as np
+    import pandas as pd
+
+    from glandpet.segmentation.atlas_validate import format_medians, medians_per_gland
+    from glandpet.segmentation.confidence import REVIEW_BELOW
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from seg_confidence import LOW_DICE, flag_figures, spearman
+
+    missing = [str(t) for t in tables if not t.is_file()]
+    if missing:
+        print(f"real_ct: no such table: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    df = pd.concat([pd.read_csv(t, sep="\t") for t in tables], ignore_index=True)
+    dup = df.duplicated(["atlas", "gland", "side"], keep="last")
+    if dup.any():
+        print(f"real_ct: {int(dup.sum())} repeated rows (the same scan in two tables): the last kept")
+        df = df[~dup]
+    print(f"real_ct: {df['atlas'].nunique()} held-out scans from {len(tables)} table(s)")
+    print(format_medians(medians_per_gland(df)))
+    ok = df[df["error"].isna() & (df["gland"] == "parotid")]
+    if ok.empty:
+        return 0
+    vol, auto = ok["volume_contour_ml"].to_numpy(float), ok["volume_auto_ml"].to_numpy(float)
+    # the image-blind predictor: each gland at the median contour volume of the other scans' parotids
+    blind = np.array([np.median(ok.loc[ok["atlas"] != a, "volume_contour_ml"]) for a in ok["atlas"]])
+    per_scan = df.drop_duplicates("atlas")
+    print(f"parotid volume: contour median {np.median(vol):.1f} mL (range {vol.min():.1f}-{vol.max():.1f}); "
+          f"Spearman(automatic, contour) {spearman(auto, vol):.2f}, (atlases' median, contour) "
+          f"{spearman(ok['volume_atlases_ml'], vol):.2f}")
+    print(f"  |volume error| median: automatic {np.median(np.abs(auto / vol - 1)) * 100:.1f} %, "
+          f"image-blind (other scans' median contour) {np.median(np.abs(blind / vol - 1)) * 100:.1f} %")
+    fig = flag_figures(ok["confidence"], ok["dice"], REVIEW_BELOW)
+    print(f"parotid confidence: Spearman with Dice {spearman(ok['confidence'], ok['dice']):.2f}; "
+          f"{fig['n_low']} of {fig['n']} glands under Dice {LOW_DICE}, {fig['recall']:.2f} of them flagged "
+          f"(review_below {REVIEW_BELOW}); {fig['flagged']:.2f} of all flagged")
+    print(f"time per scan (median): {per_scan['seconds'].median():.0f} s wall, {per_scan['cpu_seconds'].median():.0f} CPU-s; "
+          f"{per_scan['cpu_seconds'].sum() / 3600:.2f} CPU-hours in all")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of the OpenKBP atlases (cases.tsv)")
@@ -70,9 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="threads per segmentation (default 2, as the workflow)")
     ap.add_argument("--config", default=None, help="a study config whose segmentation: keys to use (default: defaults)")
     ap.add_argument("--out", type=Path, default=None, help="folder for the per-scan tables (TSV)")
+    ap.add_argument("--scans", nargs="+", default=None, metavar="NAME",
+                    help="hold out these scans only (names as in cases.tsv); the libraries are those of the full run")
     ap.add_argument("--library", type=int, default=None, metavar="N",
                     help="one fixed library of N scans for every held-out scan (held-out scans drawn from the rest)")
+    ap.add_argument("--summarise", nargs="+", type=Path, default=None, metavar="TABLE",
+                    help="no segmentation: summarise these per-scan tables (real_ct_<N>atlases.tsv) together")
     args = ap.parse_args(argv)
+    if args.summarise:
+        return summarise(args.summarise)
 
     from glandpet.segmentation.atlas_validate import choose_fixed_library, choose_library, choose_subjects, estimate_cost, format_medians, medians_per_gland, validate_atlases
     from glandpet.segmentation.segment_command import load_segmentation_config, read_atlas_dir
@@ -89,6 +151,15 @@ def main(argv: list[str] | None = None) -> int:
         held = choose_subjects([n for n in names if n not in fixed], args.cases, args.seed)
     else:
         held = choose_subjects(names, args.cases, args.seed)
+    if args.scans:
+        unknown = sorted(set(args.scans) - set(names))
+        if unknown:
+            print(f"real_ct: no such scan(s) in {args.data}: {', '.join(unknown)}", file=sys.stderr)
+            return 2
+        held = [h for h in held if h in set(args.scans)]
+        if not held:
+            print("real_ct: --scans leaves no scan to hold out (with --cases/--library)", file=sys.stderr)
+            return 2
     out = args.out or Path(tempfile.mkdtemp(prefix="real_ct_"))
     out.mkdir(parents=True, exist_ok=True)
     n_reg = sum(len(fixed or choose_library(h, names, n, args.seed)) for n in args.atlases for h in held)

@@ -270,3 +270,44 @@ def test_choices_are_deterministic_and_seeded():
     assert choose_library("a03", names, None) == [n for n in names if n != "a03"]
     cost = estimate_cost(24 * 23, threads=2)
     assert cost["cpu_hours"] > 0 and math.isclose(cost["wall_minutes"] * 60 * 1.7, cost["cpu_hours"] * 3600)
+
+
+# ------------------------------------------------------------------------------ benchmarks/real_ct.py --summarise
+def test_real_ct_benchmark_summarises_the_tables_of_a_split_run(tmp_path, capsys):
+    """A leave-one-out split between processes (``--scans``) is read back together: a scan in two
+    tables counts once (the last), and the volume, image-blind and confidence figures are those of
+    the pooled rows (worked out by hand below)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_real_ct", Path(__file__).resolve().parents[1] / "benchmarks" / "real_ct.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def rows(scan, contour, dice, conf):
+        return [{"atlas": scan, "gland": "parotid", "side": side, "n_atlases": 10, "dice": d, "msd_mm": 2.0,
+                 "hd95_mm": 8.0, "volume_contour_ml": v, "volume_auto_ml": 1.1 * v, "volume_error_pct": 10.0,
+                 "volume_atlases_ml": 1.1 * v, "confidence": c, "seconds": 300.0, "cpu_seconds": 290.0,
+                 "library": "x", "error": None}
+                for side, v, d, c in zip(("left", "right"), contour, dice, conf)]
+
+    part1 = rows("s1", (10, 20), (0.5, 0.8), (0.5, 0.8)) + rows("s3", (50, 60), (0.1, 0.1), (0.9, 0.9))
+    part2 = rows("s2", (30, 40), (0.7, 0.9), (0.7, 0.9)) + rows("s3", (50, 60), (0.55, 0.85), (0.65, 0.85))
+    tables = []
+    for i, part in enumerate((part1, part2)):
+        tables.append(tmp_path / f"part{i}.tsv")
+        pd.DataFrame(part).to_csv(tables[-1], sep="\t", index=False)
+    assert bench.main(["--summarise", *map(str, tables)]) == 0
+    out = capsys.readouterr().out
+    assert "2 repeated rows" in out and "3 held-out scans from 2 table(s)" in out
+    parotid = next(line for line in out.splitlines() if line.startswith("parotid "))
+    assert parotid.split()[1:3] == ["6", "0.750"]  # median of 0.5 0.8 0.7 0.9 0.55 0.85
+    assert "Spearman(automatic, contour) 1.00" in out
+    # each gland at the median contour of the other scans: |45/10-1| 3.5, 1.25, |35/30-1| 0.167,
+    # 0.125, |25/50-1| 0.5, 0.583 -> median 54.2 %; the automatic volumes are all 10 % off
+    assert "automatic 10.0 %, image-blind (other scans' median contour) 54.2 %" in out
+    # Dice under 0.6: 0.5 at confidence 0.5 (flagged), 0.55 at 0.65 (not): recall 0.5, 1 of 6 flagged
+    assert "Spearman with Dice 1.00; 2 of 6 glands under Dice 0.6, 0.50 of them flagged" in out
+    assert "0.17 of all flagged" in out
+    assert bench.main(["--summarise", str(tmp_path / "missing.tsv")]) == 2
