@@ -58,6 +58,26 @@ def test_each_penalty_lowers_confidence_each_note_only_names_its_reason():
     assert SC.confidence({**base, "n_voters": 0})[0] == 0.0
 
 
+def test_the_per_gland_cap_on_voters_is_not_reported_as_few_atlases_voting():
+    """With the default ``atlases_per_gland`` 5 and a library of 10, every gland has 5 voters by
+    design; the reason "few atlases voted (5 of 10)" was given to every such gland (both parotids of
+    okbp-train-1 in the real-CT leave-one-out with 10 atlases), drowning the review queue's real reasons.
+    The fraction counts against the voters expected: the holders, at most the cap."""
+    shape = (40, 40, 40)
+    fused = _ball(shape, (20, 20, 20), 6)
+    five = [_ball(shape, (20 + s, 20, 20), 6) for s in (0, 1, -1, 1, 0)]
+    capped = SC.region_signals(five, fused, [0.7] * 5, 10, 0.001, max_voters=5)["signals"]
+    assert capped["voter_fraction"] == 1.0 and capped["n_expected_voters"] == 5
+    assert not any("few atlases" in r for r in SC.confidence(capped)[1])
+    # 2 of the 5 expected voted (3 lost at registration or dropped as dissimilar): still reported
+    two = SC.region_signals(five[:2], fused, [0.7] * 2, 10, 0.001, max_voters=5)["signals"]
+    assert two["voter_fraction"] == pytest.approx(0.4)
+    assert "few atlases voted (2 of 5)" in SC.confidence(two)[1]
+    # no cap (0 or None): against every holder, as before
+    assert SC.region_signals(five, fused, [0.7] * 5, 10, 0.001, max_voters=0)["signals"]["voter_fraction"] == 0.5
+    assert SC.region_signals(five, fused, [0.7] * 5, 3, 0.001, max_voters=5)["signals"]["n_expected_voters"] == 3
+
+
 def test_one_voter_has_no_confidence_and_is_flagged():
     """A gland one atlas voted on agrees with its own fusion whatever its placement (the README
     walkthrough's one-atlas run: 0.87-1.00 on every gland, submandibular Dice 0.12 / 0.22): its

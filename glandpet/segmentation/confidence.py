@@ -18,8 +18,9 @@ Signals (``signals`` of a gland in the segmentation metrics):
     median over the voters of the local normalised cross-correlation of the warped atlas CT with
     the subject around the gland (the same score the atlas selection uses).
 ``voter_fraction``
-    voters / atlases holding the gland (atlases lost at registration, low-similarity or truncated
-    ones do not vote).
+    voters / the voters expected: the atlases holding the gland, at most ``atlases_per_gland``
+    (atlases lost at registration, low-similarity or truncated ones do not vote; the ones the
+    per-gland cap leaves out were never meant to).
 ``volume_log_ratio``
     log of the final fused volume over the median of the voters' warped volumes: the intensity
     refinement (or the fusion) moved the gland away from what the atlases say.
@@ -90,10 +91,12 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def region_signals(voter_labels: list[np.ndarray], fused: np.ndarray, ncc: list[float], n_holders: int,
-                   voxel_ml: float) -> dict:
+                   voxel_ml: float, max_voters: int | None = None) -> dict:
     """Signals of one gland from its voters' warped masks (``voter_labels``: bool arrays on the
-    output grid), the fused mask (bool, same grid), the voters' local NCC, and the number of
-    atlases holding the gland. Returns ``signals`` and ``atlas_volumes_ml`` (the voters')."""
+    output grid), the fused mask (bool, same grid), the voters' local NCC, the number of atlases
+    holding the gland and the per-gland cap on voters (``segmentation.atlases_per_gland``; None or
+    0: none). Returns ``signals`` and ``atlas_volumes_ml`` (the voters')."""
+    expected = min(n_holders, max_voters) if max_voters else n_holders
     vols = [float(m.sum()) * voxel_ml for m in voter_labels]
     dices = [_dice(m, fused) for m in voter_labels]
     pos = [v for v in vols if v > 0]
@@ -111,7 +114,8 @@ def region_signals(voter_labels: list[np.ndarray], fused: np.ndarray, ncc: list[
         "local_ncc": float(np.median(ncc)) if len(ncc) else 0.0,
         "n_voters": len(voter_labels),
         "n_holders": int(n_holders),
-        "voter_fraction": len(voter_labels) / n_holders if n_holders else 0.0,
+        "n_expected_voters": int(expected),
+        "voter_fraction": len(voter_labels) / expected if expected else 0.0,
         "fused_ml_before_refine": float(fused.sum()) * voxel_ml,
     }
     return {"signals": sig, "atlas_volumes_ml": vols}
@@ -191,7 +195,8 @@ def confidence(signals: dict, volume_ml: float | None = None) -> tuple[float | N
             "volume_log_ratio": abs(_num(signals.get("volume_log_ratio", 0.0), float("inf"))),
             "boundary_contrast": _num(signals.get("boundary_contrast"), 1.0)}
     text = {"local_ncc": lambda v: f"low image similarity (NCC {v:.2f})",
-            "voter_fraction": lambda v: f"few atlases voted ({signals.get('n_voters')} of {signals.get('n_holders')})",
+            "voter_fraction": lambda v: (f"few atlases voted ({signals.get('n_voters')} of "
+                                         f"{signals.get('n_expected_voters', signals.get('n_holders'))})"),
             "volume_cv": lambda v: f"atlas volumes spread ({v:.2f} log-SD)",
             "boundary_contrast": lambda v: f"weak CT edge at the boundary (contrast {v:.2f})",
             "volume_log_ratio": lambda v: f"volume {math.exp(v) if math.isfinite(v) else float('inf'):.2f}x off the atlases' median"}

@@ -104,7 +104,8 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv,
             timing["select"] += time.perf_counter() - t
             t = time.perf_counter()
             fr = fuse_region(region, r_holds, voters, weights, method_of, params.preserve_volume, tmp)
-            gland_conf.update(_region_confidence(region, fr, r_holds, voters, weights, field.held_by))
+            gland_conf.update(_region_confidence(region, fr, r_holds, voters, weights, field.held_by,
+                                                  params.atlases_per_gland))
             _paste(fused, per_atlas_out, region, fr)
             region_info[rname] = _region_entry(region)
             timing["fuse"] += time.perf_counter() - t
@@ -158,9 +159,10 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv,
 
 
 def _region_confidence(region: RegionFit, fused_region: np.ndarray, holds, voters, weights,
-                       held_by: dict[int, int]) -> dict[str, dict]:
+                       held_by: dict[int, int], atlases_per_gland: int | None) -> dict[str, dict]:
     """Confidence signals of each gland of the region (:func:`glandpet.segmentation.confidence.region_signals`):
-    its voters' warped labels against the fusion."""
+    its voters' warped labels against the fusion, and their number against the voters expected
+    (the atlases holding the gland, at most ``atlases_per_gland``)."""
     vox_ml_o = float(np.prod(region.out_ref.spacing)) / 1000.0
     out = {}
     for L in region.labels:
@@ -169,7 +171,7 @@ def _region_confidence(region: RegionFit, fused_region: np.ndarray, holds, voter
             continue
         out[LABEL_BY_INDEX[L].name] = SC.region_signals(
             [region.labels_out[k] == L for k in ks], fused_region == L, [weights[k].get(L, 0.0) for k in ks],
-            held_by.get(L, len(ks)), vox_ml_o)
+            held_by.get(L, len(ks)), vox_ml_o, atlases_per_gland)
     return out
 
 
