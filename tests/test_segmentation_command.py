@@ -311,3 +311,21 @@ def test_real_ct_benchmark_summarises_the_tables_of_a_split_run(tmp_path, capsys
     assert "Spearman with Dice 1.00; 2 of 6 glands under Dice 0.6, 0.50 of them flagged" in out
     assert "0.17 of all flagged" in out
     assert bench.main(["--summarise", str(tmp_path / "missing.tsv")]) == 2
+
+
+def test_validation_medians_split_the_volume_error_by_gland_size():
+    """`glandpet atlas validate` shows a library's pull towards its typical gland: the signed volume
+    error of the smaller and the larger half of the contours (split at their median volume)."""
+    from glandpet.segmentation.atlas_validate import format_medians, medians_per_gland
+
+    contour = [5.0, 10.0, 20.0, 30.0, 40.0, 50.0]
+    auto = [15.0, 15.0, 22.0, 27.0, 30.0, 40.0]  # small ones too large, large ones too small
+    df = pd.DataFrame({"atlas": [f"s{i // 2}" for i in range(6)], "gland": "parotid",
+                       "side": ["left", "right"] * 3, "dice": 0.8, "msd_mm": 2.0, "hd95_mm": 8.0,
+                       "volume_contour_ml": contour, "volume_auto_ml": auto,
+                       "volume_error_pct": [100 * (a / c - 1) for a, c in zip(auto, contour)],
+                       "volume_atlases_ml": auto, "error": None})
+    med = medians_per_gland(df).iloc[0]
+    assert med.volume_error_small_pct == pytest.approx(50.0)  # +200, +50, +10 % -> +50 %
+    assert med.volume_error_large_pct == pytest.approx(-20.0)  # -10, -25, -20 % -> -20 %
+    assert "+50.0 / -20.0" in format_medians(medians_per_gland(df))
