@@ -62,7 +62,7 @@ PENALTIES = {
 #: (a parotid of Dice 0.80 on which 2 of 5 atlases voted; three of Dice 0.76-0.80 whose atlases'
 #: volumes spread 0.34-0.38 log-SD); phantom (30 glands) 0.79 -> 0.74.
 NOTES = {
-    # fraction of the atlases holding the gland that vote on it
+    # voters over the voters expected (the atlases holding the gland, at most atlases_per_gland)
     "voter_fraction": (0.6, 0.3),
     # robust CV of the voters' log-volumes
     "volume_cv": (0.25, 0.6),
