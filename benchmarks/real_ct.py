@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             print(f"real_ct: no such scan(s) in {args.data}: {', '.join(unknown)}", file=sys.stderr)
             return 2
-        held = [h for h in held if h in set(args.scans)]
+        wanted = set(args.scans)
+        held = [h for h in held if h in wanted]
         if not held:
             print("real_ct: --scans leaves no scan to hold out (with --cases/--library)", file=sys.stderr)
             return 2

@@ -44,6 +44,21 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def load_benchmark():
+    """Import a script of ``benchmarks/`` by name (``load_benchmark("real_ct")``) to test its
+    pure parts: the benchmarks are scripts, not a package."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def small_cohort(tmp_path_factory) -> Path:
     """A 2-subject phantom cohort (one pSS with two sessions, one control), one atlas; shared by
     the ingest tests."""

@@ -273,17 +273,11 @@ def test_choices_are_deterministic_and_seeded():
 
 
 # ------------------------------------------------------------------------------ benchmarks/real_ct.py --summarise
-def test_real_ct_benchmark_summarises_the_tables_of_a_split_run(tmp_path, capsys):
+def test_real_ct_benchmark_summarises_the_tables_of_a_split_run(tmp_path, capsys, load_benchmark):
     """A leave-one-out split between processes (``--scans``) is read back together: a scan in two
     tables counts once (the last), and the volume, image-blind and confidence figures are those of
     the pooled rows (worked out by hand below)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_real_ct", Path(__file__).resolve().parents[1] / "benchmarks" / "real_ct.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("real_ct")
 
     def rows(scan, contour, dice, conf):
         return [{"atlas": scan, "gland": "parotid", "side": side, "n_atlases": 10, "dice": d, "msd_mm": 2.0,

@@ -5,7 +5,6 @@ segmentations in tests/test_segmentation_real_ct.py and tests/test_segmentation_
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -196,15 +195,8 @@ def test_montage_marks_flagged_glands(tmp_path):
 
 
 # ------------------------------------------------------------------ the benchmark's scoring
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_seg_confidence", REPO / "benchmarks" / "seg_confidence.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_benchmark_figures_and_leave_one_scan_out_threshold():
-    b = _bench()
+def test_benchmark_figures_and_leave_one_scan_out_threshold(load_benchmark):
+    b = load_benchmark("seg_confidence")
     conf = [0.9, 0.8, 0.3, 0.85, 0.2, 0.7]
     dice = [0.85, 0.8, 0.4, 0.9, 0.5, 0.75]
     ff = b.flag_figures(conf, dice, 0.5)
