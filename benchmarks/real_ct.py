@@ -3,7 +3,7 @@ planning CTs with clinical parotid contours, in atlas layout), with libraries of
 
     python benchmarks/real_ct.py [--data DIR] [--cases K] [--atlases 5 10 23] [--seed 0]
                                  [--threads 2] [--config CONFIG] [--out DIR] [--library N]
-                                 [--scans NAME [NAME ...]]
+                                 [--scans NAME [NAME ...]] [--size-transfer-from VOTERS.tsv ...]
     python benchmarks/real_ct.py --summarise TABLE.tsv [TABLE.tsv ...]
 
 Each held-out scan (all, or K chosen by a seeded draw: ``--cases``) is segmented with N of the
@@ -25,7 +25,15 @@ split run) read together: the medians per gland, whether the automatic volume fo
 (Spearman) beside a predictor that ignores the image (each held-out gland given the median contour
 volume of the other scans), and how well the confidence ranks the Dice (Spearman; the glands of
 Dice < 0.6 caught by ``review_below`` 0.6 and the share flagged), as ``benchmarks/seg_confidence.py``
-scores it.
+scores it. Where the voters' tables of the runs lie beside them (``real_ct_<N>atlases_voters.tsv``),
+also the volume error the size-transfer correction (:mod:`glandpet.segmentation.size_calibration`)
+gives each gland, the transfer fitted on the *other* scans' voters (no scan's contour sets its own
+correction): the automatic volume times the calibrated volume over its voters' median, as the
+segmentation applies it.
+
+``--size-transfer-from VOTERS.tsv ...``: segment with the size-transfer correction on, each held-out
+scan with the transfer fitted on the voters of the other scans in these tables (a first run's
+``real_ct_<N>atlases_voters.tsv``).
 
 ``--library N``: one fixed library of N scans (a seeded draw) segments every held-out scan, drawn
 from the other scans -- a study's set-up, and the one where an atlas template
@@ -78,7 +86,7 @@ def summarise(tables: list[Path]) -> int:
     import numpy as np
     import pandas as pd
 
-    from glandpet.segmentation.atlas_validate import format_medians, medians_per_gland
+    from glandpet.segmentation.atlas_validate import format_medians, medians_per_gland, voters_path
     from glandpet.segmentation.confidence import REVIEW_BELOW
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -113,7 +121,45 @@ def summarise(tables: list[Path]) -> int:
           f"(review_below {REVIEW_BELOW}); {fig['flagged']:.2f} of all flagged")
     print(f"time per scan (median): {per_scan['seconds'].median():.0f} s wall, {per_scan['cpu_seconds'].median():.0f} CPU-s; "
           f"{per_scan['cpu_seconds'].sum() / 3600:.2f} CPU-hours in all")
+    voter_tables = [voters_path(t) for t in tables if voters_path(t).is_file()]
+    if voter_tables:
+        corrected_volumes(ok, pd.concat([pd.read_csv(t, sep="\t") for t in voter_tables], ignore_index=True))
     return 0
+
+
+def corrected_volumes(ok, voters) -> None:
+    """Print the parotid volume error after the size-transfer correction, each scan's transfer
+    fitted on the other scans' voters."""
+    import numpy as np
+
+    from glandpet.segmentation.atlas_validate import size_transfer_per_gland
+    from glandpet.segmentation.size_calibration import calibrated_volume
+
+    voters = voters.drop_duplicates(["atlas", "gland", "side", "voter"], keep="last")
+    errs, bs = [], {}
+    for r in ok.itertuples():
+        if r.atlas not in bs:
+            st = size_transfer_per_gland(voters, exclude=r.atlas)
+            bs[r.atlas] = float(st.loc[st.gland == r.gland, "b"].iloc[0]) if (st.gland == r.gland).any() else float("nan")
+        v = voters[(voters.atlas == r.atlas) & (voters.gland == r.gland) & (voters.side == r.side)]
+        est = calibrated_volume(v.voter_contour_ml, v.voter_warped_ml, bs[r.atlas]) if bs[r.atlas] == bs[r.atlas] else None
+        pos = v.voter_warped_ml[v.voter_warped_ml > 0]
+        if est is None or pos.empty:
+            continue
+        errs.append((r.volume_contour_ml, 100.0 * (r.volume_auto_ml * est / float(np.median(pos)) / r.volume_contour_ml - 1)))
+    if not errs:
+        return
+    vol, err = np.array(errs).T
+    small = vol < np.median(vol)
+    b = np.array([x for x in bs.values() if x == x])
+    print(f"parotid volume corrected for the size transfer (b {np.median(b):.2f}, range {b.min():.2f}-{b.max():.2f}, "
+          f"fitted on the other scans): |error| median {np.median(np.abs(err)):.1f} %, signed {_pct(np.median(err))} %; "
+          f"smaller / larger half {_pct(np.median(err[small]))} / {_pct(np.median(err[~small]))} % ({len(err)} glands)")
+
+
+def _pct(x: float) -> str:
+    """A signed percentage to 0.1, never '-0.0'."""
+    return f"{round(float(x), 1) + 0.0:+.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="hold out these scans only (names as in cases.tsv); the libraries are those of the full run")
     ap.add_argument("--library", type=int, default=None, metavar="N",
                     help="one fixed library of N scans for every held-out scan (held-out scans drawn from the rest)")
+    ap.add_argument("--size-transfer-from", nargs="+", type=Path, default=None, metavar="VOTERS",
+                    help="correct volumes for the size transfer, each scan's fitted on the other scans' voters here")
     ap.add_argument("--summarise", nargs="+", type=Path, default=None, metavar="TABLE",
                     help="no segmentation: summarise these per-scan tables (real_ct_<N>atlases.tsv) together")
     args = ap.parse_args(argv)
@@ -170,16 +218,22 @@ def main(argv: list[str] | None = None) -> int:
           f"{cost['wall_minutes']:.0f} min on {args.threads} thread(s) ({cost['cpu_hours']:.2f} CPU-hours)", flush=True)
     defaults = load_segmentation_config(None)
     changed = {k: v for k, v in seg.items() if defaults.get(k) != v}
-    print(f"real_ct: segmentation settings: {changed if changed else 'the defaults'}", flush=True)
+    print(f"real_ct: segmentation settings: {changed if changed else 'the defaults'}"
+          + (" + size_transfer, each scan's fitted on the other scans' voters" if args.size_transfer_from else ""),
+          flush=True)
     summary = []
     for n in args.atlases:
         n_eff = len(fixed or choose_library(held[0], names, n, args.seed))
         print(f"\n== {n_eff} atlases per held-out scan ==", flush=True)
         t0 = time.perf_counter()
-        df = validate_atlases(atlases, seg_config=seg, subjects=held, n_atlases=n, seed=args.seed, threads=args.threads,
-                              out_tsv=out / f"real_ct_{n_eff}atlases.tsv", progress=False,
-                              on_scan=lambda name, rows, info: print(scan_line(name, rows, info), flush=True),
-                              library=fixed)
+        table = out / f"real_ct_{n_eff}atlases.tsv"
+        if args.size_transfer_from:
+            df = corrected_run(atlases, seg, held, n, args, table, fixed)
+        else:
+            df = validate_atlases(atlases, seg_config=seg, subjects=held, n_atlases=n, seed=args.seed,
+                                  threads=args.threads, out_tsv=table, progress=False,
+                                  on_scan=lambda name, rows, info: print(scan_line(name, rows, info), flush=True),
+                                  library=fixed)
         wall = time.perf_counter() - t0
         per_scan = df.drop_duplicates("atlas")
         med = medians_per_gland(df)
@@ -201,6 +255,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {n_eff} | {n} | {d:.3f} | {ave:.1f} | {ve:+.1f} | {s:.0f} | {c:.0f} | {h:.3f} | {met} |")
     print(f"tables: {out}")
     return 0
+
+
+def corrected_run(atlases, seg, held, n, args, table, fixed):
+    """Each held-out scan segmented with ``segmentation.size_transfer`` fitted on the other scans'
+    voters (``args.size_transfer_from``); the tables written as the scans finish."""
+    import pandas as pd
+
+    from glandpet.segmentation.atlas_validate import size_transfer_per_gland, validate_atlases, voters_path, write_tsv
+    from glandpet.segmentation.size_calibration import MIN_SIZE_TRANSFER
+    from glandpet.tables import ATLAS_VALIDATION_VOTERS
+
+    voters = pd.concat([pd.read_csv(t, sep="\t") for t in args.size_transfer_from], ignore_index=True)
+    dfs, vts = [], []
+    for name in held:
+        st = size_transfer_per_gland(voters, exclude=name).dropna(subset=["b"])
+        transfer = {r.gland: round(min(1.0, max(MIN_SIZE_TRANSFER, float(r.b))), 4) for r in st.itertuples()}
+        print(f"  {name}: size transfer {transfer} (fitted without it)", flush=True)
+        df = validate_atlases(atlases, seg_config={**seg, "size_transfer": transfer}, subjects=[name], n_atlases=n,
+                              seed=args.seed, threads=args.threads, progress=False, library=fixed,
+                              on_scan=lambda nm, rows, info: print(scan_line(nm, rows, info), flush=True))
+        dfs.append(df)
+        vts.append(df.attrs["voters"])
+        write_tsv(pd.concat(dfs, ignore_index=True), table)
+        write_tsv(pd.concat(vts, ignore_index=True), voters_path(table), ATLAS_VALIDATION_VOTERS)
+    return pd.concat(dfs, ignore_index=True)
 
 
 if __name__ == "__main__":

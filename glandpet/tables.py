@@ -211,6 +211,23 @@ ATLAS_VALIDATION = pa.schema(
     + PROVENANCE
 )
 
+# The voters behind atlas_validation's automatic volumes (glandpet.segmentation.atlas_validate): one row per
+# held-out atlas x gland x side x voting atlas, its contour volume and its volume warped onto the held-out
+# scan; with the held-out contour they give the library's size transfer
+# (glandpet.segmentation.size_calibration.fit_size_transfer).
+ATLAS_VALIDATION_VOTERS = pa.schema(
+    [
+        pa.field("atlas", pa.string(), nullable=False),  # the held-out scan
+        pa.field("gland", pa.string(), nullable=False),
+        pa.field("side", pa.string(), nullable=False),
+        pa.field("voter", pa.string(), nullable=False),  # an atlas that voted on the gland
+        pa.field("voter_contour_ml", pa.float64()),  # its own contour
+        pa.field("voter_warped_ml", pa.float64()),  # that contour warped onto the held-out scan
+        pa.field("volume_contour_ml", pa.float64()),  # the held-out scan's contour
+    ]
+    + PROVENANCE
+)
+
 # Change between time points (glandpet.cohort.change.gland_change_table): one row per subject x gland x
 # side x quantity x follow-up, against the same subject's baseline; test_retest_pct is the reference
 # variability the change is compared with (its source in test_retest_source and in the table's metadata).
@@ -238,6 +255,7 @@ GLAND_CHANGE = pa.schema(
 
 SCHEMAS: dict[str, pa.Schema] = {
     "atlas_validation": ATLAS_VALIDATION,
+    "atlas_validation_voters": ATLAS_VALIDATION_VOTERS,
     "cohort_stats": COHORT_STATS,
     "outcomes": OUTCOMES,
     "diagnostic": DIAGNOSTIC,

@@ -63,6 +63,7 @@ rule segment_glands:
         preserve_volume=config["segmentation"]["preserve_volume"],
         refine_intensity=config["segmentation"]["refine_intensity"],
         linear_stage=config["segmentation"]["linear_stage"],
+        size_transfer=config["segmentation"]["size_transfer"],
     script:
         "../scripts/segment_glands.py"
 

@@ -10,4 +10,5 @@ with wf.log_to(sm.log[0]):
     wf.segment_glands(sm.input, sm.output, sm.wildcards.session, sm.params.atlases, sm.params.fusion, sm.params.refine_hu, sm.threads,
                       atlases_per_gland=sm.params.atlases_per_gland,
                       atlases_per_region=sm.params.atlases_per_region, preserve_volume=sm.params.preserve_volume,
-                      refine_intensity=sm.params.refine_intensity, linear_stage=sm.params.linear_stage)
+                      refine_intensity=sm.params.refine_intensity, linear_stage=sm.params.linear_stage,
+                      size_transfer=sm.params.size_transfer)

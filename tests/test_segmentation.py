@@ -485,3 +485,31 @@ def test_lost_atlases_never_rejects_without_a_majority():
     for m in (maps, maps3, maps5):
         lost = A.lost_atlases(m, [{1}] * len(m), sp)
         assert sum(1 in x for x in lost) < len(m)
+
+
+def test_segment_subject_corrects_volumes_for_the_size_transfer(cohort):
+    """With ``size_transfer`` the workflow's segmentation resizes each such gland by its voters'
+    calibrated volume over their median warped volume (glandpet/segmentation/size_calibration.py),
+    records the voters (names, contour and warped volumes) and the correction per gland, scores the
+    confidence on the corrected gland, and leaves glands without a transfer alone."""
+    from glandpet.segmentation.size_calibration import calibrated_volume
+
+    d, subj, truth, atlases = cohort
+    m = S.segment_subject(subj, atlases, d / "st_dseg.nii.gz", d / "st_dseg.tsv",
+                          SegmentationParams(fusion="majority", spacing_mm=3.0, region_spacing_mm=3.0,
+                                             size_transfer={"parotid": 0.5}), threads=2)
+    assert m["size_transfer"] == {"parotid": 0.5}
+    native = {a["name"]: S.gland_volumes_ml(a["labels"], a["label_table"]) for a in atlases}
+    for side in ("left", "right"):
+        g = m["glands"][f"parotid_{side}"]
+        assert len(g["voters"]) == len(g["atlas_native_ml"]) == len(g["atlas_volumes_ml"]) >= 2
+        for name, ml in zip(g["voters"], g["atlas_native_ml"]):
+            assert ml == pytest.approx(native[name][f"parotid_{side}"], rel=1e-3)
+        rec = g["size_calibration"]
+        factor = calibrated_volume(g["atlas_native_ml"], g["atlas_volumes_ml"], 0.5) / np.median(g["atlas_volumes_ml"])
+        assert rec["factor"] == pytest.approx(factor, rel=1e-3) and rec["b"] == 0.5
+        assert rec["volume_ml_after"] == pytest.approx(rec["volume_ml_before"] * factor, rel=0.01)
+        assert m["volumes_ml"][f"parotid_{side}"] == pytest.approx(rec["volume_ml_after"], rel=1e-3)
+        assert g["volume_ml"] == pytest.approx(m["volumes_ml"][f"parotid_{side}"], rel=1e-3)
+    for gland in ("submandibular_left", "submandibular_right"):
+        assert "size_calibration" not in m["glands"][gland] and m["volumes_ml"][gland] > 0

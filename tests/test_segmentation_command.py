@@ -113,6 +113,21 @@ def test_atlas_validate_real_ct(shared_data, tmp_path, capsys):
         # the one atlas's warped volume before fusion; one voter: no confidence
         assert r.volume_atlases_ml > 0 and pd.isna(r.confidence)
     assert any("atlases vol err %" in line for line in out)
+    # the voters behind each gland: the library's size transfer is fitted on them (one pair per
+    # gland here: too few to fit, and the run says so)
+    voters = pd.read_csv(tmp_path / "loo_voters.tsv", sep="\t")
+    assert len(voters) == 2 and (voters.atlas == held).all() and (voters.voter == df.library[0]).all()
+    vdir = next(d for d in dirs if d.name == df.library[0])
+    vtruth = _truth(vdir)
+    vvox_ml = abs(np.linalg.det(nib.load(vdir / "labels.nii.gz").affine[:3, :3])) / 1000
+    for v in voters.itertuples():
+        r = df[df.side == v.side].iloc[0]
+        value = 1 if v.side == "left" else 2
+        assert v.voter_contour_ml == pytest.approx((vtruth == value).sum() * vvox_ml, rel=1e-4)
+        assert v.voter_warped_ml == pytest.approx(r.volume_atlases_ml, rel=1e-4)
+        assert v.volume_contour_ml == pytest.approx(r.volume_contour_ml, rel=1e-6)
+    text = "\n".join(out)
+    assert "size transfer per gland" in text and "too few pairs" in text and "loo_voters.tsv" in text
 
 
 # ------------------------------------------------------------------------------ error paths (instant)
@@ -323,3 +338,32 @@ def test_validation_medians_split_the_volume_error_by_gland_size():
     assert med.volume_error_small_pct == pytest.approx(50.0)  # +200, +50, +10 % -> +50 %
     assert med.volume_error_large_pct == pytest.approx(-20.0)  # -10, -25, -20 % -> -20 %
     assert "+50.0 / -20.0" in format_medians(medians_per_gland(df))
+
+
+def test_real_ct_benchmark_corrects_the_volumes_with_the_other_scans_size_transfer(tmp_path, capsys, load_benchmark):
+    """``--summarise`` with the voters' tables beside the per-scan tables: each scan's parotid
+    volumes corrected with the size transfer fitted on the other scans' voters. Built so that every
+    warped atlas carries exactly half of the log size ratio (b = 0.5) and the automatic volume is the
+    voters' median: the correction then gives the contour volume itself, 0 % error, where the
+    uncorrected volumes err by up to a factor 2."""
+    bench = load_benchmark("real_ct")
+    rows, voters = [], []
+    for i, (truth_l, truth_r) in enumerate(((8.0, 10.0), (30.0, 28.0), (55.0, 60.0))):
+        for side, truth in (("left", truth_l), ("right", truth_r)):
+            natives = [15.0, 25.0, 40.0]
+            warped = [n * (truth / n) ** 0.5 for n in natives]
+            auto = float(np.median(warped))
+            rows.append({"atlas": f"s{i}", "gland": "parotid", "side": side, "n_atlases": 3, "dice": 0.7,
+                         "msd_mm": 2.0, "hd95_mm": 8.0, "volume_contour_ml": truth, "volume_auto_ml": auto,
+                         "volume_error_pct": 100 * (auto / truth - 1), "volume_atlases_ml": auto, "confidence": 0.7,
+                         "seconds": 100.0, "cpu_seconds": 100.0, "library": "a,b,c", "error": None})
+            voters += [{"atlas": f"s{i}", "gland": "parotid", "side": side, "voter": v, "voter_contour_ml": n,
+                        "voter_warped_ml": w, "volume_contour_ml": truth} for v, n, w in zip("abc", natives, warped)]
+    table = tmp_path / "real_ct_3atlases.tsv"
+    pd.DataFrame(rows).to_csv(table, sep="\t", index=False)
+    pd.DataFrame(voters).to_csv(tmp_path / "real_ct_3atlases_voters.tsv", sep="\t", index=False)
+    assert bench.main(["--summarise", str(table)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("parotid volume corrected"))
+    assert "(b 0.50, range 0.50-0.50, fitted on the other scans)" in line
+    assert "|error| median 0.0 %, signed +0.0 %" in line and "(6 glands)" in line

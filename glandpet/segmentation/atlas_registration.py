@@ -513,6 +513,7 @@ class WholeField:
     plan: list[tuple[str, list[int], float, list[dict]]]  # :func:`_region_plan`
     chosen: dict[str, list[int]]  # region -> the atlases registered there (:func:`preselect_atlases`)
     per_atlas: dict[str, dict]  # atlas name -> metrics (seconds, selections)
+    native_ml: list[dict[int, float]]  # per atlas, its contours' volumes (label -> mL, the atlas's own grid)
     template: dict | None = None  # the template path: its key and the subject's registration to it
 
     @property
@@ -630,7 +631,7 @@ def register_whole_field(subj_glob, atlases: list[dict], regions: dict, spacing_
         la_glob[a] = _warp_labels(subj_glob, a_labs[a], fwdA[a])
         per_atlas[names[a]]["seconds_stage_a"] += time.perf_counter() - ta
     return WholeField(names=names, holds=holds, held_by=held_by, cts=a_cts, labels=a_labs, transforms=fwdA,
-                      labels_whole_field=la_glob, plan=plan, chosen=chosen, per_atlas=per_atlas,
+                      labels_whole_field=la_glob, plan=plan, chosen=chosen, per_atlas=per_atlas, native_ml=a_vols,
                       template=None if to_template is None else {
                           "key": template.key[:16], "seconds_to_template": round(to_template["seconds"], 2)})
 

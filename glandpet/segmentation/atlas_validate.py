@@ -9,7 +9,11 @@ symmetric mean surface distance and HD95 in mm, contour and automatic volume and
 error; beside them the atlases' median volume of the gland before fusion and the gland's confidence
 (how much of a volume error the library itself brings, and whether the confidence tracks the
 error on this team's scans). One row per held-out atlas x gland x side (:data:`glandpet.tables.ATLAS_VALIDATION`), medians
-per gland.
+per gland. The voters behind each automatic gland (:data:`glandpet.tables.ATLAS_VALIDATION_VOTERS`: each
+voting atlas's contour volume and its volume warped onto the held-out scan) give the library's size
+transfer per gland (:func:`size_transfer_per_gland`, :mod:`glandpet.segmentation.size_calibration`):
+how much of a patient's gland size registration carries, and the ``segmentation.size_transfer``
+that corrects the volumes for it.
 """
 
 from __future__ import annotations
@@ -40,8 +44,11 @@ __all__ = [
     "format_medians",
     "medians_per_gland",
     "run",
+    "format_size_transfer",
     "score_scan",
+    "size_transfer_per_gland",
     "validate_atlases",
+    "voters_path",
 ]
 
 #: rough CPU cost of one atlas in one subject's segmentation with the default settings (stage A,
@@ -167,13 +174,15 @@ def validate_atlases(atlases: Sequence[Mapping[str, Any]], *, seg_config: Mappin
     :func:`glandpet.segmentation.segment_command.read_atlas_dir` returns). ``subjects``: the held-out names, or a
     count K (:func:`choose_subjects`), or None (all). ``n_atlases``: library size per held-out scan
     (:func:`choose_library`); ``library``: instead, these atlases for every held-out scan (none of
-    them held out: :func:`choose_fixed_library`). Writes ``out_tsv`` after every scan (a long run keeps its finished
-    scans). ``on_scan(name, rows, info)`` is called after each scan. A scan whose segmentation
-    fails gets rows with the error message and no metrics; the others go on."""
+    them held out: :func:`choose_fixed_library`). Writes ``out_tsv`` (and the voters' table,
+    :func:`voters_path`) after every scan (a long run keeps its finished scans). ``on_scan(name,
+    rows, info)`` is called after each scan (``info["voters"]``: its voters' rows). A scan whose segmentation
+    fails gets rows with the error message and no metrics; the others go on. The voters' table of
+    the run is in the result's ``attrs["voters"]``."""
     from glandpet.progress import Progress
     from glandpet.segmentation.multi_atlas import segment_subject
     from glandpet.segmentation.params import SegmentationParams
-    from glandpet.tables import ATLAS_VALIDATION, config_hash
+    from glandpet.tables import ATLAS_VALIDATION, ATLAS_VALIDATION_VOTERS, config_hash, to_table
 
     by_name = {a["name"]: dict(a) for a in atlases}
     if len(by_name) != len(atlases):
@@ -190,6 +199,7 @@ def validate_atlases(atlases: Sequence[Mapping[str, Any]], *, seg_config: Mappin
     params = SegmentationParams.from_config(seg_config)
     prov = {"pipeline_version": _version(), "config_hash": config_hash(dict(seg_config or {}))}
     rows: list[dict] = []
+    voter_rows: list[dict] = []
     keep = Path(labels_dir) if labels_dir else None
     if keep:
         keep.mkdir(parents=True, exist_ok=True)
@@ -201,28 +211,48 @@ def validate_atlases(atlases: Sequence[Mapping[str, Any]], *, seg_config: Mappin
             dseg = out_dir / f"{name}_dseg.nii.gz"
             t0, c0 = time.perf_counter(), _cpu_seconds()
             error = None
+            scan_voters: list[dict] = []
             try:
                 m = segment_subject(by_name[name]["ct"], [_atlas_arg(by_name[x]) for x in chosen], dseg,
                                     out_dir / f"{name}_dseg.tsv", params, threads=threads)
                 scored = [{**r, **_gland_metrics(m, r["gland"], r["side"])}
                           for r in score_scan(by_name[name]["labels"], by_name[name]["label_table"], dseg)]
+                scan_voters = [{"atlas": name, **v, **prov} for r in scored for v in _voters(m, r)]
             except Exception as exc:  # one lost scan must not end a run of hours
                 error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 scored = [{"gland": g, "side": s} for g, s in _truth_glands(by_name[name])]
+            voter_rows += scan_voters
             info = {"seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - c0, "library": chosen,
-                    "error": error}
+                    "error": error, "voters": scan_voters}
             scan_rows = [{"atlas": name, **r, "n_atlases": len(chosen), "seconds": info["seconds"],
                           "cpu_seconds": info["cpu_seconds"], "library": ",".join(chosen), "error": error, **prov}
                          for r in scored]
             rows += scan_rows
             if out_tsv is not None:
                 write_tsv(rows, out_tsv)
+                write_tsv(voter_rows, voters_path(out_tsv), ATLAS_VALIDATION_VOTERS)
             if on_scan is not None:
                 on_scan(name, scan_rows, info)
             bar.update()
-    from glandpet.tables import to_table
+    df = to_table(rows, ATLAS_VALIDATION).to_pandas() if rows else ATLAS_VALIDATION.empty_table().to_pandas()
+    df.attrs["voters"] = to_table(voter_rows, ATLAS_VALIDATION_VOTERS).to_pandas() if voter_rows else \
+        ATLAS_VALIDATION_VOTERS.empty_table().to_pandas()
+    return df
 
-    return to_table(rows, ATLAS_VALIDATION).to_pandas() if rows else ATLAS_VALIDATION.empty_table().to_pandas()
+
+def _voters(metrics: Mapping[str, Any], row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The voters of one scored gland (``row``: gland, side, volume_contour_ml) from
+    :func:`segment_subject`'s metrics: each voter's contour and warped volume."""
+    e = (metrics.get("glands") or {}).get(f"{row['gland']}_{row['side']}") or {}
+    return [{"gland": row["gland"], "side": row["side"], "voter": v, "voter_contour_ml": n, "voter_warped_ml": w,
+             "volume_contour_ml": row.get("volume_contour_ml")}
+            for v, n, w in zip(e.get("voters") or [], e.get("atlas_native_ml") or [], e.get("atlas_volumes_ml") or [])]
+
+
+def voters_path(out_tsv: str | Path) -> Path:
+    """The voters' table beside a validation table: ``NAME.tsv`` -> ``NAME_voters.tsv``."""
+    p = Path(out_tsv)
+    return p.with_name(p.name[: -len(".tsv")] + "_voters.tsv" if p.name.endswith(".tsv") else p.name + "_voters.tsv")
 
 
 def _gland_metrics(metrics: Mapping[str, Any], gland: str, side: str) -> dict[str, Any]:
@@ -250,11 +280,11 @@ def _truth_glands(a: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [tuple(g.rsplit("_", 1)) for g in glands]  # type: ignore[misc]
 
 
-def write_tsv(rows: list[dict] | pd.DataFrame, path: str | Path) -> None:
-    """The per-scan table as TSV (schema :data:`glandpet.tables.ATLAS_VALIDATION`), atomically."""
+def write_tsv(rows: list[dict] | pd.DataFrame, path: str | Path, schema=None) -> None:
+    """The per-scan table as TSV (``schema``, default :data:`glandpet.tables.ATLAS_VALIDATION`), atomically."""
     from glandpet.tables import ATLAS_VALIDATION, atomic_path, to_table
 
-    df = to_table(rows, ATLAS_VALIDATION).to_pandas()
+    df = to_table(rows, schema or ATLAS_VALIDATION).to_pandas()
     tmp = atomic_path(path)
     try:
         df.to_csv(tmp, sep="\t", index=False, float_format="%.6g", na_rep="NaN")
@@ -302,6 +332,53 @@ def _error_by_size(ok: pd.DataFrame) -> dict[str, float]:
             "volume_error_large_pct": ok.loc[~small, "volume_error_pct"].median() if (~small).any() else nan}
 
 
+def size_transfer_per_gland(voters: pd.DataFrame, exclude: str | None = None) -> pd.DataFrame:
+    """Per gland, the library's size transfer fitted on a voters' table
+    (:data:`glandpet.tables.ATLAS_VALIDATION_VOTERS`; both sides pooled;
+    :func:`glandpet.segmentation.size_calibration.fit_size_transfer`): ``gland, b, se, n`` (b NaN where
+    too few pairs). ``exclude``: leave this held-out scan's rows out (a scan's own contour must not
+    set its own correction)."""
+    import pandas as pd
+
+    from glandpet.glands import GLANDS
+    from glandpet.segmentation.size_calibration import fit_size_transfer
+
+    v = voters if exclude is None else voters[voters["atlas"] != exclude]
+    out = []
+    for gland in [g for g in GLANDS if g in set(v["gland"])]:
+        d = v[v["gland"] == gland]
+        fit = fit_size_transfer(d["voter_contour_ml"], d["voter_warped_ml"], d["volume_contour_ml"])
+        out.append({"gland": gland, "b": fit.b if fit else float("nan"), "se": fit.se if fit else float("nan"),
+                    "n": fit.n if fit else int(len(d))})
+    return pd.DataFrame(out, columns=["gland", "b", "se", "n"])
+
+
+#: a size transfer is suggested for the config only when its standard error is at most this.
+MAX_SE_TO_SUGGEST = 0.15
+
+
+def format_size_transfer(st: pd.DataFrame) -> str:
+    """The size transfer per gland and the config line that corrects the volumes for the glands
+    whose transfer is below 0.9 and known to :data:`MAX_SE_TO_SUGGEST`."""
+    from glandpet.segmentation.size_calibration import MIN_SIZE_TRANSFER
+
+    lines = [f"{'gland':<14}{'b':>7}{'SE':>7}{'pairs':>7}"]
+    keep = {}
+    for r in st.itertuples():
+        if r.b == r.b:  # not NaN
+            lines.append(f"{r.gland:<14}{r.b:>7.2f}{r.se:>7.2f}{r.n:>7}")
+            if r.b < 0.9 and r.se <= MAX_SE_TO_SUGGEST:
+                keep[r.gland] = round(min(1.0, max(MIN_SIZE_TRANSFER, float(r.b))), 2)
+            elif r.b < 0.9:
+                lines[-1] += f"   (uncertain, SE > {MAX_SE_TO_SUGGEST}: validate more atlases before using it)"
+        else:
+            lines.append(f"{r.gland:<14}{'-':>7}{'-':>7}{r.n:>7}   (too few pairs or too little size spread to fit)")
+    if keep:
+        lines.append("registration carries only part of a patient's gland size (b < 1): to correct the volumes, set "
+                     "segmentation: size_transfer: {" + ", ".join(f"{g}: {b}" for g, b in keep.items()) + "}")
+    return "\n".join(lines)
+
+
 def format_medians(med: pd.DataFrame) -> str:
     lines = [f"{'gland':<14}{'n':>4}{'Dice':>8}{'MSD mm':>9}{'HD95 mm':>9}{'|vol err| %':>13}{'vol err %':>11}"
              f"{'atlases vol err %':>19}{'vol err small / large half %':>30}"]
@@ -347,6 +424,11 @@ def run(args: argparse.Namespace) -> int:
     cpu_h = df.drop_duplicates("atlas")["cpu_seconds"].sum() / 3600.0
     print(f"\nmedians per gland ({len(held)} held-out scan(s); {cpu_h:.2f} CPU-hours):", file=out)
     print(format_medians(medians_per_gland(df)), file=out)
+    voters = df.attrs.get("voters")
+    if voters is not None and len(voters):
+        print("\nsize transfer per gland (how much of a patient's gland size the registration carries: "
+              "glandpet/segmentation/size_calibration.py):", file=out)
+        print(format_size_transfer(size_transfer_per_gland(voters)), file=out)
     if args.output:
-        print(f"-> {args.output}", file=out)
+        print(f"-> {args.output} (voters: {voters_path(args.output)})", file=out)
     return 1 if failed else 0

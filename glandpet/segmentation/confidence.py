@@ -23,7 +23,10 @@ Signals (``signals`` of a gland in the segmentation metrics):
     per-gland cap leaves out were never meant to).
 ``volume_log_ratio``
     log of the final fused volume over the median of the voters' warped volumes: the intensity
-    refinement (or the fusion) moved the gland away from what the atlases say.
+    refinement (or the fusion) moved the gland away from what the atlases say, or the size
+    correction (:mod:`glandpet.segmentation.size_calibration`) found the patient's gland far from
+    the atlases' typical one, where their shapes fit it least (on real CT the over-segmented
+    small parotids).
 ``boundary_contrast``
     CT evidence at the final boundary: |median HU of the 2 mm inside - median HU of the 2 mm
     outside| over the pooled robust spread.
@@ -53,7 +56,8 @@ REVIEW_BELOW = 0.6
 #: penalty parameters, each ``(good, bad)``: the penalty is 1 at or beyond ``good`` and falls
 #: linearly (in the signal) to 0.5 at ``bad`` and on to a floor of 0.25.
 PENALTIES = {
-    # |log(final / voters' median volume)|: the refinement moved the gland far from the atlases
+    # |log(final / voters' median volume)|: the refinement or the size correction moved the gland
+    # far from the atlases
     "volume_log_ratio": (math.log(1.35), math.log(2.0)),
 }
 #: signals reported as reasons (beyond the ``good`` end) without lowering the confidence. As
@@ -230,6 +234,8 @@ def gland_entry(entry: dict) -> dict:
     out = {"confidence": None if conf is None else round(conf, 4), "reasons": reasons,
            "volume_ml": round(float(entry.get("volume_ml", 0.0)), 4),
            "atlas_volumes_ml": [round(v, 4) for v in entry.get("atlas_volumes_ml", [])],
+           **({"voters": list(entry["voters"])} if "voters" in entry else {}),
+           **({"atlas_native_ml": [round(v, 4) for v in entry["atlas_native_ml"]]} if "atlas_native_ml" in entry else {}),
            "signals": {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else
                            (None if isinstance(v, float) else v)) for k, v in sig.items()}}
     return out

@@ -35,10 +35,15 @@ from glandpet.layout import beside
 from glandpet.registration import transforms
 from glandpet.segmentation import confidence as SC
 from glandpet.glands import DEFAULT_LABELS, read_label_table, write_label_table
-from glandpet.segmentation.atlas_registration import LABEL_BY_INDEX, RegionFit, register_region, register_whole_field, region_voters
+from glandpet.segmentation.atlas_registration import (LABEL_BY_INDEX, RegionFit, WholeField, register_region,
+                                                      register_whole_field, region_voters)
 from glandpet.segmentation.fusion import fuse_region, fusion_per_gland, voters_of
 from glandpet.segmentation.params import SegmentationParams
 from glandpet.segmentation.refinement import refine_segmentation
+from glandpet.segmentation.size_calibration import calibrate_glands, voters_signed_distance
+
+#: ``gland_side`` -> label value of the default table.
+LABEL_VALUE_BY_NAME = {lab.name: lab.index for lab in DEFAULT_LABELS}
 
 
 def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv,
@@ -89,7 +94,7 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv,
         fused = np.zeros(subj_out.shape, np.uint8)
         timing.update({"register_regions": 0.0, "select": 0.0, "fuse": 0.0})
         per_atlas_out = [np.zeros(subj_out.shape, np.uint8) for _ in field.names] if workdir else None
-        region_info, gland_conf = {}, {}
+        region_info, gland_conf, consensus = {}, {}, {}
         for rname, rlabels, margin, stages in field.plan:
             t = time.perf_counter()
             region = register_region(subj_out, subj_glob, field, rname, rlabels, margin, stages,
@@ -104,9 +109,10 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv,
             timing["select"] += time.perf_counter() - t
             t = time.perf_counter()
             fr = fuse_region(region, r_holds, voters, weights, method_of, params.preserve_volume, tmp)
-            gland_conf.update(_region_confidence(region, fr, r_holds, voters, weights, field.held_by,
+            gland_conf.update(_region_confidence(region, fr, r_holds, voters, weights, field,
                                                   params.atlases_per_gland))
             _paste(fused, per_atlas_out, region, fr)
+            consensus.update(_voters_consensus(region, r_holds, voters, params.size_transfer))
             region_info[rname] = _region_entry(region)
             timing["fuse"] += time.perf_counter() - t
         timing["register_atlases"] = timing["register_global"] + timing["register_regions"]
@@ -117,9 +123,20 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv,
                                                           params.refine_intensity, params.refine)
         timing.update(seconds)
 
-        # ---- per-gland confidence (glandpet.segmentation.confidence): final volume, CT boundary evidence
+        # ---- volumes corrected for the library's size transfer (glandpet.segmentation.size_calibration)
+        size_info: dict = {}
+        if params.size_transfer:
+            t = time.perf_counter()
+            fused, size_info = calibrate_glands(fused, subj_np, subj_out.spacing, gland_conf,
+                                                params.size_transfer, LABEL_VALUE_BY_NAME, consensus)
+            timing["size_calibration"] = time.perf_counter() - t
+
+        # ---- per-gland confidence (glandpet.segmentation.confidence): final volume (against the
+        # voters' median: a large size correction, an atypical gland, lowers it), CT boundary evidence
         t = time.perf_counter()
         glands_conf = _gland_confidence(gland_conf, fused, subj_np, subj_out.spacing)
+        for name, rec in size_info.items():
+            glands_conf[name]["size_calibration"] = rec
         timing["confidence"] = time.perf_counter() - t
 
         # ---- write on the full subject grid
@@ -152,6 +169,7 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv,
         "volumes_ml": {lab.name: float((fused == lab.index).sum() * vox_ml) for lab in present},
         "glands": glands_conf,
         "refine": refine_info,
+        **({"size_transfer": dict(params.size_transfer)} if params.size_transfer else {}),
         "seconds": timing,
         "seconds_total": time.perf_counter() - t_all,
         "threads": int(os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")),
@@ -159,19 +177,38 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv,
 
 
 def _region_confidence(region: RegionFit, fused_region: np.ndarray, holds, voters, weights,
-                       held_by: dict[int, int], atlases_per_gland: int | None) -> dict[str, dict]:
+                       field: WholeField, atlases_per_gland: int | None) -> dict[str, dict]:
     """Confidence signals of each gland of the region (:func:`glandpet.segmentation.confidence.region_signals`):
     its voters' warped labels against the fusion, and their number against the voters expected
-    (the atlases holding the gland, at most ``atlases_per_gland``)."""
+    (the atlases holding the gland, at most ``atlases_per_gland``); with the voters' names and
+    contour volumes (for :mod:`glandpet.segmentation.size_calibration`)."""
     vox_ml_o = float(np.prod(region.out_ref.spacing)) / 1000.0
     out = {}
     for L in region.labels:
         ks = voters_of(L, holds, voters)
         if not ks:
             continue
-        out[LABEL_BY_INDEX[L].name] = SC.region_signals(
+        entry = SC.region_signals(
             [region.labels_out[k] == L for k in ks], fused_region == L, [weights[k].get(L, 0.0) for k in ks],
-            held_by.get(L, len(ks)), vox_ml_o, atlases_per_gland)
+            field.held_by.get(L, len(ks)), vox_ml_o, atlases_per_gland)
+        entry["voters"] = [field.names[region.atlases[k]] for k in ks]
+        entry["atlas_native_ml"] = [field.native_ml[region.atlases[k]].get(L, 0.0) for k in ks]
+        out[LABEL_BY_INDEX[L].name] = entry
+    return out
+
+
+def _voters_consensus(region: RegionFit, holds, voters, size_transfer) -> dict[str, tuple]:
+    """For each gland of the region with a size transfer: its voters' mean signed distance on the
+    region's box of the output grid (:func:`glandpet.segmentation.size_calibration.voters_signed_distance`),
+    which guides the size correction."""
+    out = {}
+    sl = tuple(slice(a, b + 1) for a, b in zip(region.out_lo, region.out_hi))
+    for L in region.labels:
+        lab = LABEL_BY_INDEX[L]
+        ks = voters_of(L, holds, voters)
+        if lab.gland in size_transfer and ks:
+            out[lab.name] = (sl, voters_signed_distance([region.labels_out[k] == L for k in ks],
+                                                        region.out_ref.spacing))
     return out
 
 

@@ -54,13 +54,14 @@ class SegmentationParams:
     refine_intensity: bool = True
     atlas_registration: str = "pairwise"
     linear_stage: str = LINEAR_STAGES[0]
+    size_transfer: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | None = None) -> SegmentationParams:
         """The parameters of a study config's ``segmentation:`` section (config.schema.yaml; absent
         or None keys: the defaults): ``fusion``, ``refine_hu`` (``{gland: [lo, hi]}`` -> ``refine``),
         ``atlases_per_gland``, ``atlases_per_region``, ``preserve_volume``, ``refine_intensity``,
-        ``atlas_registration``, ``linear_stage``;
+        ``atlas_registration``, ``linear_stage``, ``size_transfer``;
         the section's other keys (``corrections``, ``review_below``) belong to other steps. The one
         mapping, shared by the workflow's segment step (:func:`glandpet.workflow.steps.segment_glands`),
         ``glandpet segment`` and ``glandpet atlas validate``."""
@@ -76,4 +77,5 @@ class SegmentationParams:
             refine_intensity=bool(c.get("refine_intensity", True)),
             atlas_registration=str(c.get("atlas_registration") or "pairwise"),
             linear_stage=str(c.get("linear_stage") or LINEAR_STAGES[0]),
+            size_transfer={str(g): float(b) for g, b in (c.get("size_transfer") or {}).items()},
         )

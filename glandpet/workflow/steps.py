@@ -402,7 +402,7 @@ def build_atlas_template(manifest: str, atlases: list[Mapping[str, str]], thread
 def segment_glands(inputs: Any, output: Any, session: str, atlases: list[Mapping[str, str]], fusion: str,
                    refine_hu: Mapping[str, Any], threads: int = 1, atlases_per_gland: int | None = None,
                    atlases_per_region: int | None = None, preserve_volume: bool = True, refine_intensity: bool = True,
-                   linear_stage: str | None = None) -> None:
+                   linear_stage: str | None = None, size_transfer: Mapping[str, float] | None = None) -> None:
     """Gland labels in one session's CT space: multi-atlas segmentation on the reference session,
     the session transform (inverse, generic-label interpolation) for the other one."""
 
@@ -422,7 +422,7 @@ def segment_glands(inputs: Any, output: Any, session: str, atlases: list[Mapping
             fusion=fusion, refine_hu=refine_hu, atlases_per_gland=atlases_per_gland,
             atlases_per_region=atlases_per_region, preserve_volume=preserve_volume,
             refine_intensity=refine_intensity, atlas_registration="template" if template else "pairwise",
-            linear_stage=linear_stage))
+            linear_stage=linear_stage, size_transfer=dict(size_transfer or {})))
         metrics = segment_subject(inputs.ct, [dict(a) for a in atlases], output.dseg, output.table, params,
                                   threads=threads, template=template)
         message = None
