@@ -28,8 +28,10 @@ Dice < 0.6 caught by ``review_below`` 0.6 and the share flagged), as ``benchmark
 scores it. Where the voters' tables of the runs lie beside them (``real_ct_<N>atlases_voters.tsv``),
 also the volume error the size-transfer correction (:mod:`glandpet.segmentation.size_calibration`)
 gives each gland, the transfer fitted on the *other* scans' voters (no scan's contour sets its own
-correction): the automatic volume times the calibrated volume over its voters' median, as the
-segmentation applies it.
+correction): the automatic volume times the calibrated volume over its voters' median -- an estimate
+without segmenting again (the segmentation resizes the gland before its intensity refinement,
+which on real CT leaves a parotid's volume within a few per cent); ``--size-transfer-from`` gives
+the real thing.
 
 ``--size-transfer-from VOTERS.tsv ...``: segment with the size-transfer correction on, each held-out
 scan with the transfer fitted on the voters of the other scans in these tables (a first run's
@@ -272,13 +274,12 @@ def corrected_run(atlases, seg, held, n, args, table, fixed):
         st = size_transfer_per_gland(voters, exclude=name).dropna(subset=["b"])
         transfer = {r.gland: round(min(1.0, max(MIN_SIZE_TRANSFER, float(r.b))), 4) for r in st.itertuples()}
         print(f"  {name}: size transfer {transfer} (fitted without it)", flush=True)
-        df = validate_atlases(atlases, seg_config={**seg, "size_transfer": transfer}, subjects=[name], n_atlases=n,
-                              seed=args.seed, threads=args.threads, progress=False, library=fixed,
-                              on_scan=lambda nm, rows, info: print(scan_line(nm, rows, info), flush=True))
-        dfs.append(df)
-        vts.append(df.attrs["voters"])
+        dfs.append(validate_atlases(atlases, seg_config={**seg, "size_transfer": transfer}, subjects=[name],
+                                    n_atlases=n, seed=args.seed, threads=args.threads, progress=False, library=fixed,
+                                    on_scan=lambda nm, rows, info: print(scan_line(nm, rows, info), flush=True),
+                                    voters=vts))
         write_tsv(pd.concat(dfs, ignore_index=True), table)
-        write_tsv(pd.concat(vts, ignore_index=True), voters_path(table), ATLAS_VALIDATION_VOTERS)
+        write_tsv(vts, voters_path(table), ATLAS_VALIDATION_VOTERS)
     return pd.concat(dfs, ignore_index=True)
 
 

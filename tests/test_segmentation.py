@@ -489,9 +489,10 @@ def test_lost_atlases_never_rejects_without_a_majority():
 
 def test_segment_subject_corrects_volumes_for_the_size_transfer(cohort):
     """With ``size_transfer`` the workflow's segmentation resizes each such gland by its voters'
-    calibrated volume over their median warped volume (glandpet/segmentation/size_calibration.py),
-    records the voters (names, contour and warped volumes) and the correction per gland, scores the
-    confidence on the corrected gland, and leaves glands without a transfer alone."""
+    calibrated volume over their median warped volume (glandpet/segmentation/size_calibration.py)
+    before the intensity refinement, records the voters (names, contour and warped volumes) and the
+    correction per gland, scores the confidence on the final gland, and leaves glands without a
+    transfer alone."""
     from glandpet.segmentation.size_calibration import calibrated_volume
 
     d, subj, truth, atlases = cohort
@@ -509,7 +510,11 @@ def test_segment_subject_corrects_volumes_for_the_size_transfer(cohort):
         factor = calibrated_volume(g["atlas_native_ml"], g["atlas_volumes_ml"], 0.5) / np.median(g["atlas_volumes_ml"])
         assert rec["factor"] == pytest.approx(factor, rel=1e-3) and rec["b"] == 0.5
         assert rec["volume_ml_after"] == pytest.approx(rec["volume_ml_before"] * factor, rel=0.01)
-        assert m["volumes_ml"][f"parotid_{side}"] == pytest.approx(rec["volume_ml_after"], rel=1e-3)
+        # the refinement runs on the resized gland: the CT's evidence has the last word
+        ref = m["refine"]["intensity"][f"parotid_{side}"]
+        vox_ml = rec["volume_ml_after"] / ref["voxels_before"]
+        assert vox_ml == pytest.approx(27e-3, rel=1e-3)  # the subject's 3 mm voxels
+        assert m["volumes_ml"][f"parotid_{side}"] == pytest.approx(ref["voxels_after"] * vox_ml, rel=1e-6)
         assert g["volume_ml"] == pytest.approx(m["volumes_ml"][f"parotid_{side}"], rel=1e-3)
     for gland in ("submandibular_left", "submandibular_right"):
         assert "size_calibration" not in m["glands"][gland] and m["volumes_ml"][gland] > 0

@@ -169,7 +169,7 @@ def validate_atlases(atlases: Sequence[Mapping[str, Any]], *, seg_config: Mappin
                      threads: int = 2, out_tsv: str | Path | None = None, labels_dir: str | Path | None = None,
                      progress: bool = True, progress_stream: IO[str] | None = None,
                      on_scan: Callable[[str, list[dict], dict], None] | None = None,
-                     library: Sequence[str] | None = None) -> pd.DataFrame:
+                     library: Sequence[str] | None = None, voters: list[dict] | None = None) -> pd.DataFrame:
     """Leave-one-out validation. ``atlases``: ``{name, ct, labels, label_table}`` (as
     :func:`glandpet.segmentation.segment_command.read_atlas_dir` returns). ``subjects``: the held-out names, or a
     count K (:func:`choose_subjects`), or None (all). ``n_atlases``: library size per held-out scan
@@ -177,8 +177,8 @@ def validate_atlases(atlases: Sequence[Mapping[str, Any]], *, seg_config: Mappin
     them held out: :func:`choose_fixed_library`). Writes ``out_tsv`` (and the voters' table,
     :func:`voters_path`) after every scan (a long run keeps its finished scans). ``on_scan(name,
     rows, info)`` is called after each scan (``info["voters"]``: its voters' rows). A scan whose segmentation
-    fails gets rows with the error message and no metrics; the others go on. The voters' table of
-    the run is in the result's ``attrs["voters"]``."""
+    fails gets rows with the error message and no metrics; the others go on. ``voters``: a list the
+    run's voters' rows are appended to (:data:`glandpet.tables.ATLAS_VALIDATION_VOTERS`)."""
     from glandpet.progress import Progress
     from glandpet.segmentation.multi_atlas import segment_subject
     from glandpet.segmentation.params import SegmentationParams
@@ -234,10 +234,9 @@ def validate_atlases(atlases: Sequence[Mapping[str, Any]], *, seg_config: Mappin
             if on_scan is not None:
                 on_scan(name, scan_rows, info)
             bar.update()
-    df = to_table(rows, ATLAS_VALIDATION).to_pandas() if rows else ATLAS_VALIDATION.empty_table().to_pandas()
-    df.attrs["voters"] = to_table(voter_rows, ATLAS_VALIDATION_VOTERS).to_pandas() if voter_rows else \
-        ATLAS_VALIDATION_VOTERS.empty_table().to_pandas()
-    return df
+    if voters is not None:
+        voters.extend(voter_rows)
+    return to_table(rows, ATLAS_VALIDATION).to_pandas() if rows else ATLAS_VALIDATION.empty_table().to_pandas()
 
 
 def _voters(metrics: Mapping[str, Any], row: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -359,7 +358,9 @@ MAX_SE_TO_SUGGEST = 0.15
 
 def format_size_transfer(st: pd.DataFrame) -> str:
     """The size transfer per gland and the config line that corrects the volumes for the glands
-    whose transfer is below 0.9 and known to :data:`MAX_SE_TO_SUGGEST`."""
+    whose transfer is below 0.9, known to :data:`MAX_SE_TO_SUGGEST` and not under
+    :data:`glandpet.segmentation.size_calibration.MIN_SIZE_TRANSFER` (where registration carries
+    almost none of the size, inverting it would multiply noise: no correction is suggested)."""
     from glandpet.segmentation.size_calibration import MIN_SIZE_TRANSFER
 
     lines = [f"{'gland':<14}{'b':>7}{'SE':>7}{'pairs':>7}"]
@@ -367,8 +368,11 @@ def format_size_transfer(st: pd.DataFrame) -> str:
     for r in st.itertuples():
         if r.b == r.b:  # not NaN
             lines.append(f"{r.gland:<14}{r.b:>7.2f}{r.se:>7.2f}{r.n:>7}")
-            if r.b < 0.9 and r.se <= MAX_SE_TO_SUGGEST:
-                keep[r.gland] = round(min(1.0, max(MIN_SIZE_TRANSFER, float(r.b))), 2)
+            if r.b < MIN_SIZE_TRANSFER:
+                lines[-1] += ("   (registration carries almost none of the size: the volume comes from the atlases "
+                              "and cannot be corrected; use atlases that span the patients' gland sizes)")
+            elif r.b < 0.9 and r.se <= MAX_SE_TO_SUGGEST:
+                keep[r.gland] = round(min(1.0, float(r.b)), 2)
             elif r.b < 0.9:
                 lines[-1] += f"   (uncertain, SE > {MAX_SE_TO_SUGGEST}: validate more atlases before using it)"
         else:
@@ -415,8 +419,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"glandpet atlas validate: {len(atlases)} atlases, {len(held)} held out, each segmented with "
           f"{'/'.join(map(str, sizes))} others: {n_reg} registrations, estimated {cost['wall_minutes']:.0f} min "
           f"on {args.threads} thread(s) ({cost['cpu_hours']:.2f} CPU-hours)", file=out, flush=True)
+    voter_rows: list[dict] = []
     df = validate_atlases(atlases, seg_config=seg, subjects=held, n_atlases=args.atlases, seed=args.seed,
-                          threads=args.threads, out_tsv=args.output, labels_dir=args.labels_dir)
+                          threads=args.threads, out_tsv=args.output, labels_dir=args.labels_dir, voters=voter_rows)
     failed = sorted(set(df.loc[df["error"].notna(), "atlas"]))
     for name in failed:
         msg = df.loc[df["atlas"] == name, "error"].iloc[0]
@@ -424,8 +429,10 @@ def run(args: argparse.Namespace) -> int:
     cpu_h = df.drop_duplicates("atlas")["cpu_seconds"].sum() / 3600.0
     print(f"\nmedians per gland ({len(held)} held-out scan(s); {cpu_h:.2f} CPU-hours):", file=out)
     print(format_medians(medians_per_gland(df)), file=out)
-    voters = df.attrs.get("voters")
-    if voters is not None and len(voters):
+    if voter_rows:
+        import pandas as pd
+
+        voters = pd.DataFrame(voter_rows)
         print("\nsize transfer per gland (how much of a patient's gland size the registration carries: "
               "glandpet/segmentation/size_calibration.py):", file=out)
         print(format_size_transfer(size_transfer_per_gland(voters)), file=out)

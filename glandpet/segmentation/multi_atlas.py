@@ -12,9 +12,11 @@ runs the stages in order:
    gland, the atlases that vote (selection by local similarity, lost and truncated atlases left out).
 3. Fusion per region (:mod:`glandpet.segmentation.fusion`): per gland by JLF or a
    (volume-preserving) vote.
-4. Refinement (:mod:`glandpet.segmentation.refinement`): each fused gland's boundary moves, within
+4. With ``size_transfer``, each such gland resized for what registration does not carry of the
+   patient's gland size (:mod:`glandpet.segmentation.size_calibration`).
+5. Refinement (:mod:`glandpet.segmentation.refinement`): each fused gland's boundary moves, within
    a few millimetres, by the subject's own CT numbers; optionally a fixed HU window per gland.
-5. Per-gland confidence (:mod:`glandpet.segmentation.confidence`), the label map on the full subject grid,
+6. Per-gland confidence (:mod:`glandpet.segmentation.confidence`), the label map on the full subject grid,
    its label table and the metrics.
 
 Labels of glands that no atlas holds are absent from the output and listed in the metrics.
@@ -119,17 +121,18 @@ def segment_subject(subject_ct_path, atlases: list[dict], out_dseg, out_tsv,
         all_labels = sorted(field.all_labels)
 
         subj_np = subj_out.numpy()
-        fused, refine_info, seconds = refine_segmentation(fused, subj_np, subj_out.spacing,
-                                                          params.refine_intensity, params.refine)
-        timing.update(seconds)
-
-        # ---- volumes corrected for the library's size transfer (glandpet.segmentation.size_calibration)
+        # ---- volumes corrected for the library's size transfer (glandpet.segmentation.size_calibration),
+        # before the refinement: the subject's CT, where it shows the boundary, has the last word
         size_info: dict = {}
         if params.size_transfer:
             t = time.perf_counter()
             fused, size_info = calibrate_glands(fused, subj_np, subj_out.spacing, gland_conf,
                                                 params.size_transfer, LABEL_VALUE_BY_NAME, consensus)
             timing["size_calibration"] = time.perf_counter() - t
+
+        fused, refine_info, seconds = refine_segmentation(fused, subj_np, subj_out.spacing,
+                                                          params.refine_intensity, params.refine)
+        timing.update(seconds)
 
         # ---- per-gland confidence (glandpet.segmentation.confidence): final volume (against the
         # voters' median: a large size correction, an atypical gland, lowers it), CT boundary evidence

@@ -26,9 +26,10 @@ gland size (parotids under 20 mL +38 % -> +1 %) and the automatic volume tracks 
 better, but each estimate is noisy (the voters' scatter times 1/b): the absolute error per gland
 barely improves and the Dice falls slightly -- a correction for studies of gland volume, chosen in
 the config, not a default. With ``b`` = 1 (registration carries the size in full) nothing
-changes. The correction multiplies the volume
-the earlier stages reached, so a boundary the CT showed (the intensity refinement) keeps its
-relative effect.
+changes. The correction resizes the fused gland before the intensity refinement
+(:mod:`glandpet.segmentation.refinement`), so where the CT shows the gland's boundary the
+refinement still has the last word (``b`` measures the registration alone: applied after a
+refinement that had already moved the boundary towards the truth, it would correct twice).
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def resize_to_volume(mask: np.ndarray, n_voxels: int, spacing, allowed: np.ndarr
 def calibrate_glands(labels: np.ndarray, ct: np.ndarray, spacing, glands: Mapping[str, dict],
                      size_transfer: Mapping[str, float], label_of: Mapping[str, int],
                      consensus: Mapping[str, tuple[tuple[slice, ...], np.ndarray]] | None = None) -> tuple[np.ndarray, dict]:
-    """Each gland of ``labels`` (the refined label map; ``label_of``: ``gland_side`` -> value) whose
+    """Each gland of ``labels`` (the fused label map; ``label_of``: ``gland_side`` -> value) whose
     gland type has a size transfer in ``size_transfer`` (``{gland: b}``) resized by
     :func:`calibrated_volume` / its voters' median warped volume. ``glands``: the per-gland entries
     of the segmentation metrics, with the voters' ``atlas_native_ml`` and ``atlas_volumes_ml``.
