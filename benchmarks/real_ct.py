@@ -124,8 +124,12 @@ def summarise(tables: list[Path]) -> int:
     print(f"time per scan (median): {per_scan['seconds'].median():.0f} s wall, {per_scan['cpu_seconds'].median():.0f} CPU-s; "
           f"{per_scan['cpu_seconds'].sum() / 3600:.2f} CPU-hours in all")
     voter_tables = [voters_path(t) for t in tables if voters_path(t).is_file()]
-    if voter_tables:
-        corrected_volumes(ok, pd.concat([pd.read_csv(t, sep="\t") for t in voter_tables], ignore_index=True))
+    done = ok["size_transfer"].notna() if "size_transfer" in ok else pd.Series(False, index=ok.index)
+    if done.any():
+        print(f"parotid volumes corrected in the run for the size transfer: {int(done.sum())} of {len(ok)} glands "
+              f"(b {ok.loc[done, 'size_transfer'].min():.2f}-{ok.loc[done, 'size_transfer'].max():.2f})")
+    if voter_tables and not done.all():  # an estimate for the glands the run did not correct
+        corrected_volumes(ok[~done], pd.concat([pd.read_csv(t, sep="\t") for t in voter_tables], ignore_index=True))
     return 0
 
 

@@ -203,6 +203,8 @@ ATLAS_VALIDATION = pa.schema(
         # library's prior: a volume error already there is the atlases', not the fusion's)
         pa.field("volume_atlases_ml", pa.float64()),
         pa.field("confidence", pa.float64()),  # the segmentation's confidence in the gland (None: one voter)
+        # the size transfer the run corrected the gland's volume with (segmentation.size_transfer; None: not corrected)
+        pa.field("size_transfer", pa.float64()),
         pa.field("seconds", pa.float64()),
         pa.field("cpu_seconds", pa.float64()),
         pa.field("library", pa.string()),

@@ -367,3 +367,11 @@ def test_real_ct_benchmark_corrects_the_volumes_with_the_other_scans_size_transf
     line = next(x for x in out.splitlines() if x.startswith("parotid volume corrected"))
     assert "(b 0.50, range 0.50-0.50, fitted on the other scans)" in line
     assert "|error| median 0.0 %, signed +0.0 %" in line and "(6 glands)" in line
+    # a run that corrected a scan's volumes itself (size_transfer recorded per gland): not corrected twice
+    df = pd.DataFrame(rows)
+    df["size_transfer"] = np.where(df.atlas == "s2", 0.5, np.nan)
+    df.to_csv(table, sep="\t", index=False)
+    assert bench.main(["--summarise", str(table)]) == 0
+    out = capsys.readouterr().out
+    assert "corrected in the run for the size transfer: 2 of 6 glands (b 0.50-0.50)" in out
+    assert "(4 glands)" in next(x for x in out.splitlines() if x.startswith("parotid volume corrected"))

@@ -256,12 +256,14 @@ def voters_path(out_tsv: str | Path) -> Path:
 
 def _gland_metrics(metrics: Mapping[str, Any], gland: str, side: str) -> dict[str, Any]:
     """``volume_atlases_ml`` (the median of the gland's volumes as the atlases' registrations put it,
-    before fusion) and ``confidence`` of one gland from :func:`segment_subject`'s metrics."""
+    before fusion), ``confidence`` and the ``size_transfer`` its volume was corrected with (None:
+    not corrected) of one gland from :func:`segment_subject`'s metrics."""
     import numpy as np
 
     e = (metrics.get("glands") or {}).get(f"{gland}_{side}") or {}
     vols = [v for v in e.get("atlas_volumes_ml") or [] if v > 0]
-    return {"volume_atlases_ml": float(np.median(vols)) if vols else None, "confidence": e.get("confidence")}
+    return {"volume_atlases_ml": float(np.median(vols)) if vols else None, "confidence": e.get("confidence"),
+            "size_transfer": (e.get("size_calibration") or {}).get("b")}
 
 
 def _version() -> str:
