@@ -45,7 +45,8 @@ from scipy import ndimage as ndi
 MIN_SIZE_TRANSFER = 0.2
 #: fewer atlas x gland pairs than this: no size transfer is fitted.
 MIN_PAIRS = 8
-#: pairs whose volume ratio subject : atlas is within this (log) of 1 say nothing about b.
+#: no fit when the pairs' log volume ratios subject : atlas spread less than this (RMS under half of it):
+#: atlases as large as the scans' glands say nothing about b.
 MIN_LOG_RATIO_SPREAD = 0.3
 #: voxels below this CT number (air) never join a gland that grows.
 SOFT_TISSUE_MIN_HU = -300.0
